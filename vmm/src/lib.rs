@@ -1,1 +1,6 @@
-//! placeholder
+//! vmstream's VMM and memory-streaming library: KVM micro-VMs, live images
+//! (capture and restore), and guest memory backends (anonymous, copy-on-write
+//! image file, userfaultfd streaming). It has no Kubernetes dependency; the
+//! node daemon wires it to the API server.
+
+pub mod memory;
