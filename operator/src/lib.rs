@@ -1,1 +1,5 @@
-//! placeholder
+//! The vmstream operator: decides where VMs run and how many there are, and
+//! writes those decisions into the API server for the node daemons to carry
+//! out. Pure decisions live in [`decide`]; everything else is I/O around them.
+
+pub mod decide;
