@@ -3,4 +3,12 @@
 //! image file, userfaultfd streaming). It has no Kubernetes dependency; the
 //! node daemon wires it to the API server.
 
+pub mod arch;
+pub mod capture;
+pub mod devices;
+pub mod guests;
+pub mod image;
+pub mod machine;
 pub mod memory;
+pub mod restore;
+pub mod vstate;

@@ -1,0 +1,159 @@
+//! A minimal 8250 UART on COM1 (0x3f8): enough for a guest to print bytes.
+//! Transmitted bytes go to a per-VM log; the line status register always
+//! says the transmitter is empty; there is no input and no interrupt (IER is
+//! stored and saved, never acted on).
+
+use serde::{Deserialize, Serialize};
+
+/// First I/O port of COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+/// Number of COM1 ports.
+pub const COM1_PORTS: u16 = 8;
+/// Bytes of output kept per VM; later bytes are counted, not stored.
+pub const OUTPUT_LIMIT: usize = 1 << 20;
+
+const DATA: u8 = 0;
+const IER: u8 = 1;
+const IIR_FCR: u8 = 2;
+const LCR: u8 = 3;
+const MCR: u8 = 4;
+const LSR: u8 = 5;
+const MSR: u8 = 6;
+const SCR: u8 = 7;
+
+const LCR_DLAB: u8 = 0x80;
+const LSR_THR_EMPTY: u8 = 0x20;
+const LSR_IDLE: u8 = 0x40;
+const IIR_NONE_PENDING: u8 = 0x01;
+const IIR_FIFO_ENABLED: u8 = 0xc0;
+const FCR_FIFO_ENABLE: u8 = 0x01;
+const MSR_DEFAULT: u8 = 0xb0; // DCD, DSR, CTS
+const MCR_LOOP: u8 = 0x10;
+
+/// The UART's registers: the saved device state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub ier: u8,
+    pub fcr: u8,
+    pub lcr: u8,
+    pub mcr: u8,
+    pub scr: u8,
+    pub dll: u8,
+    pub dlm: u8,
+    /// Bytes the guest has transmitted so far (stored or not).
+    pub transmitted: u64,
+}
+
+/// COM1 with its output log.
+#[derive(Debug, Default)]
+pub struct Serial {
+    state: SerialState,
+    output: Vec<u8>,
+}
+
+impl Serial {
+    /// A UART in the given register state with an empty log.
+    pub fn from_state(state: SerialState) -> Self {
+        Self {
+            state,
+            output: Vec::new(),
+        }
+    }
+
+    /// The registers.
+    pub fn state(&self) -> SerialState {
+        self.state.clone()
+    }
+
+    /// Bytes transmitted since this VM (not its image) started.
+    pub fn output(&self) -> &[u8] {
+        &self.output
+    }
+
+    /// A guest read of register `offset`.
+    pub fn read(&mut self, offset: u8) -> u8 {
+        let dlab = self.state.lcr & LCR_DLAB != 0;
+        match offset {
+            DATA if dlab => self.state.dll,
+            DATA => 0,
+            IER if dlab => self.state.dlm,
+            IER => self.state.ier,
+            IIR_FCR => {
+                IIR_NONE_PENDING
+                    | if self.state.fcr & FCR_FIFO_ENABLE != 0 {
+                        IIR_FIFO_ENABLED
+                    } else {
+                        0
+                    }
+            }
+            LCR => self.state.lcr,
+            MCR => self.state.mcr,
+            LSR => LSR_THR_EMPTY | LSR_IDLE,
+            MSR if self.state.mcr & MCR_LOOP != 0 => (self.state.mcr & 0x0f) << 4,
+            MSR => MSR_DEFAULT,
+            SCR => self.state.scr,
+            _ => 0xff,
+        }
+    }
+
+    /// A guest write of `value` to register `offset`.
+    pub fn write(&mut self, offset: u8, value: u8) {
+        let dlab = self.state.lcr & LCR_DLAB != 0;
+        match offset {
+            DATA if dlab => self.state.dll = value,
+            DATA => self.transmit(value),
+            IER if dlab => self.state.dlm = value,
+            IER => self.state.ier = value & 0x0f,
+            IIR_FCR => self.state.fcr = value,
+            LCR => self.state.lcr = value,
+            MCR => self.state.mcr = value,
+            SCR => self.state.scr = value,
+            _ => {}
+        }
+    }
+
+    fn transmit(&mut self, byte: u8) {
+        self.state.transmitted += 1;
+        if self.state.mcr & MCR_LOOP == 0 && self.output.len() < OUTPUT_LIMIT {
+            self.output.push(byte);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmits_bytes_to_the_log() {
+        let mut serial = Serial::default();
+        assert_ne!(serial.read(LSR) & LSR_THR_EMPTY, 0);
+        for byte in b"hi\n" {
+            serial.write(DATA, *byte);
+        }
+        assert_eq!(serial.output(), b"hi\n");
+        assert_eq!(serial.state().transmitted, 3);
+    }
+
+    #[test]
+    fn divisor_latch_is_separate_from_data() {
+        let mut serial = Serial::default();
+        serial.write(LCR, LCR_DLAB | 0x03);
+        serial.write(DATA, 0x01);
+        serial.write(IER, 0x00);
+        serial.write(LCR, 0x03);
+        assert_eq!(serial.state().dll, 1);
+        assert!(serial.output().is_empty());
+        assert_eq!(serial.read(LCR), 0x03);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut serial = Serial::default();
+        serial.write(SCR, 0x5a);
+        serial.write(DATA, b'x');
+        let restored = Serial::from_state(serial.state());
+        assert_eq!(restored.state(), serial.state());
+        assert!(restored.output().is_empty());
+    }
+}

@@ -1,0 +1,484 @@
+//! A micro-VM: [`VmShell`] (VM, vCPUs, registered guest RAM, made before a
+//! clone is requested, because memory-slot registration is the slow part)
+//! and [`Machine`] (a shell with devices and running vCPU threads, booted
+//! from a micro guest or restored from a live image).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::arch::x86_64::layout::{
+    self, GDT_ADDR, GUEST_LOAD_ADDR, GUEST_MAX_SIZE, IDT_ADDR, MAX_VCPUS, MIN_RAM, PARAMS_ADDR,
+};
+use crate::arch::x86_64::{boot, paging};
+use crate::devices::mailbox::Mailbox;
+use crate::devices::{DeviceState, PortIoBus};
+use crate::guests::{FillSpec, GuestProgram};
+use crate::image::PageStore;
+use crate::memory::{GuestRam, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE};
+use crate::vstate::ram_access::RamAccess;
+use crate::vstate::run_loop::{
+    MissingPageResolver, VcpuControlError, VcpuShared, VcpuStats, VcpuStatus,
+};
+use crate::vstate::vcpu::{self, VcpuBootError, VcpuCreateError, VcpuSaveError};
+use crate::vstate::vm::{self, KvmHost, VmCreateError, VmWideStateError};
+use crate::vstate::{VM_STATE_VERSION, VmState};
+
+/// Size and shape of a micro-VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Number of vCPUs (1..=8).
+    pub vcpus: u8,
+    /// Guest RAM in bytes (a multiple of 2 MiB, at least 4 MiB).
+    pub memory_bytes: usize,
+}
+
+/// Error in a machine configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MachineConfigError {
+    #[error("vCPU count {0} is outside 1..={MAX_VCPUS}")]
+    VcpuCount(u8),
+    #[error("memory size {0} is not a multiple of 2 MiB of at least {MIN_RAM} bytes")]
+    MemorySize(usize),
+    #[error("memory size {0} needs more address space than the identity map covers")]
+    MemoryTooLarge(usize),
+}
+
+impl MachineConfig {
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), MachineConfigError> {
+        if self.vcpus == 0 || usize::from(self.vcpus) > MAX_VCPUS {
+            return Err(MachineConfigError::VcpuCount(self.vcpus));
+        }
+        if self.memory_bytes < MIN_RAM as usize || self.memory_bytes % (2 << 20) != 0 {
+            return Err(MachineConfigError::MemorySize(self.memory_bytes));
+        }
+        if layout::gpa_end(self.memory_bytes as u64) > layout::MAX_MAPPED_GPA {
+            return Err(MachineConfigError::MemoryTooLarge(self.memory_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// Error creating a VM shell.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellCreateError {
+    #[error("invalid machine configuration")]
+    Config(#[from] MachineConfigError),
+    #[error("cannot reserve {0} bytes of guest RAM")]
+    Reserve(usize, #[source] std::io::Error),
+    #[error("cannot create the VM")]
+    Vm(#[from] VmCreateError),
+    #[error("cannot create a vCPU")]
+    Vcpu(#[from] VcpuCreateError),
+}
+
+/// A VM ready to receive state: KVM VM with irqchip and PIT, vCPUs with
+/// CPUID, and guest RAM reserved and registered. Create shells ahead of
+/// clone requests; [`crate::restore`] or [`Machine::boot`] consume one.
+#[derive(Debug)]
+pub struct VmShell {
+    host: Arc<KvmHost>,
+    config: MachineConfig,
+    vcpus: Vec<VcpuFd>,
+    vm: VmFd,
+    /// Userfaultfd registration prepared for a lazy restore (dropped before
+    /// `ram`).
+    lazy: Option<LazyMemory>,
+    ram: GuestRam,
+    created_in: Duration,
+}
+
+impl VmShell {
+    /// Creates a shell (the memory-slot registration takes milliseconds).
+    pub fn create(host: &Arc<KvmHost>, config: MachineConfig) -> Result<Self, ShellCreateError> {
+        let start = Instant::now();
+        config.validate()?;
+        let ram = GuestRam::reserve(config.memory_bytes)
+            .map_err(|e| ShellCreateError::Reserve(config.memory_bytes, e))?;
+        let vm = vm::create_vm(host)?;
+        vm::register_ram(&vm, &ram)?;
+        let vcpus = (0..config.vcpus)
+            .map(|index| vcpu::create_vcpu(host, &vm, index, config.vcpus))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            host: Arc::clone(host),
+            config,
+            vcpus,
+            vm,
+            lazy: None,
+            ram,
+            created_in: start.elapsed(),
+        })
+    }
+
+    /// Registers the shell's RAM with userfaultfd now, so a lazy restore
+    /// only attaches its page source.
+    pub fn prepare_lazy(&mut self, options: LazyOptions) -> Result<(), LazyRegisterError> {
+        if self.lazy.is_none() {
+            self.lazy = Some(LazyMemory::register(&self.ram, options)?);
+        }
+        Ok(())
+    }
+
+    /// Takes the prepared userfaultfd registration, if any.
+    pub(crate) fn take_lazy(&mut self) -> Option<LazyMemory> {
+        self.lazy.take()
+    }
+
+    /// The shell's configuration.
+    pub fn config(&self) -> MachineConfig {
+        self.config
+    }
+
+    /// How long creating the shell took.
+    pub fn created_in(&self) -> Duration {
+        self.created_in
+    }
+
+    /// The guest RAM (to install a backing before restore).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    pub(crate) fn host(&self) -> &Arc<KvmHost> {
+        &self.host
+    }
+
+    pub(crate) fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    pub(crate) fn vcpu_fds(&self) -> &[VcpuFd] {
+        &self.vcpus
+    }
+}
+
+/// What backs a machine's guest RAM, as capture needs to know it.
+#[derive(Debug)]
+pub enum MemoryBacking {
+    /// Anonymous memory (a booted guest).
+    Anonymous,
+    /// A private mapping of a complete local page store.
+    CopyOnWrite(Arc<PageStore>),
+    /// Pages brought in on first touch from `base`; capture takes pages
+    /// that were never populated from `base`.
+    Lazy {
+        memory: Arc<LazyMemory>,
+        base: Arc<PageStore>,
+    },
+}
+
+/// Fills missing pages for vCPU exits (userfaultfd SIGBUS mode).
+struct LazyResolver(Arc<LazyMemory>);
+
+impl MissingPageResolver for LazyResolver {
+    fn resolve(&self, ram_offset: u64) -> bool {
+        self.0
+            .fill_page((ram_offset / PAGE_SIZE as u64) as usize)
+            .is_ok()
+    }
+}
+
+/// Options for booting a micro guest.
+#[derive(Debug, Clone, Default)]
+pub struct BootOptions {
+    /// Values for the guest's parameter block.
+    pub params: Vec<u64>,
+    /// Host fill of the data area before the guest starts.
+    pub fill: Option<FillSpec>,
+}
+
+/// Error booting a micro guest.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("guest program {name} is {len} bytes, more than {GUEST_MAX_SIZE}")]
+    GuestTooLarge { name: &'static str, len: usize },
+    #[error("too many guest parameters ({0}, at most 512)")]
+    TooManyParams(usize),
+    #[error("cannot build the identity page tables")]
+    Paging(#[from] paging::PagingError),
+    #[error("cannot set a vCPU's boot state")]
+    Vcpu(#[from] VcpuBootError),
+}
+
+/// Error pausing a machine.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot pause the machine")]
+pub struct PauseError(#[from] pub VcpuControlError);
+
+/// Error saving a machine's state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateSaveError {
+    #[error("the machine is not paused (vCPU {0} is {1:?})")]
+    NotPaused(u8, VcpuStatus),
+    #[error("cannot save a vCPU's state")]
+    Vcpu(#[from] VcpuSaveError),
+    #[error("cannot save the VM-wide state")]
+    Vm(#[from] VmWideStateError),
+}
+
+/// Counters of a machine.
+#[derive(Debug, Clone, Default)]
+pub struct MachineStats {
+    pub vcpus: Vec<VcpuStats>,
+    /// Guest accesses to ports without a device.
+    pub unknown_port_accesses: u64,
+}
+
+/// A running (or paused) micro-VM.
+pub struct Machine {
+    host: Arc<KvmHost>,
+    config: MachineConfig,
+    vcpus: Vec<Arc<VcpuShared>>,
+    threads: Vec<JoinHandle<()>>,
+    bus: Arc<PortIoBus>,
+    backing: MemoryBacking,
+    vm: VmFd,
+    ram: GuestRam,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("config", &self.config)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Loads `guest` into the shell's (anonymous) RAM, builds the long-mode
+    /// boot state and starts the vCPUs at the guest's entry point.
+    pub fn boot(
+        shell: VmShell,
+        guest: GuestProgram,
+        options: &BootOptions,
+    ) -> Result<Self, BootError> {
+        let image = guest.image();
+        if image.len() as u64 > GUEST_MAX_SIZE {
+            return Err(BootError::GuestTooLarge {
+                name: guest.name(),
+                len: image.len(),
+            });
+        }
+        if options.params.len() > PAGE_SIZE / 8 {
+            return Err(BootError::TooManyParams(options.params.len()));
+        }
+        let ram = ram_access(&shell.ram);
+        let outside = |e: crate::vstate::ram_access::OutsideRam| -> BootError {
+            unreachable!("fixed boot areas lie in the minimum RAM: {e}")
+        };
+        for table in paging::identity_map(layout::gpa_end(ram.len()))? {
+            for (i, entry) in table.entries.iter().enumerate() {
+                if *entry != 0 {
+                    ram.write_u64(table.gpa + 8 * i as u64, *entry)
+                        .map_err(outside)?;
+                }
+            }
+        }
+        for (i, entry) in boot::gdt().iter().enumerate() {
+            ram.write_u64(GDT_ADDR + 8 * i as u64, *entry)
+                .map_err(outside)?;
+        }
+        ram.write_u64(IDT_ADDR, 0).map_err(outside)?;
+        for (i, value) in options.params.iter().enumerate() {
+            ram.write_u64(PARAMS_ADDR + 8 * i as u64, *value)
+                .map_err(outside)?;
+        }
+        ram.write_bytes(GUEST_LOAD_ADDR, image).map_err(outside)?;
+        if let Some(fill) = &options.fill {
+            fill.fill(&ram);
+        }
+        for (index, fd) in shell.vcpus.iter().enumerate() {
+            vcpu::set_boot_state(fd, index as u8)?;
+        }
+        let bus = Arc::new(PortIoBus::new(DeviceState::default(), ram));
+        Ok(Self::start(shell, bus, MemoryBacking::Anonymous))
+    }
+
+    /// Wraps a shell whose vCPU and VM state are set and starts its vCPUs.
+    pub(crate) fn start(shell: VmShell, bus: Arc<PortIoBus>, backing: MemoryBacking) -> Self {
+        let ram = ram_access(&shell.ram);
+        let resolver = match &backing {
+            MemoryBacking::Lazy { memory, .. } => {
+                Some(Arc::new(LazyResolver(Arc::clone(memory))) as Arc<dyn MissingPageResolver>)
+            }
+            _ => None,
+        };
+        let VmShell {
+            host,
+            config,
+            vcpus,
+            vm,
+            ram: guest_ram,
+            ..
+        } = shell;
+        let vcpus: Vec<_> = vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(index, fd)| VcpuShared::new(index as u8, fd))
+            .collect();
+        let threads = vcpus
+            .iter()
+            .map(|v| v.spawn(Arc::clone(&bus), ram, resolver.clone()))
+            .collect();
+        Self {
+            host,
+            config,
+            vcpus,
+            threads,
+            bus,
+            backing,
+            vm,
+            ram: guest_ram,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> MachineConfig {
+        self.config
+    }
+
+    /// The mailbox device.
+    pub fn mailbox(&self) -> &Arc<Mailbox> {
+        self.bus.mailbox()
+    }
+
+    /// Serial output of this VM since it started (not its image's).
+    pub fn serial_output(&self) -> Vec<u8> {
+        self.bus.serial_output()
+    }
+
+    /// Host access to guest RAM (valid while the machine lives).
+    pub fn ram(&self) -> RamAccess {
+        ram_access(&self.ram)
+    }
+
+    /// The guest RAM mapping.
+    pub fn guest_ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// What backs guest RAM.
+    pub fn backing(&self) -> &MemoryBacking {
+        &self.backing
+    }
+
+    /// The vCPUs (status, first entry/exit times).
+    pub fn vcpus(&self) -> &[Arc<VcpuShared>] {
+        &self.vcpus
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MachineStats {
+        MachineStats {
+            vcpus: self.vcpus.iter().map(|v| v.stats()).collect(),
+            unknown_port_accesses: self.bus.unknown_accesses(),
+        }
+    }
+
+    /// Pauses every vCPU; returns how long it took.
+    pub fn pause(&self) -> Result<Duration, PauseError> {
+        let start = Instant::now();
+        for vcpu in &self.vcpus {
+            vcpu.request_pause();
+        }
+        self.bus.mailbox().interrupt();
+        for vcpu in &self.vcpus {
+            vcpu.wait_paused(Duration::from_secs(5))?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&self) {
+        for vcpu in &self.vcpus {
+            vcpu.resume();
+        }
+    }
+
+    /// Saves vCPU, VM-wide and device state; the machine must be paused.
+    pub fn save_state(&self) -> Result<VmState, StateSaveError> {
+        for vcpu in &self.vcpus {
+            match vcpu.status() {
+                VcpuStatus::Paused | VcpuStatus::NotStarted => {}
+                other => return Err(StateSaveError::NotPaused(vcpu.index, other)),
+            }
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| vcpu::save_vcpu(&self.host, &v.fd(), v.index))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState {
+            version: VM_STATE_VERSION,
+            memory_bytes: self.ram.len() as u64,
+            vcpus,
+            vm: vm::save_vm_wide(&self.vm)?,
+            devices: self.bus.save(),
+        })
+    }
+
+    /// Stops the vCPU threads and waits for them.
+    pub fn stop(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        for vcpu in &self.vcpus {
+            vcpu.request_stop();
+        }
+        self.bus.mailbox().interrupt();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // vCPU threads hold views of guest RAM: end them before it is unmapped.
+        self.stop_threads();
+    }
+}
+
+pub(crate) fn ram_access(ram: &GuestRam) -> RamAccess {
+    // SAFETY: the view is handed only to devices and vCPU threads of the
+    // machine that owns `ram`, which stops them before dropping it.
+    unsafe { RamAccess::new(ram.host_addr(), ram.len()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation() {
+        let ok = MachineConfig {
+            vcpus: 2,
+            memory_bytes: 64 << 20,
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        assert!(MachineConfig { vcpus: 0, ..ok }.validate().is_err());
+        assert!(MachineConfig { vcpus: 9, ..ok }.validate().is_err());
+        assert!(
+            MachineConfig {
+                memory_bytes: 3 << 20,
+                ..ok
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            MachineConfig {
+                memory_bytes: (64 << 20) + 4096,
+                ..ok
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! Starting a clone: a live image's state and memory installed into a
+//! pre-created [`VmShell`], then resumed. Nothing here grows with memory
+//! size: memory is either mapped copy-on-write from the image's page store
+//! (`MAP_PRIVATE|MAP_FIXED` over the already-registered range) or streamed
+//! lazily through the shell's userfaultfd registration.
+//!
+//! What is measured: [`RestoreTimings`] covers the calling thread from the
+//! request to the vCPU threads being started; [`Restored::first_entry`] and
+//! [`Restored::first_exit`] add the time until vCPU 0 first entered KVM_RUN
+//! and first came back with a guest exit (the guest has executed
+//! instructions by then — the earliest point the VMM can observe that).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::arch::x86_64::layout::MAILBOX_ADDR;
+use crate::devices::PortIoBus;
+use crate::image::{ImageOpenError, LiveImage, PageStore};
+use crate::machine::{Machine, MemoryBacking, VmShell, ram_access};
+use crate::memory::{
+    AttachError, CowMapError, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE, PageSource,
+};
+use crate::vstate::vcpu::{self, VcpuRestoreError};
+use crate::vstate::vm::{self, VmWideStateError};
+use crate::vstate::{VmState, VmStateDecodeError};
+
+/// An opened image, decoded once and shared by many clones.
+#[derive(Debug, Clone)]
+pub struct CloneSource {
+    state: Arc<VmState>,
+    pages: Arc<PageStore>,
+}
+
+/// Error opening a clone source.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneSourceError {
+    #[error("cannot open the live image")]
+    Open(#[from] ImageOpenError),
+    #[error("cannot decode the live image's machine state")]
+    Decode(#[from] VmStateDecodeError),
+    #[error(
+        "the machine state describes {state} bytes of memory and {state_vcpus} vCPUs, the state file header {header} bytes and {header_vcpus} vCPUs"
+    )]
+    Inconsistent {
+        state: u64,
+        header: u64,
+        state_vcpus: usize,
+        header_vcpus: u32,
+    },
+}
+
+impl CloneSource {
+    /// Opens and decodes the image in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, CloneSourceError> {
+        Self::from_image(LiveImage::open(dir)?)
+    }
+
+    /// Decodes an opened image.
+    pub fn from_image(image: LiveImage) -> Result<Self, CloneSourceError> {
+        let (contents, pages) = image.into_parts();
+        let state = VmState::decode(&contents.payload)?;
+        if state.memory_bytes != contents.memory_size
+            || state.vcpus.len() != contents.vcpu_count as usize
+        {
+            return Err(CloneSourceError::Inconsistent {
+                state: state.memory_bytes,
+                header: contents.memory_size,
+                state_vcpus: state.vcpus.len(),
+                header_vcpus: contents.vcpu_count,
+            });
+        }
+        Ok(Self {
+            state: Arc::new(state),
+            pages: Arc::new(pages),
+        })
+    }
+
+    /// The machine state.
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+
+    /// The page store.
+    pub fn pages(&self) -> &Arc<PageStore> {
+        &self.pages
+    }
+}
+
+/// How a clone's memory is provided.
+#[derive(Debug, Clone, Default)]
+pub enum CloneMemory {
+    /// `MAP_PRIVATE` of the local page store: shared page cache, private writes.
+    #[default]
+    CopyOnWrite,
+    /// Userfaultfd streaming from the page store (uses the shell's prepared
+    /// registration, or registers now with these options).
+    Lazy(LazyOptions),
+}
+
+/// Time spent in each step of a restore, on the calling thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreTimings {
+    pub validate: Duration,
+    pub memory: Duration,
+    pub vm_state: Duration,
+    pub vcpu_state: Duration,
+    pub start: Duration,
+    /// Request until the vCPU threads were started.
+    pub total: Duration,
+}
+
+/// A started clone.
+#[derive(Debug)]
+pub struct Restored {
+    pub machine: Machine,
+    pub timings: RestoreTimings,
+    /// When the restore was requested.
+    pub requested_at: Instant,
+    /// MSRs the host refused (per vCPU index).
+    pub refused_msrs: Vec<(u8, Vec<u32>)>,
+}
+
+impl Restored {
+    /// Request until vCPU 0 first called KVM_RUN, if it has.
+    pub fn first_entry(&self) -> Option<Duration> {
+        self.machine.vcpus()[0]
+            .first_entry()
+            .map(|t| t - self.requested_at)
+    }
+
+    /// Request until vCPU 0 first returned from KVM_RUN with a guest exit
+    /// (the guest has executed instructions), waiting up to `timeout`.
+    pub fn first_exit(&self, timeout: Duration) -> Option<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(t) = self.machine.vcpus()[0].first_exit() {
+                return Some(t - self.requested_at);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the image has {image} vCPUs, the shell {shell}")]
+    VcpuCount { image: usize, shell: u8 },
+    #[error("the image has {image} bytes of memory, the shell {shell}")]
+    MemorySize { image: u64, shell: usize },
+    #[error("cannot map the image copy-on-write")]
+    CopyOnWrite(#[from] CowMapError),
+    #[error("cannot register guest RAM for lazy streaming")]
+    LazyRegister(#[from] LazyRegisterError),
+    #[error("cannot attach the page store to lazy memory")]
+    LazyAttach(#[from] AttachError),
+    #[error("cannot restore the VM-wide state")]
+    VmState(#[from] VmWideStateError),
+    #[error("cannot restore a vCPU")]
+    Vcpu(#[from] VcpuRestoreError),
+}
+
+/// Restores `source` into `shell` and starts it.
+pub fn restore(
+    mut shell: VmShell,
+    source: &CloneSource,
+    memory: &CloneMemory,
+) -> Result<Restored, RestoreError> {
+    let requested_at = Instant::now();
+    let state = source.state();
+    let config = shell.config();
+    if state.vcpus.len() != usize::from(config.vcpus) {
+        return Err(RestoreError::VcpuCount {
+            image: state.vcpus.len(),
+            shell: config.vcpus,
+        });
+    }
+    if state.memory_bytes != config.memory_bytes as u64
+        || source.pages().memory_size() != state.memory_bytes
+    {
+        return Err(RestoreError::MemorySize {
+            image: source.pages().memory_size(),
+            shell: config.memory_bytes,
+        });
+    }
+    let mut timings = RestoreTimings {
+        validate: requested_at.elapsed(),
+        ..RestoreTimings::default()
+    };
+
+    let step = Instant::now();
+    let backing = match memory {
+        CloneMemory::CopyOnWrite => {
+            crate::memory::map_copy_on_write(shell.ram(), source.pages())?;
+            MemoryBacking::CopyOnWrite(Arc::clone(source.pages()))
+        }
+        CloneMemory::Lazy(options) => {
+            let lazy = match shell.take_lazy() {
+                Some(lazy) => lazy,
+                None => LazyMemory::register(shell.ram(), options.clone())?,
+            };
+            lazy.attach(Arc::clone(source.pages()) as Arc<dyn PageSource>)?;
+            // The host reads and writes the mailbox page on every report and
+            // request; bring it in now rather than on the first request (and
+            // so host accesses never meet a missing page in SIGBUS mode).
+            let _ = lazy.fill_page(MAILBOX_ADDR as usize / PAGE_SIZE);
+            MemoryBacking::Lazy {
+                memory: Arc::new(lazy),
+                base: Arc::clone(source.pages()),
+            }
+        }
+    };
+    timings.memory = step.elapsed();
+
+    let step = Instant::now();
+    vm::restore_vm_wide(shell.vm(), &state.vm)?;
+    timings.vm_state = step.elapsed();
+
+    let step = Instant::now();
+    let mut refused_msrs = Vec::new();
+    for (fd, saved) in shell.vcpu_fds().iter().zip(&state.vcpus) {
+        let refused = vcpu::restore_vcpu(shell.host(), fd, saved)?;
+        if !refused.is_empty() {
+            refused_msrs.push((saved.index, refused));
+        }
+    }
+    timings.vcpu_state = step.elapsed();
+
+    let step = Instant::now();
+    let bus = Arc::new(PortIoBus::new(
+        state.devices.clone(),
+        ram_access(shell.ram()),
+    ));
+    let machine = Machine::start(shell, bus, backing);
+    timings.start = step.elapsed();
+    timings.total = requested_at.elapsed();
+    Ok(Restored {
+        machine,
+        timings,
+        requested_at,
+        refused_msrs,
+    })
+}

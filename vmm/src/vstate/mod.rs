@@ -1,0 +1,59 @@
+//! KVM state of a micro-VM: the host's KVM capabilities, VM creation and the
+//! VM-wide state (irqchip, PIT, clock), each vCPU's state and its run loop,
+//! and [`VmState`], the plain-data snapshot of all of it that a live image's
+//! state file carries.
+
+pub mod ram_access;
+pub mod run_loop;
+pub mod vcpu;
+pub mod vm;
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::DeviceState;
+use vcpu::VcpuState;
+use vm::VmWideState;
+
+/// Version of the [`VmState`] payload layout inside the state file. The
+/// state file itself is versioned by the image format; this number lets the
+/// VMM refuse a payload it would misread.
+pub const VM_STATE_VERSION: u32 = 1;
+
+/// Everything about a paused VM except its memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub version: u32,
+    pub memory_bytes: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmWideState,
+    pub devices: DeviceState,
+}
+
+/// Error decoding a [`VmState`] payload.
+#[derive(Debug, thiserror::Error)]
+pub enum VmStateDecodeError {
+    #[error("VM state payload is not valid")]
+    Malformed(#[source] serde_json::Error),
+    #[error(
+        "VM state payload version {found} is not supported (this VMM reads version {VM_STATE_VERSION})"
+    )]
+    Version { found: u32 },
+}
+
+impl VmState {
+    /// The payload bytes for the state file.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("VM state is plain data and always serialises")
+    }
+
+    /// Parses a payload written by [`VmState::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, VmStateDecodeError> {
+        let state: Self = serde_json::from_slice(bytes).map_err(VmStateDecodeError::Malformed)?;
+        if state.version != VM_STATE_VERSION {
+            return Err(VmStateDecodeError::Version {
+                found: state.version,
+            });
+        }
+        Ok(state)
+    }
+}
