@@ -9,6 +9,7 @@ pub mod devices;
 pub mod guests;
 pub mod image;
 pub mod machine;
+pub mod image;
 pub mod memory;
 pub mod restore;
 pub mod vstate;

@@ -1,0 +1,839 @@
+//! Lazily streamed guest memory: the guest RAM range is registered with
+//! userfaultfd (MISSING mode, optionally write-protect) when the VM shell is
+//! prepared; later a [`PageSource`] is attached and a fault-serving thread
+//! fills each page on first touch with `UFFDIO_COPY` (stored page) or
+//! `UFFDIO_ZEROPAGE` (zero page). Start latency does not depend on memory
+//! size: nothing is copied until touched.
+//!
+//! ```text
+//!  register ──► (shell ready: faults would wait) ──► attach(source) ──► serving
+//!                                                        │  prefetch (optional)
+//!  quiesce() guard: no fill in progress while held ◄─────┘  drop: stop + join
+//! ```
+//!
+//! Rules for callers: nothing may touch the guest RAM before `attach` (the
+//! access would wait for a source); the [`GuestRam`] must outlive the
+//! [`LazyMemory`]; vCPUs must be stopped before the `LazyMemory` is dropped
+//! (dropping closes the userfaultfd, and untouched pages then read as zero).
+//! While a [`QuiesceGuard`] is held the holder must not touch unpopulated
+//! guest memory itself (it would wait for the handler, which waits for the
+//! guard); `fork` is fine, the child's mappings are not registered.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use userfaultfd::{
+    Event, EventBuffer, FaultKind, FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder,
+};
+
+use super::latency::{LatencyHistogram, LatencySnapshot};
+use super::source::{PageSource, PageSourceError};
+use super::{GuestRam, PAGE_SIZE};
+use crate::image::Bitmap;
+
+/// How a [`LazyMemory`] is set up.
+#[derive(Debug, Clone)]
+pub struct LazyOptions {
+    /// Pin the fault-serving thread to this CPU. On hosts where cross-CPU
+    /// wake-ups are expensive, pin it to the vCPU's CPU.
+    pub handler_cpu: Option<usize>,
+    /// Also register write-protect mode: [`LazyMemory::write_protect_all`]
+    /// then records written pages in [`LazyMemory::dirty`].
+    pub write_protect: bool,
+    /// Ask for `UFFD_FEATURE_SIGBUS`: faults are not queued to the handler
+    /// but fail (KVM reports an exit, user code gets SIGBUS); the VMM fills
+    /// pages itself with [`LazyMemory::fill_page`].
+    pub sigbus: bool,
+    /// After attach, copy all untouched pages in the background.
+    pub prefetch: bool,
+    /// Pages per background prefetch batch.
+    pub prefetch_batch_pages: usize,
+    /// Pages filled per fault, starting at the faulting page (1 = exactly
+    /// the touched page).
+    pub fault_around_pages: usize,
+}
+
+impl Default for LazyOptions {
+    fn default() -> Self {
+        Self {
+            handler_cpu: None,
+            write_protect: false,
+            sigbus: false,
+            prefetch: false,
+            prefetch_batch_pages: 64,
+            fault_around_pages: 1,
+        }
+    }
+}
+
+/// Why guest RAM could not be registered for lazy streaming.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyRegisterError {
+    #[error("userfaultfd is not available on this host (neither /dev/userfaultfd nor the syscall)")]
+    Unavailable(#[source] userfaultfd::Error),
+    #[error("registering guest RAM {addr:#x}+{len:#x} with userfaultfd failed")]
+    Register {
+        addr: usize,
+        len: usize,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("the kernel does not offer UFFDIO_{0} on guest RAM")]
+    MissingIoctl(&'static str),
+    #[error("cannot create the fault handler's wake-up eventfd")]
+    EventFd(#[source] io::Error),
+    #[error("cannot start the fault handler thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// Why a page source could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("a page source is already attached")]
+    AlreadyAttached,
+    #[error("the page source has {source_pages} pages, guest RAM has {ram_pages}")]
+    SizeMismatch {
+        source_pages: usize,
+        ram_pages: usize,
+    },
+    #[error("cannot start the prefetch thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// Why a page could not be filled.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("page {page} is outside guest RAM (0..{pages})")]
+    OutOfRange { page: usize, pages: usize },
+    #[error("no page source is attached yet")]
+    NotAttached,
+    #[error(transparent)]
+    Source(#[from] PageSourceError),
+    #[error("UFFDIO_{op} of pages {first}..{end} failed: {}", io::Error::from_raw_os_error(*errno))]
+    Ioctl {
+        op: &'static str,
+        first: usize,
+        end: usize,
+        errno: i32,
+    },
+}
+
+/// What [`LazyMemory::fill_page`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillOutcome {
+    /// The page was filled now.
+    Filled,
+    /// The page was already present (filled earlier or concurrently).
+    AlreadyPresent,
+}
+
+/// Counters of a [`LazyMemory`] at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct FaultStats {
+    /// Missing-page fault events served by the handler thread.
+    pub faults: u64,
+    /// Pages filled with `UFFDIO_COPY` (faults, fault-around, prefetch, fill_page).
+    pub pages_copied: u64,
+    /// Pages filled with `UFFDIO_ZEROPAGE`.
+    pub pages_zeroed: u64,
+    /// Bytes copied with `UFFDIO_COPY`.
+    pub bytes_copied: u64,
+    /// Fills that found the page already present (EEXIST) or faults on
+    /// pages already populated: resolved by a wake-up.
+    pub races: u64,
+    /// Pages filled by the background prefetcher.
+    pub prefetched_pages: u64,
+    /// Write-protect faults served (dirty tracking).
+    pub wp_faults: u64,
+    /// Fills that failed (the faulting thread stays blocked).
+    pub errors: u64,
+    /// Pages populated so far.
+    pub populated_pages: u64,
+    /// Service time of missing-page faults (event read to page filled).
+    pub latency: LatencySnapshot,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    pages_copied: AtomicU64,
+    pages_zeroed: AtomicU64,
+    bytes_copied: AtomicU64,
+    races: AtomicU64,
+    prefetched_pages: AtomicU64,
+    wp_faults: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Shared {
+    uffd: Uffd,
+    base: usize,
+    pages: usize,
+    populated: Bitmap,
+    dirty: Bitmap,
+    source: OnceLock<Arc<dyn PageSource>>,
+    serving: RwLock<()>,
+    stop: AtomicBool,
+    wake: OwnedFd,
+    handler_tid: AtomicI32,
+    counters: Counters,
+    latency: LatencyHistogram,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Guest RAM registered with userfaultfd and the thread that serves its
+/// faults. See the module documentation for the life cycle.
+pub struct LazyMemory {
+    shared: Arc<Shared>,
+    options: LazyOptions,
+    handler: Option<JoinHandle<()>>,
+    prefetcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for LazyMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyMemory")
+            .field("base", &format_args!("{:#x}", self.shared.base))
+            .field("pages", &self.shared.pages)
+            .field("attached", &self.shared.source.get().is_some())
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// Holding this guarantees that no page fill is in progress and none starts
+/// (the capture code holds it across `fork`, so the populated bitmap the
+/// child sees matches the memory it sees).
+#[must_use = "the handler resumes as soon as the guard is dropped"]
+pub struct QuiesceGuard<'a> {
+    _guard: RwLockWriteGuard<'a, ()>,
+}
+
+fn errno_of(e: &userfaultfd::Error) -> i32 {
+    match e {
+        userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) => *n as i32,
+        userfaultfd::Error::SystemError(n) => *n as i32,
+        userfaultfd::Error::PartiallyCopied(_) => libc::EAGAIN,
+        _ => libc::EIO,
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of the set we own (it bounds-checks cpu).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: passes a pointer to our set and its exact size.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn signal_eventfd(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a local u64 to an eventfd we own.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+impl LazyMemory {
+    /// Registers all of `ram` with a new userfaultfd and starts the (idle)
+    /// fault-serving thread. Call at VM-shell preparation time; the range
+    /// stays valid for a KVM memory slot.
+    pub fn register(ram: &GuestRam, options: LazyOptions) -> Result<Self, LazyRegisterError> {
+        let mut features = FeatureFlags::empty();
+        if options.write_protect {
+            features |= FeatureFlags::PAGEFAULT_FLAG_WP;
+        }
+        if options.sigbus {
+            features |= FeatureFlags::SIGBUS;
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(features)
+            .create()
+            .map_err(LazyRegisterError::Unavailable)?;
+        let mut mode = RegisterMode::MISSING;
+        if options.write_protect {
+            mode |= RegisterMode::WRITE_PROTECT;
+        }
+        let ioctls = uffd
+            .register_with_mode(ram.host_addr().cast(), ram.len(), mode)
+            .map_err(|source| LazyRegisterError::Register {
+                addr: ram.host_addr() as usize,
+                len: ram.len(),
+                source,
+            })?;
+        for (flag, name) in [
+            (IoctlFlags::COPY, "COPY"),
+            (IoctlFlags::ZEROPAGE, "ZEROPAGE"),
+            (IoctlFlags::WAKE, "WAKE"),
+        ] {
+            if !ioctls.contains(flag) {
+                return Err(LazyRegisterError::MissingIoctl(name));
+            }
+        }
+        if options.write_protect && !ioctls.contains(IoctlFlags::WRITE_PROTECT) {
+            return Err(LazyRegisterError::MissingIoctl("WRITEPROTECT"));
+        }
+        // SAFETY: eventfd creates a new descriptor; checked below.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(LazyRegisterError::EventFd(io::Error::last_os_error()));
+        }
+        // SAFETY: efd is a fresh descriptor nobody else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+        let pages = ram.pages();
+        let shared = Arc::new(Shared {
+            uffd,
+            base: ram.host_addr() as usize,
+            pages,
+            populated: Bitmap::new(pages),
+            dirty: Bitmap::new(pages),
+            source: OnceLock::new(),
+            serving: RwLock::new(()),
+            stop: AtomicBool::new(false),
+            wake,
+            handler_tid: AtomicI32::new(0),
+            counters: Counters::default(),
+            latency: LatencyHistogram::default(),
+            last_error: Mutex::new(None),
+        });
+        let thread_shared = Arc::clone(&shared);
+        let cpu = options.handler_cpu;
+        let fault_around = options.fault_around_pages.max(1);
+        let handler = std::thread::Builder::new()
+            .name("uffd-handler".into())
+            .spawn(move || thread_shared.serve_faults(cpu, fault_around))
+            .map_err(LazyRegisterError::Spawn)?;
+        Ok(Self {
+            shared,
+            options,
+            handler: Some(handler),
+            prefetcher: Mutex::new(None),
+        })
+    }
+
+    /// Attaches the page source; faults are served from now on. Starts the
+    /// background prefetcher if the options ask for it.
+    pub fn attach(&self, source: Arc<dyn PageSource>) -> Result<(), AttachError> {
+        if source.pages() != self.shared.pages {
+            return Err(AttachError::SizeMismatch {
+                source_pages: source.pages(),
+                ram_pages: self.shared.pages,
+            });
+        }
+        self.shared
+            .source
+            .set(source)
+            .map_err(|_| AttachError::AlreadyAttached)?;
+        signal_eventfd(self.shared.wake.as_raw_fd());
+        if self.options.prefetch {
+            self.start_prefetch()?;
+        }
+        Ok(())
+    }
+
+    /// Starts copying every page not yet populated in the background (in
+    /// batches of `prefetch_batch_pages`, taking the quiesce lock per batch).
+    /// Does nothing if already running or not attached.
+    pub fn start_prefetch(&self) -> Result<(), AttachError> {
+        let mut slot = self.prefetcher.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() || self.shared.source.get().is_none() {
+            return Ok(());
+        }
+        let shared = Arc::clone(&self.shared);
+        let batch = self.options.prefetch_batch_pages.max(1);
+        *slot = Some(
+            std::thread::Builder::new()
+                .name("uffd-prefetch".into())
+                .spawn(move || shared.prefetch_all(batch))
+                .map_err(AttachError::Spawn)?,
+        );
+        Ok(())
+    }
+
+    /// Fills `page` now from the attached source, from any thread (the vCPU
+    /// thread uses this in SIGBUS mode on an exit at an unpopulated address).
+    pub fn fill_page(&self, page: usize) -> Result<FillOutcome, FillError> {
+        if page >= self.shared.pages {
+            return Err(FillError::OutOfRange {
+                page,
+                pages: self.shared.pages,
+            });
+        }
+        let source = self.shared.source.get().ok_or(FillError::NotAttached)?;
+        let _serving = self
+            .shared
+            .serving
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.shared.populated.get(page) {
+            return Ok(FillOutcome::AlreadyPresent);
+        }
+        let mut bounce = Vec::new();
+        let filled = self
+            .shared
+            .fill_range(source.as_ref(), page, 1, &mut bounce)?;
+        Ok(if filled > 0 {
+            FillOutcome::Filled
+        } else {
+            FillOutcome::AlreadyPresent
+        })
+    }
+
+    /// Blocks page fills (faults, prefetch, `fill_page`) until the guard is
+    /// dropped; waits for fills in progress to finish.
+    pub fn quiesce(&self) -> QuiesceGuard<'_> {
+        QuiesceGuard {
+            _guard: self
+                .shared
+                .serving
+                .write()
+                .unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    /// Pages brought into guest RAM so far (bit set after the page is in
+    /// place). Pages whose bit is clear hold nothing the guest wrote.
+    pub fn populated(&self) -> &Bitmap {
+        &self.shared.populated
+    }
+
+    /// Pages written since the last [`LazyMemory::write_protect_all`]
+    /// (write-protect mode only).
+    pub fn dirty(&self) -> &Bitmap {
+        &self.shared.dirty
+    }
+
+    /// Write-protects all of guest RAM and clears the dirty bitmap; later
+    /// writes fault once per page, are recorded in [`LazyMemory::dirty`] and
+    /// unprotected. Only pages present at this moment are protected (the
+    /// kernel cannot protect missing anonymous pages; those fault as missing
+    /// first and are filled writable).
+    pub fn write_protect_all(&self) -> Result<(), FillError> {
+        if !self.options.write_protect {
+            return Err(FillError::Ioctl {
+                op: "WRITEPROTECT",
+                first: 0,
+                end: self.shared.pages,
+                errno: libc::EINVAL,
+            });
+        }
+        self.shared.clear_dirty();
+        self.shared
+            .uffd
+            .write_protect(self.shared.base as *mut _, self.shared.pages * PAGE_SIZE)
+            .map_err(|e| FillError::Ioctl {
+                op: "WRITEPROTECT",
+                first: 0,
+                end: self.shared.pages,
+                errno: errno_of(&e),
+            })
+    }
+
+    /// Pins the fault-serving thread to `cpu` (e.g. once the vCPU's CPU is
+    /// known).
+    pub fn pin_handler(&self, cpu: usize) -> io::Result<()> {
+        let tid = self.wait_handler_tid();
+        pin_thread(tid, cpu)
+    }
+
+    fn wait_handler_tid(&self) -> libc::pid_t {
+        loop {
+            let tid = self.shared.handler_tid.load(Ordering::Acquire);
+            if tid != 0 {
+                return tid;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// The counters, the populated count and the latency histogram.
+    pub fn stats(&self) -> FaultStats {
+        let c = &self.shared.counters;
+        FaultStats {
+            faults: c.faults.load(Ordering::Relaxed),
+            pages_copied: c.pages_copied.load(Ordering::Relaxed),
+            pages_zeroed: c.pages_zeroed.load(Ordering::Relaxed),
+            bytes_copied: c.bytes_copied.load(Ordering::Relaxed),
+            races: c.races.load(Ordering::Relaxed),
+            prefetched_pages: c.prefetched_pages.load(Ordering::Relaxed),
+            wp_faults: c.wp_faults.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            populated_pages: self.shared.populated.count_ones() as u64,
+            latency: self.shared.latency.snapshot(),
+        }
+    }
+
+    /// The most recent fill error, if any (the faulting thread of a failed
+    /// fill stays blocked; the VMM should stop the VM).
+    pub fn last_error(&self) -> Option<String> {
+        self.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether every page has been populated (streaming complete).
+    pub fn is_complete(&self) -> bool {
+        self.shared.populated.next_clear(0).is_none()
+    }
+
+    /// Stops the handler and prefetch threads and waits for them. Also done
+    /// on drop.
+    pub fn shutdown(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        signal_eventfd(self.shared.wake.as_raw_fd());
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        let prefetcher = self
+            .prefetcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = prefetcher {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for LazyMemory {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+impl Shared {
+    fn addr(&self, page: usize) -> *mut libc::c_void {
+        (self.base + page * PAGE_SIZE) as *mut libc::c_void
+    }
+
+    fn clear_dirty(&self) {
+        // A fresh bitmap cannot be swapped in behind `&self`; clear bit by
+        // bit only where set (dirty sets are small between rounds).
+        let mut page = 0;
+        while page < self.pages {
+            if self.dirty.word(page / 64) == 0 {
+                page = (page / 64 + 1) * 64;
+                continue;
+            }
+            self.dirty.clear(page);
+            page += 1;
+        }
+    }
+
+    fn record_error(&self, e: &FillError) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(error = %e, "serving a guest page fault failed");
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+
+    /// The fault-serving loop: poll the wake-up eventfd (attach, stop) and,
+    /// once a source is attached, the userfaultfd.
+    fn serve_faults(&self, cpu: Option<usize>, fault_around: usize) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.handler_tid.store(tid, Ordering::Release);
+        if let Some(cpu) = cpu
+            && let Err(e) = pin_thread(0, cpu)
+        {
+            tracing::warn!(cpu, error = %e, "cannot pin the userfaultfd handler");
+        }
+        let mut events = EventBuffer::new(64);
+        let mut bounce = vec![0u8; fault_around * PAGE_SIZE];
+        loop {
+            let attached = self.source.get().is_some();
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let nfds = if attached { 2 } else { 1 };
+            // SAFETY: `fds` holds `nfds` initialised pollfd entries.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+            if rc < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                tracing::error!(error = %io::Error::last_os_error(), "poll on userfaultfd failed");
+                return;
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                let mut v = 0u64;
+                // SAFETY: reads 8 bytes into a local u64 from our eventfd.
+                unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            }
+            if attached && fds[1].revents != 0 {
+                self.serve_pending(&mut events, &mut bounce, fault_around);
+            }
+        }
+    }
+
+    fn serve_pending(&self, events: &mut EventBuffer, bounce: &mut Vec<u8>, fault_around: usize) {
+        let Some(source) = self.source.get() else {
+            return;
+        };
+        let start = Instant::now();
+        let batch = match self.uffd.read_events(events) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "reading userfaultfd events failed");
+                return;
+            }
+        };
+        let _serving = self.serving.read().unwrap_or_else(|e| e.into_inner());
+        for event in batch {
+            let Ok(Event::Pagefault { kind, addr, .. }) = event else {
+                continue;
+            };
+            let addr = addr as usize;
+            if addr < self.base || addr >= self.base + self.pages * PAGE_SIZE {
+                continue;
+            }
+            let page = (addr - self.base) / PAGE_SIZE;
+            match kind {
+                FaultKind::Missing => {
+                    self.counters.faults.fetch_add(1, Ordering::Relaxed);
+                    let count = fault_around.min(self.pages - page);
+                    match self.fill_range(source.as_ref(), page, count, bounce) {
+                        Ok(0) => {
+                            // Already present (filled by a concurrent fill):
+                            // make sure the faulting thread is woken.
+                            self.counters.races.fetch_add(1, Ordering::Relaxed);
+                            let _ = self.uffd.wake(self.addr(page), PAGE_SIZE);
+                        }
+                        Ok(_) => {}
+                        Err(e) => self.record_error(&e),
+                    }
+                    self.latency.record(start.elapsed());
+                }
+                FaultKind::WriteProtected => {
+                    self.counters.wp_faults.fetch_add(1, Ordering::Relaxed);
+                    self.dirty.set(page);
+                    if let Err(e) =
+                        self.uffd
+                            .remove_write_protection(self.addr(page), PAGE_SIZE, true)
+                    {
+                        self.record_error(&FillError::Ioctl {
+                            op: "WRITEPROTECT",
+                            first: page,
+                            end: page + 1,
+                            errno: errno_of(&e),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Background prefetch: fill every unpopulated page, batch by batch.
+    fn prefetch_all(&self, batch: usize) {
+        let Some(source) = self.source.get() else {
+            return;
+        };
+        let mut bounce = vec![0u8; batch * PAGE_SIZE];
+        let mut page = 0;
+        while let Some(first) = self.populated.next_clear(page) {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let count = batch.min(self.pages - first);
+            let filled = {
+                let _serving = self.serving.read().unwrap_or_else(|e| e.into_inner());
+                self.fill_range(source.as_ref(), first, count, &mut bounce)
+            };
+            match filled {
+                Ok(n) => {
+                    self.counters
+                        .prefetched_pages
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.record_error(&e);
+                    return;
+                }
+            }
+            page = first + count;
+        }
+    }
+
+    /// Fills the unpopulated pages of `first..first + count`, grouping
+    /// consecutive pages of the same kind into one ioctl. Returns the number
+    /// of pages this call filled. The caller holds the `serving` read lock.
+    fn fill_range(
+        &self,
+        source: &dyn PageSource,
+        first: usize,
+        count: usize,
+        bounce: &mut Vec<u8>,
+    ) -> Result<usize, FillError> {
+        let end = first + count;
+        let mut filled = 0;
+        let mut p = first;
+        while p < end {
+            if self.populated.get(p) {
+                p += 1;
+                continue;
+            }
+            let zero = source.is_zero(p);
+            let mapped = if zero { None } else { source.mapped_page(p) };
+            let mut q = p + 1;
+            while q < end && !self.populated.get(q) && source.is_zero(q) == zero {
+                if let Some(m) = mapped
+                    && source.mapped_page(q) != Some(m.wrapping_add((q - p) * PAGE_SIZE))
+                {
+                    break;
+                }
+                q += 1;
+            }
+            filled += if zero {
+                self.zero_run(p, q)?
+            } else {
+                self.copy_run(source, mapped, p, q, bounce)?
+            };
+            p = q;
+        }
+        Ok(filled)
+    }
+
+    fn mark_filled(&self, first: usize, end: usize) {
+        for page in first..end {
+            self.populated.set(page);
+        }
+    }
+
+    fn zero_run(&self, first: usize, end: usize) -> Result<usize, FillError> {
+        let len = (end - first) * PAGE_SIZE;
+        // SAFETY: the destination lies inside the registered guest RAM range;
+        // UFFDIO_ZEROPAGE only installs zero pages where none are present.
+        match unsafe { self.uffd.zeropage(self.addr(first), len, true) } {
+            Ok(n) if n == len => {
+                self.mark_filled(first, end);
+                self.counters
+                    .pages_zeroed
+                    .fetch_add((end - first) as u64, Ordering::Relaxed);
+                Ok(end - first)
+            }
+            // Partly done or a page already present: go page by page.
+            Ok(_) | Err(_) if end - first > 1 => {
+                let mut n = 0;
+                for page in first..end {
+                    n += self.zero_run(page, page + 1)?;
+                }
+                Ok(n)
+            }
+            Ok(_) => self.single_page_failed("ZEROPAGE", first, libc::EAGAIN),
+            Err(e) => self.single_page_failed("ZEROPAGE", first, errno_of(&e)),
+        }
+    }
+
+    fn copy_run(
+        &self,
+        source: &dyn PageSource,
+        mapped: Option<*const u8>,
+        first: usize,
+        end: usize,
+        bounce: &mut Vec<u8>,
+    ) -> Result<usize, FillError> {
+        let len = (end - first) * PAGE_SIZE;
+        let src = match mapped {
+            Some(src) => src,
+            None => {
+                if bounce.len() < len {
+                    bounce.resize(len, 0);
+                }
+                source.read_pages(first, end - first, &mut bounce[..len])?;
+                bounce.as_ptr()
+            }
+        };
+        // SAFETY: `src` is valid for `len` bytes (a source mapping that lives
+        // as long as the source, or our bounce buffer); the destination is
+        // inside the registered guest RAM range, and UFFDIO_COPY only fills
+        // pages that are missing.
+        let result = unsafe { self.uffd.copy(src.cast(), self.addr(first), len, true) };
+        let done_pages = match result {
+            Ok(n) if n == len => {
+                self.mark_filled(first, end);
+                self.count_copied(end - first);
+                return Ok(end - first);
+            }
+            Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) => n / PAGE_SIZE,
+            Err(e) if end - first == 1 => {
+                return self.single_page_failed("COPY", first, errno_of(&e));
+            }
+            Err(_) => 0,
+        };
+        if end - first == 1 && done_pages == 0 {
+            return self.single_page_failed("COPY", first, libc::EAGAIN);
+        }
+        // Partly done or a page already present: finish page by page.
+        self.mark_filled(first, first + done_pages);
+        self.count_copied(done_pages);
+        let mut n = done_pages;
+        for page in first + done_pages..end {
+            let one = mapped.map(|m| m.wrapping_add((page - first) * PAGE_SIZE));
+            n += self.copy_run(source, one, page, page + 1, bounce)?;
+        }
+        Ok(n)
+    }
+
+    fn count_copied(&self, pages: usize) {
+        self.counters
+            .pages_copied
+            .fetch_add(pages as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_copied
+            .fetch_add((pages * PAGE_SIZE) as u64, Ordering::Relaxed);
+    }
+
+    /// A one-page fill failed with `errno`: EEXIST means someone else filled
+    /// it (count a race, wake waiters, report 0 pages filled); EAGAIN means
+    /// the address space was changing (retry once); anything else is an
+    /// error.
+    fn single_page_failed(
+        &self,
+        op: &'static str,
+        page: usize,
+        errno: i32,
+    ) -> Result<usize, FillError> {
+        match errno {
+            libc::EEXIST => {
+                self.populated.set(page);
+                self.counters.races.fetch_add(1, Ordering::Relaxed);
+                let _ = self.uffd.wake(self.addr(page), PAGE_SIZE);
+                Ok(0)
+            }
+            _ => Err(FillError::Ioctl {
+                op,
+                first: page,
+                end: page + 1,
+                errno,
+            }),
+        }
+    }
+}
