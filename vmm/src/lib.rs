@@ -9,7 +9,6 @@ pub mod devices;
 pub mod guests;
 pub mod image;
 pub mod machine;
-pub mod image;
 pub mod memory;
 pub mod restore;
 pub mod vstate;
