@@ -52,7 +52,7 @@ impl MachineConfig {
         if self.vcpus == 0 || usize::from(self.vcpus) > MAX_VCPUS {
             return Err(MachineConfigError::VcpuCount(self.vcpus));
         }
-        if self.memory_bytes < MIN_RAM as usize || self.memory_bytes % (2 << 20) != 0 {
+        if self.memory_bytes < MIN_RAM as usize || !self.memory_bytes.is_multiple_of(2 << 20) {
             return Err(MachineConfigError::MemorySize(self.memory_bytes));
         }
         if layout::gpa_end(self.memory_bytes as u64) > layout::MAX_MAPPED_GPA {

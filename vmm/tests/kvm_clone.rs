@@ -12,7 +12,9 @@ use kvm_common::*;
 use vmstream_vmm::arch::x86_64::layout::STATE_ADDR;
 use vmstream_vmm::capture::{capture, start_capture};
 use vmstream_vmm::devices::mailbox::{Report, report, request};
-use vmstream_vmm::guests::{FillSpec, GuestProgram, TouchCommand, TouchPattern, counter_hash, request_answer};
+use vmstream_vmm::guests::{
+    FillSpec, GuestProgram, TouchCommand, TouchPattern, counter_hash, request_answer,
+};
 use vmstream_vmm::image::PageStore;
 use vmstream_vmm::machine::{BootOptions, Machine, MachineConfig, VmShell};
 use vmstream_vmm::memory::{LazyOptions, PAGE_SIZE};
@@ -32,7 +34,12 @@ fn image_u64(store: &PageStore, offset: u64) -> u64 {
     u64::from_le_bytes(page[at..at + 8].try_into().unwrap())
 }
 
-fn clone_of(host: &Arc<KvmHost>, config: MachineConfig, source: &CloneSource, memory: &CloneMemory) -> Restored {
+fn clone_of(
+    host: &Arc<KvmHost>,
+    config: MachineConfig,
+    source: &CloneSource,
+    memory: &CloneMemory,
+) -> Restored {
     let shell = VmShell::create(host, config).expect("create shell");
     restore(shell, source, memory).expect("restore clone")
 }
@@ -40,7 +47,9 @@ fn clone_of(host: &Arc<KvmHost>, config: MachineConfig, source: &CloneSource, me
 fn progress_of(machine: &Machine, vcpu: u8, since: u64) -> Report {
     machine
         .mailbox()
-        .wait_report(since, REPORT_TIMEOUT, |r| r.kind == report::PROGRESS && r.vcpu == vcpu)
+        .wait_report(since, REPORT_TIMEOUT, |r| {
+            r.kind == report::PROGRESS && r.vcpu == vcpu
+        })
         .unwrap_or_else(|| panic!("no progress from vCPU {vcpu}: {:?}", status(machine)))
 }
 
@@ -67,7 +76,10 @@ fn counter_clone_continues_from_the_captured_counters() {
     }
     let dir = tempfile::tempdir().unwrap();
     let report = capture(&source_vm, dir.path()).expect("capture");
-    eprintln!("capture: {:?} state {} bytes pages {:?}", report.timings, report.state_bytes, report.pages);
+    eprintln!(
+        "capture: {:?} state {} bytes pages {:?}",
+        report.timings, report.state_bytes, report.pages
+    );
 
     let source = CloneSource::open(dir.path()).expect("open image");
     let mut captured = Vec::new();
@@ -93,8 +105,15 @@ fn counter_clone_continues_from_the_captured_counters() {
         let first = progress_of(&clone.machine, vcpu, 0);
         let [register, memory, hash, index, ..] = first.args;
         assert_eq!(index, u64::from(vcpu));
-        assert_eq!(memory, register, "clone's memory counter follows its register");
-        assert_eq!(hash, counter_hash(register), "clone's hash register is exact");
+        assert_eq!(
+            memory, register,
+            "clone's memory counter follows its register"
+        );
+        assert_eq!(
+            hash,
+            counter_hash(register),
+            "clone's hash register is exact"
+        );
         let at_capture = captured[usize::from(vcpu)];
         assert!(
             register > at_capture && register <= at_capture + INTERVAL,
@@ -169,7 +188,11 @@ fn twenty_clones_of_one_image_each_read_the_image_data() {
     std::thread::scope(|scope| {
         for (i, clone) in clones.iter().enumerate() {
             scope.spawn(move || {
-                let pattern = [TouchPattern::Sequential, TouchPattern::Random, TouchPattern::HotCold][i % 3];
+                let pattern = [
+                    TouchPattern::Sequential,
+                    TouchPattern::Random,
+                    TouchPattern::HotCold,
+                ][i % 3];
                 let cmd = TouchCommand {
                     base_page,
                     count: 300,
@@ -197,7 +220,12 @@ fn lazy_and_cow_clones_keep_writes_private() {
     let source = CloneSource::open(dir.path()).expect("open image");
     let (base_page, region_pages) = data_pages(config);
     let writer = clone_of(&host, config, &source, &CloneMemory::CopyOnWrite);
-    let lazy_writer = clone_of(&host, config, &source, &CloneMemory::Lazy(LazyOptions::default()));
+    let lazy_writer = clone_of(
+        &host,
+        config,
+        &source,
+        &CloneMemory::Lazy(LazyOptions::default()),
+    );
     let write = TouchCommand {
         base_page,
         count: region_pages,
@@ -218,7 +246,10 @@ fn lazy_and_cow_clones_keep_writes_private() {
     // The image file and a fresh clone still hold the original data.
     let store = PageStore::open(dir.path()).expect("reopen page store");
     for page in [base_page, base_page + 1, base_page + region_pages - 1] {
-        assert_eq!(image_u64(&store, page * PAGE_SIZE as u64), FILL.first_qword(page));
+        assert_eq!(
+            image_u64(&store, page * PAGE_SIZE as u64),
+            FILL.first_qword(page)
+        );
     }
     let reader = clone_of(&host, config, &source, &CloneMemory::CopyOnWrite);
     let read = TouchCommand { marker: 0, ..write };
@@ -232,44 +263,83 @@ fn request_clone_answers_with_the_captured_counter() {
         return;
     };
     let config = config(1, 16);
-    let vm = boot_ready(&host, config, GuestProgram::Request, &BootOptions::default());
+    let vm = boot_ready(
+        &host,
+        config,
+        GuestProgram::Request,
+        &BootOptions::default(),
+    );
     for n in 0..3 {
         vm.mailbox()
-            .call(request::ANSWER, [n, 0, 0, 0, 0, 0, 0, 0], report::RESPONSE, REPORT_TIMEOUT)
+            .call(
+                request::ANSWER,
+                [n, 0, 0, 0, 0, 0, 0, 0],
+                report::RESPONSE,
+                REPORT_TIMEOUT,
+            )
             .expect("answer");
     }
     let dir = tempfile::tempdir().unwrap();
     capture(&vm, dir.path()).expect("capture");
     let source = CloneSource::open(dir.path()).expect("open image");
-    for memory in [CloneMemory::CopyOnWrite, CloneMemory::Lazy(LazyOptions::default())] {
+    for memory in [
+        CloneMemory::CopyOnWrite,
+        CloneMemory::Lazy(LazyOptions::default()),
+    ] {
         let clone = clone_of(&host, config, &source, &memory);
         let answer = clone
             .machine
             .mailbox()
-            .call(request::ANSWER, [41, 0, 0, 0, 0, 0, 0, 0], report::RESPONSE, REPORT_TIMEOUT)
+            .call(
+                request::ANSWER,
+                [41, 0, 0, 0, 0, 0, 0, 0],
+                report::RESPONSE,
+                REPORT_TIMEOUT,
+            )
             .expect("clone answers");
         assert_eq!(answer.args[0], request_answer(41, 4), "{memory:?}");
-        eprintln!("{memory:?}: restore {:?} first exit {:?}", clone.timings.total, clone.first_exit(Duration::ZERO));
+        eprintln!(
+            "{memory:?}: restore {:?} first exit {:?}",
+            clone.timings.total,
+            clone.first_exit(Duration::ZERO)
+        );
     }
     // The source is unaffected by its clones.
     let answer = vm
         .mailbox()
-        .call(request::ANSWER, [1, 0, 0, 0, 0, 0, 0, 0], report::RESPONSE, REPORT_TIMEOUT)
+        .call(
+            request::ANSWER,
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            report::RESPONSE,
+            REPORT_TIMEOUT,
+        )
         .expect("source answers");
     assert_eq!(answer.args[0], request_answer(1, 4));
 }
 
 #[test]
 fn captured_twice_gives_two_good_images_and_a_lazy_clone_recaptures() {
-    let Some(host) = kvm_or_skip("captured_twice_gives_two_good_images_and_a_lazy_clone_recaptures") else {
+    let Some(host) =
+        kvm_or_skip("captured_twice_gives_two_good_images_and_a_lazy_clone_recaptures")
+    else {
         return;
     };
     let config = config(1, 16);
-    let vm = boot_ready(&host, config, GuestProgram::Request, &BootOptions::default());
+    let vm = boot_ready(
+        &host,
+        config,
+        GuestProgram::Request,
+        &BootOptions::default(),
+    );
     let ask = |machine: &Machine, n: u64| {
         machine
             .mailbox()
-            .call(request::ANSWER, [n, 0, 0, 0, 0, 0, 0, 0], report::RESPONSE, REPORT_TIMEOUT)
+            .call(
+                request::ANSWER,
+                [n, 0, 0, 0, 0, 0, 0, 0],
+                report::RESPONSE,
+                REPORT_TIMEOUT,
+            )
             .expect("answer")
             .args[0]
     };
@@ -293,7 +363,12 @@ fn captured_twice_gives_two_good_images_and_a_lazy_clone_recaptures() {
 
     // A lazily streamed clone, captured again: pages it never touched come
     // from its base image, pages it changed from its own memory.
-    let lazy = clone_of(&host, config, &two, &CloneMemory::Lazy(LazyOptions::default()));
+    let lazy = clone_of(
+        &host,
+        config,
+        &two,
+        &CloneMemory::Lazy(LazyOptions::default()),
+    );
     assert_eq!(ask(&lazy.machine, 5), request_answer(5, 4));
     let third = tempfile::tempdir().unwrap();
     let report = capture(&lazy.machine, third.path()).expect("capture lazy clone");

@@ -234,7 +234,7 @@ pub fn page_gpa(page: u64) -> u64 {
     crate::arch::x86_64::layout::ram_offset_to_gpa(page * PAGE_SIZE as u64)
 }
 
-const _: () = assert!(MMIO_HOLE_START % PAGE_SIZE as u64 == 0);
+const _: () = assert!(MMIO_HOLE_START.is_multiple_of(PAGE_SIZE as u64));
 
 /// How the host fills the data area of guest RAM before a guest starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

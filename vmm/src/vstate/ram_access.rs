@@ -69,7 +69,9 @@ impl RamAccess {
         let ptr = self.host_ptr(gpa, 8)?;
         // SAFETY: the 8 bytes are inside the live mapping; unaligned volatile
         // read of plain memory the guest may be writing concurrently.
-        Ok(unsafe { std::ptr::read_volatile(ptr.cast::<[u8; 8]>()) }).map(u64::from_le_bytes)
+        Ok(u64::from_le_bytes(unsafe {
+            std::ptr::read_volatile(ptr.cast::<[u8; 8]>())
+        }))
     }
 
     /// Writes the u64 at `gpa`.

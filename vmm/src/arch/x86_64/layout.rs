@@ -152,9 +152,9 @@ mod tests {
     #[test]
     fn fixed_areas_do_not_overlap() {
         assert!(PD_ADDR > PDPT_ADDR && PD_END <= stack_top(MAX_VCPUS - 1) - STACK_SIZE);
-        assert!(STACKS_TOP <= GUEST_LOAD_ADDR);
-        assert!(GUEST_LOAD_ADDR + GUEST_MAX_SIZE <= DATA_START);
+        const { assert!(STACKS_TOP <= GUEST_LOAD_ADDR) };
+        const { assert!(GUEST_LOAD_ADDR + GUEST_MAX_SIZE <= DATA_START) };
         assert!(mailbox_slot(MAX_VCPUS) <= MAILBOX_ADDR + 4096);
-        assert!(MAX_MAPPED_GPA >= 64 << 30);
+        const { assert!(MAX_MAPPED_GPA >= 64 << 30) };
     }
 }
