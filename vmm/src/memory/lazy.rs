@@ -222,8 +222,25 @@ fn errno_of(e: &userfaultfd::Error) -> i32 {
     }
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin_thread(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
+/// Whether this host lets us create a userfaultfd able to serve kernel-mode
+/// faults (KVM's accesses). Returns the reason when it does not (tests skip
+/// with it; the daemon reports it).
+pub fn userfaultfd_available() -> Result<(), String> {
+    UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .create()
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "userfaultfd unavailable ({e}): need /dev/userfaultfd access or the userfaultfd syscall with vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE"
+            )
+        })
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpu`.
+pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: CPU_SET writes one bit of the set we own (it bounds-checks cpu).

@@ -14,7 +14,7 @@ pub use footprint::{FootprintError, RangeFootprint, range_footprint, resident_by
 pub use latency::{LatencyHistogram, LatencySnapshot};
 pub use lazy::{
     AttachError, FaultStats, FillError, FillOutcome, LazyMemory, LazyOptions, LazyRegisterError,
-    QuiesceGuard,
+    QuiesceGuard, pin_thread, userfaultfd_available,
 };
 pub use ram::{GuestRam, PAGE_SIZE};
 pub use source::{BufferSource, PageSource, PageSourceError};

@@ -30,7 +30,7 @@ impl GuestRam {
     /// Reserves `len` bytes (a positive multiple of [`PAGE_SIZE`]) of anonymous
     /// private memory with `MAP_NORESERVE`; nothing is populated.
     pub fn reserve(len: usize) -> io::Result<Self> {
-        if len == 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("guest RAM size {len} is not a positive multiple of {PAGE_SIZE}"),
