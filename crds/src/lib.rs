@@ -55,7 +55,7 @@ pub fn pool_label_selector(pool: &str) -> String {
 }
 
 /// Every CustomResourceDefinition of the API, in a stable order, with schema
-/// formats normalized (see [`normalize_formats`]). Install these (or the YAML
+/// formats normalized (see [`normalize_schema`]). Install these (or the YAML
 /// `crdgen` writes from them) rather than `Kind::crd()` directly.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
     let mut crds = vec![
@@ -73,18 +73,24 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
                 .as_mut()
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
-                normalize_formats(schema);
+                normalize_schema(schema);
             }
         }
     }
     crds
 }
 
-/// Replace the unsigned integer formats schemars emits (`uint32`, `uint64`, ...),
-/// which the API server does not know and warns about on every apply, by the
-/// OpenAPI formats wide enough for them. Kubernetes stores integers as int64,
-/// so `uint64` becomes `int64` (values above 2^63-1 are refused by the server).
-pub fn normalize_formats(schema: &mut JSONSchemaProps) {
+/// Tidy what schemars emits for the API server:
+/// * unsigned integer formats (`uint32`, `uint64`, ...), which the server does
+///   not know and warns about on every apply, become the OpenAPI formats wide
+///   enough for them. Kubernetes stores integers as int64, so `uint64` becomes
+///   `int64` (values above 2^63-1 are refused by the server);
+/// * the `null` member of optional enums goes (the field stays `nullable`), so
+///   error messages list only the real values.
+pub fn normalize_schema(schema: &mut JSONSchemaProps) {
+    if let Some(values) = schema.enum_.as_mut() {
+        values.retain(|v| !v.0.is_null());
+    }
     if let Some(format) = schema.format.as_mut() {
         match format.as_str() {
             "uint8" | "uint16" | "int8" | "int16" => *format = "int32".to_owned(),
@@ -110,12 +116,12 @@ pub fn normalize_formats(schema: &mut JSONSchemaProps) {
                 }),
         );
     for child in children {
-        normalize_formats(child);
+        normalize_schema(child);
     }
     for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of]
         .into_iter()
         .flatten()
     {
-        list.iter_mut().for_each(normalize_formats);
+        list.iter_mut().for_each(normalize_schema);
     }
 }
