@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 export VMSTREAM_CACHE ?= $(HOME)/.cache/vmstream
-K8S_VERSION := $(shell awk '$$1=="require" && $$2=="k8s.io/kubernetes" {print $$3}' hack/controlplane/go.mod)
+K8S_VERSION := $(shell awk '$$1=="k8s.io/kubernetes" && $$2 ~ /^v/ {print $$2}' hack/controlplane/go.mod)
 HELM_VERSION ?= v3.22.0
 export VMSTREAM_BIN_DIR ?= $(VMSTREAM_CACHE)/bin-$(K8S_VERSION)
 export VMSTREAM_HELM ?= $(VMSTREAM_CACHE)/helm-$(HELM_VERSION)/helm
@@ -33,9 +33,13 @@ build:
 ## crds: regenerate crds/*.yaml from the Rust types
 crds:
 	$(CARGO) run -q -p vmstream-api --bin crdgen -- crds
+	rm -f charts/vmstream/crds/*.yaml && cp crds/*.yaml charts/vmstream/crds/
 
+## crds-check: fail when crds/*.yaml or the chart's copy is stale
 crds-check:
 	$(CARGO) run -q -p vmstream-api --bin crdgen -- --check crds
+	@diff -r --exclude='*.rs' <(cd crds && ls *.yaml | xargs cat) <(cd charts/vmstream/crds && ls *.yaml | xargs cat) >/dev/null \
+	  || { echo "charts/vmstream/crds is stale: run 'make crds'" >&2; exit 1; }
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

@@ -38,13 +38,24 @@ pub enum StartError {
     #[error("cannot create state directory {path}: {source}")]
     StateDir { path: PathBuf, source: io::Error },
     #[error("cannot spawn {what}: {source}")]
-    Spawn { what: &'static str, source: io::Error },
+    Spawn {
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("cannot generate the service-account key with openssl: {0}")]
     Keygen(String),
     #[error("{what} exited before becoming ready ({status}); its log is {log}")]
-    Exited { what: &'static str, status: String, log: PathBuf },
+    Exited {
+        what: &'static str,
+        status: String,
+        log: PathBuf,
+    },
     #[error("{what} not ready after {secs} s; its log is {log}")]
-    Timeout { what: &'static str, secs: u64, log: PathBuf },
+    Timeout {
+        what: &'static str,
+        secs: u64,
+        log: PathBuf,
+    },
     #[error("cannot read kubeconfig {path}: {message}")]
     Kubeconfig { path: PathBuf, message: String },
     #[error("no free loopback port: {0}")]
@@ -125,7 +136,11 @@ impl ControlPlane {
 
     /// Wraps an existing cluster given by its kubeconfig; nothing is started or stopped.
     pub fn external(kubeconfig: PathBuf) -> ControlPlane {
-        ControlPlane { kubeconfig, state_dir: None, children: Mutex::new(Vec::new()) }
+        ControlPlane {
+            kubeconfig,
+            state_dir: None,
+            children: Mutex::new(Vec::new()),
+        }
     }
 
     /// Starts etcd and kube-apiserver on free loopback ports in a fresh state
@@ -152,8 +167,10 @@ impl ControlPlane {
             }
         };
         let _ = fs::remove_dir_all(&state_dir);
-        fs::create_dir_all(state_dir.join("certs"))
-            .map_err(|source| StartError::StateDir { path: state_dir.clone(), source })?;
+        fs::create_dir_all(state_dir.join("certs")).map_err(|source| StartError::StateDir {
+            path: state_dir.clone(),
+            source,
+        })?;
         let mut cp = ControlPlane {
             kubeconfig: state_dir.join("kubeconfig"),
             state_dir: Some(state_dir.clone()),
@@ -181,7 +198,10 @@ impl ControlPlane {
                 .stdout(Stdio::null())
                 .stderr(log_file(&etcd_log, &state_dir)?),
         )
-        .map_err(|source| StartError::Spawn { what: "etcd", source })?;
+        .map_err(|source| StartError::Spawn {
+            what: "etcd",
+            source,
+        })?;
         cp.children.get_mut().unwrap().push(etcd);
 
         // service-account signing key
@@ -193,11 +213,19 @@ impl ControlPlane {
             .output()
             .map_err(|e| StartError::Keygen(e.to_string()))?;
         if !out.status.success() {
-            return Err(StartError::Keygen(String::from_utf8_lossy(&out.stderr).into_owned()));
+            return Err(StartError::Keygen(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
         }
         let tokens = state_dir.join("tokens.csv");
-        fs::write(&tokens, format!("{token},vmstream-admin,vmstream-admin,\"system:masters\"\n"))
-            .map_err(|source| StartError::StateDir { path: tokens.clone(), source })?;
+        fs::write(
+            &tokens,
+            format!("{token},vmstream-admin,vmstream-admin,\"system:masters\"\n"),
+        )
+        .map_err(|source| StartError::StateDir {
+            path: tokens.clone(),
+            source,
+        })?;
 
         // kube-apiserver
         let api_log = state_dir.join("kube-apiserver.log");
@@ -212,7 +240,10 @@ impl ControlPlane {
                 .arg("--authorization-mode=RBAC")
                 .arg("--service-account-issuer=https://kubernetes.default.svc")
                 .arg(format!("--service-account-key-file={}", sa_key.display()))
-                .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+                .arg(format!(
+                    "--service-account-signing-key-file={}",
+                    sa_key.display()
+                ))
                 .arg("--service-cluster-ip-range=10.96.0.0/16")
                 .arg("--allow-privileged=true")
                 .arg("--enable-priority-and-fairness=false")
@@ -222,12 +253,19 @@ impl ControlPlane {
                 .stdout(Stdio::null())
                 .stderr(log_file(&api_log, &state_dir)?),
         )
-        .map_err(|source| StartError::Spawn { what: "kube-apiserver", source })?;
+        .map_err(|source| StartError::Spawn {
+            what: "kube-apiserver",
+            source,
+        })?;
         cp.children.get_mut().unwrap().push(api);
 
         let server = format!("https://127.0.0.1:{api_port}");
-        fs::write(&cp.kubeconfig, kubeconfig_yaml(&server, &token))
-            .map_err(|source| StartError::StateDir { path: cp.kubeconfig.clone(), source })?;
+        fs::write(&cp.kubeconfig, kubeconfig_yaml(&server, &token)).map_err(|source| {
+            StartError::StateDir {
+                path: cp.kubeconfig.clone(),
+                source,
+            }
+        })?;
         cp.wait_ready(&api_log)?;
         Ok(cp)
     }
@@ -241,7 +279,11 @@ impl ControlPlane {
                     if let Ok(Some(status)) = child.try_wait() {
                         let what = if i == 0 { "etcd" } else { "kube-apiserver" };
                         let log = self.state_dir.as_ref().unwrap().join(format!("{what}.log"));
-                        return Err(StartError::Exited { what, status: status.to_string(), log });
+                        return Err(StartError::Exited {
+                            what,
+                            status: status.to_string(),
+                            log,
+                        });
                     }
                 }
             }
@@ -281,17 +323,25 @@ impl ControlPlane {
     /// A `kubectl` command (the pinned build when present) aimed at this cluster.
     pub fn kubectl(&self) -> Command {
         let pinned = bin_dir().join("kubectl");
-        let mut cmd = Command::new(if pinned.exists() { pinned } else { PathBuf::from("kubectl") });
+        let mut cmd = Command::new(if pinned.exists() {
+            pinned
+        } else {
+            PathBuf::from("kubectl")
+        });
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()));
         cmd
     }
 
     /// Runs kubectl with `args`, returning stdout; a failure carries stderr.
     pub fn kubectl_ok(&self, args: &[&str]) -> Result<String, ControlPlaneError> {
-        let out = self.kubectl().args(args).output().map_err(|e| ControlPlaneError::Kubectl {
-            args: args.join(" "),
-            message: e.to_string(),
-        })?;
+        let out = self
+            .kubectl()
+            .args(args)
+            .output()
+            .map_err(|e| ControlPlaneError::Kubectl {
+                args: args.join(" "),
+                message: e.to_string(),
+            })?;
         if !out.status.success() {
             return Err(ControlPlaneError::Kubectl {
                 args: args.join(" "),
@@ -305,8 +355,17 @@ impl ControlPlane {
     pub fn install_crds(&self, dir: &Path) -> Result<(), ControlPlaneError> {
         let d = dir.display().to_string();
         self.kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", &d])?;
-        self.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "-f", &d])
-            .map_err(|_| ControlPlaneError::CrdsNotEstablished { dir: dir.to_path_buf(), secs: 60 })?;
+        self.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            &d,
+        ])
+        .map_err(|_| ControlPlaneError::CrdsNotEstablished {
+            dir: dir.to_path_buf(),
+            secs: 60,
+        })?;
         Ok(())
     }
 
@@ -318,7 +377,9 @@ impl ControlPlane {
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
         }))
         .expect("static namespace manifest");
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
         Ok(TestNamespace { name, client })
     }
 
@@ -378,14 +439,19 @@ impl Drop for TestNamespace {
         let client = self.client.clone();
         let name = self.name.clone();
         let delete = async move {
-            let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await;
+            let _ = Api::<Namespace>::all(client)
+                .delete(&name, &DeleteParams::background())
+                .await;
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn(delete);
             }
             Err(_) => {
-                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     rt.block_on(delete);
                 }
             }
@@ -418,7 +484,11 @@ struct Spawner(Mutex<mpsc::Sender<SpawnRequest>>);
 impl Spawner {
     fn spawn(&self, cmd: Command) -> io::Result<Child> {
         let (tx, rx) = mpsc::channel();
-        self.0.lock().unwrap().send((cmd, tx)).map_err(|_| io::Error::other("spawner gone"))?;
+        self.0
+            .lock()
+            .unwrap()
+            .send((cmd, tx))
+            .map_err(|_| io::Error::other("spawner gone"))?;
         rx.recv().map_err(|_| io::Error::other("spawner gone"))?
     }
 }
@@ -444,8 +514,10 @@ fn spawner() -> &'static Spawner {
 }
 
 fn log_file(path: &Path, state_dir: &Path) -> Result<fs::File, StartError> {
-    fs::File::create(path)
-        .map_err(|source| StartError::StateDir { path: state_dir.to_path_buf(), source })
+    fs::File::create(path).map_err(|source| StartError::StateDir {
+        path: state_dir.to_path_buf(),
+        source,
+    })
 }
 
 fn free_port() -> Result<u16, StartError> {
@@ -467,7 +539,9 @@ fn rand_u64() -> u64 {
 
 /// Removes state directories of earlier runs whose process no longer exists.
 fn sweep_stale_state_dirs() {
-    let Ok(entries) = fs::read_dir(STATE_ROOT) else { return };
+    let Ok(entries) = fs::read_dir(STATE_ROOT) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {

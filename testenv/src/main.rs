@@ -26,7 +26,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    println!("control plane ready; kubeconfig: {}", cp.kubeconfig().display());
+    println!(
+        "control plane ready; kubeconfig: {}",
+        cp.kubeconfig().display()
+    );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {
         register_stop(sig, stop.clone());

@@ -1,0 +1,68 @@
+//! Watches of the objects the operator placed on this node: LiveImages,
+//! VMClones and VMMigrations labelled `vmstream.io/node=<node>`. The daemon
+//! never lists or watches objects of other nodes.
+
+use futures::StreamExt;
+use kube::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use vmstream_api::v1alpha1::{LiveImage, VMClone, VMMigration};
+
+/// The label selector selecting the objects placed on `node`.
+pub fn node_selector(node: &str) -> String {
+    format!("{}={node}", vmstream_api::NODE_LABEL)
+}
+
+/// Local caches of the objects placed on this node.
+#[derive(Clone)]
+pub struct PlacedObjects {
+    pub images: Store<LiveImage>,
+    pub clones: Store<VMClone>,
+    pub migrations: Store<VMMigration>,
+}
+
+/// Starts the three label-filtered watches; they run until the runtime stops.
+pub fn watch(client: &kube::Client, node: &str) -> PlacedObjects {
+    let config = watcher::Config::default().labels(&node_selector(node));
+    PlacedObjects {
+        images: spawn_reflector(Api::<LiveImage>::all(client.clone()), config.clone()),
+        clones: spawn_reflector(Api::<VMClone>::all(client.clone()), config.clone()),
+        migrations: spawn_reflector(Api::<VMMigration>::all(client.clone()), config),
+    }
+}
+
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .applied_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(obj) => {
+                    tracing::debug!(kind = %K::kind(&()), name = ?obj.meta().name, "placed object changed")
+                }
+                Err(e) => tracing::warn!(kind = %K::kind(&()), error = %e, "watch error"),
+            }
+        }
+    });
+    reader
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn selector_names_the_node_label() {
+        assert_eq!(super::node_selector("n1"), "vmstream.io/node=n1");
+    }
+}
