@@ -268,6 +268,7 @@ impl Machine {
             return Err(BootError::TooManyParams(options.params.len()));
         }
         let ram = ram_access(&shell.ram);
+        advise(&shell.ram, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE");
         let outside = |e: crate::vstate::ram_access::OutsideRam| -> BootError {
             unreachable!("fixed boot areas lie in the minimum RAM: {e}")
         };
@@ -442,6 +443,16 @@ impl Drop for Machine {
     fn drop(&mut self) {
         // vCPU threads hold views of guest RAM: end them before it is unmapped.
         self.stop_threads();
+    }
+}
+
+/// Applies `advice` to all of guest RAM; failure only costs performance.
+pub(crate) fn advise(ram: &GuestRam, advice: libc::c_int, name: &str) {
+    // SAFETY: madvise on exactly the range `ram` owns; these advices change
+    // paging behaviour, never the contents.
+    let rc = unsafe { libc::madvise(ram.host_addr().cast(), ram.len(), advice) };
+    if rc != 0 {
+        tracing::debug!(advice = name, error = %std::io::Error::last_os_error(), "madvise on guest RAM refused");
     }
 }
 

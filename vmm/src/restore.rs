@@ -10,14 +10,16 @@
 //! and first came back with a guest exit (the guest has executed
 //! instructions by then — the earliest point the VMM can observe that).
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::arch::x86_64::layout::MAILBOX_ADDR;
+use crate::arch::x86_64::layout::{MAILBOX_ADDR, gpa_to_ram_offset};
+use crate::arch::x86_64::walk::{CpuRoots, cpu_pages};
 use crate::devices::PortIoBus;
 use crate::image::{ImageOpenError, LiveImage, PageStore};
-use crate::machine::{Machine, MemoryBacking, VmShell, ram_access};
+use crate::machine::{Machine, MemoryBacking, VmShell, advise, ram_access};
 use crate::memory::{
     AttachError, CowMapError, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE, PageSource,
 };
@@ -30,6 +32,7 @@ use crate::vstate::{VmState, VmStateDecodeError};
 pub struct CloneSource {
     state: Arc<VmState>,
     pages: Arc<PageStore>,
+    startup_pages: Arc<OnceLock<Vec<usize>>>,
 }
 
 /// Error opening a clone source.
@@ -73,6 +76,7 @@ impl CloneSource {
         Ok(Self {
             state: Arc::new(state),
             pages: Arc::new(pages),
+            startup_pages: Arc::new(OnceLock::new()),
         })
     }
 
@@ -85,7 +89,55 @@ impl CloneSource {
     pub fn pages(&self) -> &Arc<PageStore> {
         &self.pages
     }
+
+    /// RAM page indices a lazily streamed clone must have before its vCPUs
+    /// run: page tables, code and stack pages, GDT, IDT, mailbox.
+    pub fn startup_pages(&self) -> &[usize] {
+        self.startup_pages
+            .get_or_init(|| startup_pages(&self.state, &self.pages))
+    }
 }
+
+fn startup_pages(state: &VmState, store: &PageStore) -> Vec<usize> {
+    let mut cache: HashMap<usize, Vec<u8>> = HashMap::new();
+    let mut read_u64 = |gpa: u64| -> Option<u64> {
+        let offset = gpa_to_ram_offset(gpa, state.memory_bytes)?;
+        let index = offset as usize / PAGE_SIZE;
+        if !store.is_present(index) {
+            return Some(0);
+        }
+        if !cache.contains_key(&index) {
+            let mut page = vec![0u8; PAGE_SIZE];
+            store.read_page(index, &mut page).ok()?;
+            cache.insert(index, page);
+        }
+        let at = offset as usize % PAGE_SIZE;
+        Some(u64::from_le_bytes(
+            cache[&index][at..at + 8].try_into().ok()?,
+        ))
+    };
+    let mut pages = std::collections::BTreeSet::new();
+    pages.insert(MAILBOX_ADDR as usize / PAGE_SIZE);
+    for vcpu in &state.vcpus {
+        let roots = CpuRoots {
+            cr3: vcpu.sregs.cr3,
+            long_mode_paging: vcpu.sregs.cr0 & (1 << 31) != 0 && vcpu.sregs.efer & (1 << 10) != 0,
+            rip: vcpu.regs.rip,
+            rsp: vcpu.regs.rsp,
+            gdt_base: vcpu.sregs.gdt.base,
+            idt_base: vcpu.sregs.idt.base,
+        };
+        for gpa in cpu_pages(&roots, &mut read_u64, STARTUP_TABLE_LIMIT) {
+            if let Some(offset) = gpa_to_ram_offset(gpa, state.memory_bytes) {
+                pages.insert(offset as usize / PAGE_SIZE);
+            }
+        }
+    }
+    pages.into_iter().collect()
+}
+
+/// Most page-table pages walked for the startup set.
+const STARTUP_TABLE_LIMIT: usize = 4096;
 
 /// How a clone's memory is provided.
 #[derive(Debug, Clone, Default)]
@@ -196,6 +248,10 @@ pub fn restore(
     let backing = match memory {
         CloneMemory::CopyOnWrite => {
             crate::memory::map_copy_on_write(shell.ram(), source.pages())?;
+            // Guest accesses are random: without this, every first touch of
+            // a page reads ahead up to read_ahead_kb of the image (8 MiB on
+            // these hosts: milliseconds per fault).
+            advise(shell.ram(), libc::MADV_RANDOM, "MADV_RANDOM");
             MemoryBacking::CopyOnWrite(Arc::clone(source.pages()))
         }
         CloneMemory::Lazy(options) => {
@@ -204,10 +260,12 @@ pub fn restore(
                 None => LazyMemory::register(shell.ram(), options.clone())?,
             };
             lazy.attach(Arc::clone(source.pages()) as Arc<dyn PageSource>)?;
-            // The host reads and writes the mailbox page on every report and
-            // request; bring it in now rather than on the first request (and
-            // so host accesses never meet a missing page in SIGBUS mode).
-            let _ = lazy.fill_page(MAILBOX_ADDR as usize / PAGE_SIZE);
+            // Pages the CPU walks or fetches itself, and the mailbox page the
+            // host reads and writes on every report and request, come in
+            // before the vCPUs start (see `arch::x86_64::walk`).
+            for page in source.startup_pages() {
+                let _ = lazy.fill_page(*page);
+            }
             MemoryBacking::Lazy {
                 memory: Arc::new(lazy),
                 base: Arc::clone(source.pages()),

@@ -6,3 +6,4 @@ pub mod cpuid;
 pub mod layout;
 pub mod msr;
 pub mod paging;
+pub mod walk;
