@@ -1,0 +1,208 @@
+//! Reads the cluster facts the decisions need: node heartbeats (Leases),
+//! VMNodes, and the memory already committed on each node. Reads go straight
+//! to the API server (quorum reads), never to a cache, so a freshly restarted
+//! operator sees every object it created before it died.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMNode};
+use vmstream_api::{HEARTBEAT_LEASE_PREFIX, MAINTENANCE_ANNOTATION, NODE_LABEL};
+
+use crate::controllers::Context;
+use crate::decide::placement::{Heartbeat, NodeFacts};
+use crate::error::ReconcileError;
+
+const MIB: u64 = 1 << 20;
+
+/// The heartbeat a node Lease records; `fallback` when it states no duration.
+pub fn heartbeat_of(lease: &Lease, fallback: Duration) -> Option<Heartbeat> {
+    let spec = lease.spec.as_ref()?;
+    let renew = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?;
+    Some(Heartbeat {
+        renew_time: renew.0,
+        lease_duration_seconds: spec
+            .lease_duration_seconds
+            .map_or(fallback.as_secs() as i64, i64::from),
+    })
+}
+
+/// Heartbeats of every node, by node name.
+pub async fn heartbeats(ctx: &Context) -> Result<BTreeMap<String, Heartbeat>, ReconcileError> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let leases = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List {
+            kind: "Lease",
+            source,
+        })?;
+    Ok(leases
+        .items
+        .iter()
+        .filter_map(|l| {
+            let node = l
+                .name_any()
+                .strip_prefix(HEARTBEAT_LEASE_PREFIX)?
+                .to_owned();
+            Some((node, heartbeat_of(l, ctx.config.heartbeat_timeout)?))
+        })
+        .collect())
+}
+
+/// Whether `node`'s heartbeat is fresh now.
+pub async fn node_alive(ctx: &Context, node: &str) -> Result<bool, ReconcileError> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let name = vmstream_api::heartbeat_lease_name(node);
+    let lease = api
+        .get_opt(&name)
+        .await
+        .map_err(|source| ReconcileError::Get {
+            kind: "Lease",
+            name,
+            source,
+        })?;
+    Ok(lease
+        .and_then(|l| heartbeat_of(&l, ctx.config.heartbeat_timeout))
+        .is_some_and(|h| h.is_fresh(Timestamp::now())))
+}
+
+/// Guest memory of a LiveImage: measured once captured, else what its boot
+/// source asks for, else 0 (a capture whose size is not known yet).
+pub fn image_memory_bytes(image: &LiveImage) -> u64 {
+    image
+        .status
+        .as_ref()
+        .and_then(|s| s.memory_bytes)
+        .or_else(|| {
+            image
+                .spec
+                .source
+                .boot
+                .as_ref()
+                .map(|b| u64::from(b.memory_mib) * MIB)
+        })
+        .unwrap_or(0)
+}
+
+/// The node a VMClone is placed on (label first, then status).
+pub fn clone_node(clone: &VMClone) -> Option<String> {
+    clone
+        .labels()
+        .get(NODE_LABEL)
+        .cloned()
+        .or_else(|| clone.status.as_ref().and_then(|s| s.node.clone()))
+}
+
+/// `namespace/name`.
+pub fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// True when the node takes no new work.
+pub fn unschedulable(node: &VMNode) -> bool {
+    node.spec.unschedulable
+        || node
+            .annotations()
+            .get(MAINTENANCE_ANNOTATION)
+            .is_some_and(|v| v != "false")
+}
+
+/// Facts about every VMNode for placement: heartbeat, labels, capacity, and
+/// the memory of the VMs (clones not yet stopped, images being built) placed
+/// there.
+pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError> {
+    let client = ctx.client.clone();
+    let nodes = Api::<VMNode>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List {
+            kind: "VMNode",
+            source,
+        })?;
+    let beats = heartbeats(ctx).await?;
+    let images = Api::<LiveImage>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List {
+            kind: "LiveImage",
+            source,
+        })?;
+    let clones = Api::<VMClone>::all(client)
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List {
+            kind: "VMClone",
+            source,
+        })?;
+
+    let memory_of: BTreeMap<String, u64> = images
+        .items
+        .iter()
+        .map(|i| {
+            (
+                key(&i.namespace().unwrap_or_default(), &i.name_any()),
+                image_memory_bytes(i),
+            )
+        })
+        .collect();
+    let mut committed: BTreeMap<String, (u64, u32)> = BTreeMap::new();
+    for clone in &clones.items {
+        let Some(node) = clone_node(clone) else {
+            continue;
+        };
+        if clone.phase().is_terminal() {
+            continue;
+        }
+        let image = key(
+            &clone.namespace().unwrap_or_default(),
+            &clone.spec.live_image,
+        );
+        let entry = committed.entry(node).or_default();
+        entry.0 += memory_of.get(&image).copied().unwrap_or(0);
+        entry.1 += 1;
+    }
+    for image in &images.items {
+        let building = matches!(
+            image.phase(),
+            LiveImagePhase::Scheduled | LiveImagePhase::Booting | LiveImagePhase::Capturing
+        );
+        if let (true, true, Some(node)) = (
+            building,
+            image.spec.source.boot.is_some(),
+            image.labels().get(NODE_LABEL),
+        ) {
+            let entry = committed.entry(node.clone()).or_default();
+            entry.0 += image_memory_bytes(image);
+            entry.1 += 1;
+        }
+    }
+
+    Ok(nodes
+        .items
+        .iter()
+        .map(|n| {
+            let name = n.name_any();
+            let status = n.status.clone().unwrap_or_default();
+            let (committed_memory_bytes, placed_vms) =
+                committed.get(&name).copied().unwrap_or_default();
+            NodeFacts {
+                labels: n.labels().clone(),
+                heartbeat: beats.get(&name).cloned(),
+                unschedulable: unschedulable(n),
+                memory_capacity_bytes: status
+                    .allocatable
+                    .or(status.capacity)
+                    .map_or(0, |r| r.memory_bytes),
+                committed_memory_bytes,
+                placed_vms,
+                images: status.images,
+                name,
+            }
+        })
+        .collect())
+}

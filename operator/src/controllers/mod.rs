@@ -1,0 +1,333 @@
+//! The reconcilers, one module per kind, and what they share: the
+//! [`Context`], the error policy with per-object backoff, and the small
+//! write helpers (merge patches under the `vmstream-operator` field manager,
+//! finalizers with resourceVersion preconditions, events).
+
+pub mod clonepool;
+pub mod liveimage;
+pub mod vmautoscaler;
+pub mod vmclone;
+pub mod vmmigration;
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use vmstream_api::v1alpha1::{ClonePool, LiveImage, VMAutoscaler, VMClone, VMMigration};
+
+use crate::config::OperatorConfig;
+use crate::error::ReconcileError;
+use crate::metrics::OperatorMetrics;
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "vmstream-operator";
+
+/// What every reconcile pass gets.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<OperatorMetrics>,
+    pub config: OperatorConfig,
+    /// Consecutive failures per object, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// When each periodic object (VMAutoscaler) was last evaluated, by
+    /// object and generation.
+    last_pass: Mutex<HashMap<String, Instant>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<OperatorMetrics>, config: OperatorConfig) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(config.identity()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            config,
+            failures: Mutex::new(HashMap::new()),
+            last_pass: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Publish an event about `obj`; a failure to publish is only logged.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(%err, reason, "publishing event failed");
+        }
+    }
+
+    /// For objects evaluated on a period: `None` when a pass is due now
+    /// (and records it), else how long until it is. Status writes wake the
+    /// controller too; this keeps them from turning into extra passes.
+    pub fn pass_due<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        every: Duration,
+    ) -> Option<Duration> {
+        let key = format!("{}@{}", object_key(obj), obj.meta().generation.unwrap_or(0));
+        let mut map = self.last_pass.lock().ok()?;
+        let now = Instant::now();
+        if let Some(last) = map.get(&key) {
+            let since = now.duration_since(*last);
+            if since < every {
+                return Some(every - since);
+            }
+        }
+        map.insert(key, now);
+        None
+    }
+
+    /// Count a successful pass and reset the object's backoff.
+    pub fn succeeded<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        self.metrics.reconciled(&K::kind(&()));
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(&object_key(obj));
+        }
+    }
+
+    /// Next retry delay for a failing object: 0.5 s doubling to 60 s;
+    /// resourceVersion conflicts retry after 0.2 s.
+    fn backoff<K: Resource<DynamicType = ()>>(&self, obj: &K, err: &ReconcileError) -> Duration {
+        if err.is_conflict() {
+            return Duration::from_millis(200);
+        }
+        let n = self.failures.lock().map_or(0, |mut f| {
+            let n = f.entry(object_key(obj)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        });
+        Duration::from_millis(500)
+            .saturating_mul(1 << n.min(8).saturating_sub(1))
+            .min(Duration::from_secs(60))
+    }
+}
+
+fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Shared error policy: count the error by kind and variant, retry with backoff.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    let kind = K::kind(&());
+    ctx.metrics.failed(&kind, err.variant());
+    let delay = ctx.backoff(obj.as_ref(), err);
+    tracing::warn!(
+        %kind,
+        name = obj.meta().name.as_deref().unwrap_or_default(),
+        error = %err,
+        cause = ?std::error::Error::source(err).map(ToString::to_string),
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+pub fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
+fn name_of<K: Resource>(obj: &K) -> Result<String, ReconcileError> {
+    obj.meta()
+        .name
+        .clone()
+        .ok_or(ReconcileError::MissingField("metadata.name"))
+}
+
+/// Merge-patch `status` of `obj`, failing on a concurrent change (the
+/// patch carries the resourceVersion read), so a read-modify-write of the
+/// conditions list never drops what a node daemon wrote meanwhile.
+pub async fn patch_status<K>(
+    api: &Api<K>,
+    obj: &K,
+    status: serde_json::Value,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let name = name_of(obj)?;
+    let patch = json!({
+        "metadata": { "resourceVersion": obj.meta().resource_version },
+        "status": status,
+    });
+    api.patch_status(&name, &patch_params(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| ReconcileError::Patch {
+            kind: kind_str::<K>(),
+            what: "status",
+            name,
+            source,
+        })
+}
+
+/// Merge-patch `metadata.labels` of `obj` (resourceVersion precondition).
+pub async fn patch_labels<K>(
+    api: &Api<K>,
+    obj: &K,
+    labels: serde_json::Value,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let name = name_of(obj)?;
+    let patch = json!({
+        "metadata": { "resourceVersion": obj.meta().resource_version, "labels": labels },
+    });
+    api.patch(&name, &patch_params(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| ReconcileError::Patch {
+            kind: kind_str::<K>(),
+            what: "labels",
+            name,
+            source,
+        })
+}
+
+async fn write_finalizers<K>(api: &Api<K>, obj: &K, list: Vec<String>) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let name = name_of(obj)?;
+    let patch = json!({
+        "metadata": { "resourceVersion": obj.meta().resource_version, "finalizers": list },
+    });
+    api.patch(&name, &patch_params(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| ReconcileError::Patch {
+            kind: kind_str::<K>(),
+            what: "finalizers",
+            name,
+            source,
+        })
+}
+
+/// Add `finalizer` unless present; returns the object as written.
+pub async fn ensure_finalizer<K>(
+    api: &Api<K>,
+    obj: &K,
+    finalizer: &str,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    if obj.finalizers().iter().any(|f| f == finalizer) {
+        return Ok(obj.clone());
+    }
+    let mut list = obj.finalizers().to_vec();
+    list.push(finalizer.into());
+    write_finalizers(api, obj, list).await
+}
+
+/// Remove `finalizer` if present.
+pub async fn remove_finalizer<K>(
+    api: &Api<K>,
+    obj: &K,
+    finalizer: &str,
+) -> Result<(), ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    if !obj.finalizers().iter().any(|f| f == finalizer) {
+        return Ok(());
+    }
+    let list = obj
+        .finalizers()
+        .iter()
+        .filter(|f| *f != finalizer)
+        .cloned()
+        .collect();
+    match write_finalizers(api, obj, list).await {
+        // Already gone: the finalizer was the last thing holding it.
+        Err(ReconcileError::Patch {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+fn kind_str<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "ClonePool" => "ClonePool",
+        "VMClone" => "VMClone",
+        "LiveImage" => "LiveImage",
+        "VMMigration" => "VMMigration",
+        "VMAutoscaler" => "VMAutoscaler",
+        "VMNode" => "VMNode",
+        _ => "object",
+    }
+}
+
+/// The current time as a `metav1.Time`.
+pub fn now_time() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Run every controller (until the process ends: a replica that stops
+/// leading exits rather than winding down, so it never writes after).
+pub async fn run_controllers(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let wc = watcher::Config::default;
+
+    let pools = Controller::new(Api::<ClonePool>::all(client.clone()), wc())
+        .owns(Api::<VMClone>::all(client.clone()), wc())
+        .run(clonepool::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let clones = Controller::new(Api::<VMClone>::all(client.clone()), wc())
+        .run(vmclone::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let images = Controller::new(Api::<LiveImage>::all(client.clone()), wc())
+        .watches(Api::<VMClone>::all(client.clone()), wc(), |clone| {
+            let ns = clone.namespace()?;
+            Some(ObjectRef::<LiveImage>::new(&clone.spec.live_image).within(&ns))
+        })
+        .run(liveimage::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let migrations = Controller::new(Api::<VMMigration>::all(client.clone()), wc())
+        .run(vmmigration::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let autoscalers = Controller::new(Api::<VMAutoscaler>::all(client.clone()), wc())
+        .run(vmautoscaler::reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    tokio::join!(pools, clones, images, migrations, autoscalers);
+}

@@ -1,0 +1,207 @@
+//! VMClone reconciler: adds the `vmstream.io/vm-stopped` finalizer, places
+//! unplaced clones (label `vmstream.io/node` + status Scheduled), reports
+//! clones on nodes with a stale heartbeat as Lost, and on deletion keeps the
+//! object until the node daemon reports the VM Stopped (or the node is dead,
+//! or the clone never had a node).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMClonePhase};
+use vmstream_api::{NODE_LABEL, VM_STOPPED_FINALIZER, condition, set_condition};
+
+use super::clonepool::clone_phase;
+use super::{Context, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
+use crate::cluster::{clone_node, image_memory_bytes, key, node_alive, node_facts};
+use crate::decide::phase::{CloneFacts, CloneStep, clone_step};
+use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
+use crate::error::ReconcileError;
+
+/// How often an unplaceable clone retries placement.
+const UNPLACED_RETRY: Duration = Duration::from_secs(2);
+
+pub async fn reconcile(clone: Arc<VMClone>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let ns = clone
+        .namespace()
+        .ok_or(ReconcileError::MissingField("metadata.namespace"))?;
+    let api: Api<VMClone> = Api::namespaced(ctx.client.clone(), &ns);
+    let deleting = clone.meta().deletion_timestamp.is_some();
+    let node = clone_node(&clone);
+    let alive = match &node {
+        Some(n) => node_alive(&ctx, n).await?,
+        None => false,
+    };
+    let facts = CloneFacts {
+        phase: clone.status.as_ref().and_then(|s| s.phase).map(clone_phase),
+        node: node.clone(),
+        node_alive: alive,
+        deletion_requested: deleting,
+    };
+    let clone = if deleting {
+        clone.as_ref().clone()
+    } else {
+        ensure_finalizer(&api, clone.as_ref(), VM_STOPPED_FINALIZER).await?
+    };
+
+    let action = match clone_step(&facts) {
+        CloneStep::ReleaseFinalizer => {
+            remove_finalizer(&api, &clone, VM_STOPPED_FINALIZER).await?;
+            Action::await_change()
+        }
+        CloneStep::WaitForStop => Action::requeue(ctx.config.recheck_interval()),
+        CloneStep::MarkLost => {
+            let node = node.unwrap_or_default();
+            let message = format!("node {node} heartbeat is stale");
+            write_phase(
+                &api,
+                &clone,
+                VMClonePhase::Lost,
+                Some(&node),
+                &message,
+                "NodeLost",
+            )
+            .await?;
+            ctx.event(&clone, true, "Lost", message).await;
+            Action::requeue(ctx.config.recheck_interval())
+        }
+        CloneStep::Place => place_clone(&ctx, &api, &clone, &ns).await?,
+        CloneStep::Nothing => {
+            // A placement interrupted between the label and the status write
+            // is completed here.
+            let status_node = clone.status.as_ref().and_then(|s| s.node.clone());
+            if let (Some(n), None) = (&node, &status_node)
+                && matches!(clone.phase(), VMClonePhase::Pending)
+            {
+                write_phase(&api, &clone, VMClonePhase::Scheduled, Some(n), "", "Placed").await?;
+            }
+            if clone.phase().is_terminal() {
+                Action::await_change()
+            } else {
+                Action::requeue(ctx.config.recheck_interval())
+            }
+        }
+    };
+    ctx.succeeded(&clone);
+    Ok(action)
+}
+
+async fn write_phase(
+    api: &Api<VMClone>,
+    clone: &VMClone,
+    phase: VMClonePhase,
+    node: Option<&str>,
+    message: &str,
+    reason: &str,
+) -> Result<(), ReconcileError> {
+    let mut conditions = clone
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let scheduled = node.is_some();
+    set_condition(
+        &mut conditions,
+        condition(
+            "Scheduled",
+            scheduled && phase != VMClonePhase::Lost,
+            reason,
+            message,
+            clone.meta().generation,
+        ),
+    );
+    patch_status(
+        api,
+        clone,
+        json!({
+            "phase": phase,
+            "node": node,
+            "message": if message.is_empty() { None } else { Some(message) },
+            "conditions": conditions,
+            "observedGeneration": clone.meta().generation,
+        }),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn place_clone(
+    ctx: &Context,
+    api: &Api<VMClone>,
+    clone: &VMClone,
+    ns: &str,
+) -> Result<Action, ReconcileError> {
+    let images: Api<LiveImage> = Api::namespaced(ctx.client.clone(), ns);
+    let image_name = &clone.spec.live_image;
+    let image = images
+        .get_opt(image_name)
+        .await
+        .map_err(|source| ReconcileError::Get {
+            kind: "LiveImage",
+            name: image_name.clone(),
+            source,
+        })?;
+    let wait = |message: String| async move {
+        if clone.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
+            write_phase(
+                api,
+                clone,
+                VMClonePhase::Pending,
+                None,
+                &message,
+                "Unschedulable",
+            )
+            .await?;
+        }
+        Ok::<_, ReconcileError>(Action::requeue(UNPLACED_RETRY))
+    };
+    let Some(image) = image else {
+        return wait(format!("LiveImage {image_name} not found")).await;
+    };
+    if image.phase() != LiveImagePhase::Ready {
+        return wait(format!("waiting for LiveImage {image_name} to be Ready")).await;
+    }
+    let placement = clone.spec.placement.clone().unwrap_or_default();
+    let request = PlacementRequest {
+        memory_bytes: image_memory_bytes(&image),
+        image: Some(key(ns, image_name)),
+        image_home: image.status.as_ref().and_then(|s| s.node.clone()),
+        node_name: placement.node_name,
+        node_selector: placement.node_selector.unwrap_or_default(),
+        exclude: Vec::new(),
+    };
+    let policy = PlacementPolicy {
+        overcommit_ratio: ctx.config.overcommit_ratio,
+        now: Timestamp::now(),
+    };
+    let nodes = node_facts(ctx).await?;
+    match place(&request, &nodes, &policy) {
+        Ok(node) => {
+            let labelled = patch_labels(api, clone, json!({ NODE_LABEL: node })).await?;
+            write_phase(
+                api,
+                &labelled,
+                VMClonePhase::Scheduled,
+                Some(&node),
+                "",
+                "Placed",
+            )
+            .await?;
+            ctx.metrics.placed("VMClone");
+            ctx.event(clone, false, "Placed", format!("placed on node {node}"))
+                .await;
+            Ok(Action::requeue(ctx.config.recheck_interval()))
+        }
+        Err(why) => {
+            let message = why.to_string();
+            if clone.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
+                ctx.event(clone, true, "FailedPlacement", message.clone())
+                    .await;
+            }
+            wait(message).await
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! VMMigration reconciler: validates the request (clone exists and is
+//! Running, target differs from source), picks a target node when none is
+//! given (placement without the source), then writes phase Scheduled with
+//! source/target in status and label `vmstream.io/node` = target. The two
+//! node daemons carry the migration out and report Running/Succeeded; the
+//! operator fails it on timeout or when a node's heartbeat goes stale.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use vmstream_api::v1alpha1::{LiveImage, VMClone, VMMigration, VMMigrationPhase};
+use vmstream_api::{NODE_LABEL, condition, set_condition};
+
+use super::clonepool::clone_phase;
+use super::{Context, now_time, patch_labels, patch_status};
+use crate::cluster::{clone_node, image_memory_bytes, key, node_alive, node_facts};
+use crate::decide::phase::{MigrationFacts, MigrationPhase, MigrationStep, migration_step};
+use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
+use crate::error::ReconcileError;
+
+const RETRY: Duration = Duration::from_secs(1);
+
+fn migration_phase(phase: VMMigrationPhase) -> MigrationPhase {
+    match phase {
+        VMMigrationPhase::Pending => MigrationPhase::Pending,
+        VMMigrationPhase::Scheduled => MigrationPhase::Scheduled,
+        VMMigrationPhase::Running => MigrationPhase::Running,
+        VMMigrationPhase::Succeeded => MigrationPhase::Succeeded,
+        VMMigrationPhase::Failed => MigrationPhase::Failed,
+    }
+}
+
+async fn alive(ctx: &Context, node: Option<&str>) -> Result<bool, ReconcileError> {
+    match node {
+        Some(n) => node_alive(ctx, n).await,
+        None => Ok(false),
+    }
+}
+
+pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let ns = mig
+        .namespace()
+        .ok_or(ReconcileError::MissingField("metadata.namespace"))?;
+    let api: Api<VMMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = mig.status.clone().unwrap_or_default();
+    let phase = status.phase.map(migration_phase);
+    if matches!(
+        phase,
+        Some(MigrationPhase::Succeeded | MigrationPhase::Failed)
+    ) {
+        ctx.succeeded(mig.as_ref());
+        return Ok(Action::await_change());
+    }
+    let clones: Api<VMClone> = Api::namespaced(ctx.client.clone(), &ns);
+    let clone = clones
+        .get_opt(&mig.spec.vm_clone)
+        .await
+        .map_err(|source| ReconcileError::Get {
+            kind: "VMClone",
+            name: mig.spec.vm_clone.clone(),
+            source,
+        })?;
+    let clone_node_name = clone.as_ref().and_then(clone_node);
+    let source = status.source_node.clone().or(clone_node_name.clone());
+    let target = status.target_node.clone().or(mig.spec.target_node.clone());
+    let facts = MigrationFacts {
+        phase,
+        created: mig
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .map_or_else(Timestamp::now, |t| t.0),
+        now: Timestamp::now(),
+        timeout_seconds: i64::from(mig.spec.timeout_seconds),
+        clone_phase: clone
+            .as_ref()
+            .map(|c| c.status.as_ref().and_then(|s| s.phase).map(clone_phase)),
+        clone_deleting: clone
+            .as_ref()
+            .is_some_and(|c| c.meta().deletion_timestamp.is_some()),
+        clone_node: clone_node_name,
+        spec_source: mig.spec.source_node.clone(),
+        spec_target: mig.spec.target_node.clone(),
+        source: status.source_node.clone(),
+        target: status.target_node.clone(),
+        source_alive: alive(&ctx, source.as_deref()).await?,
+        target_alive: alive(&ctx, target.as_deref()).await?,
+    };
+
+    // Placement needs the cluster's node facts: gather them only when the
+    // step can ask for a target.
+    let candidates = if phase.is_none_or(|p| p == MigrationPhase::Pending)
+        && mig.spec.target_node.is_none()
+        && clone.is_some()
+    {
+        let memory = match &clone {
+            Some(c) => Api::<LiveImage>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(&c.spec.live_image)
+                .await
+                .map_err(|source| ReconcileError::Get {
+                    kind: "LiveImage",
+                    name: c.spec.live_image.clone(),
+                    source,
+                })?
+                .map_or(0, |i| image_memory_bytes(&i)),
+            None => 0,
+        };
+        Some((node_facts(&ctx).await?, memory))
+    } else {
+        None
+    };
+    let step = migration_step(&facts, |source| {
+        let (nodes, memory) = candidates.clone().unwrap_or_default();
+        let placement = clone
+            .as_ref()
+            .and_then(|c| c.spec.placement.clone())
+            .unwrap_or_default();
+        let request = PlacementRequest {
+            memory_bytes: memory,
+            image: clone.as_ref().map(|c| key(&ns, &c.spec.live_image)),
+            image_home: None,
+            node_name: None,
+            node_selector: placement.node_selector.unwrap_or_default(),
+            exclude: vec![source.to_owned()],
+        };
+        let policy = PlacementPolicy {
+            overcommit_ratio: ctx.config.overcommit_ratio,
+            now: Timestamp::now(),
+        };
+        place(&request, &nodes, &policy)
+    });
+
+    let mut conditions = status.conditions.clone();
+    let action = match step {
+        MigrationStep::Nothing => Action::requeue(ctx.config.recheck_interval().min(RETRY * 2)),
+        MigrationStep::Wait(message) => {
+            if status.message.as_deref() != Some(message.as_str()) {
+                set_condition(
+                    &mut conditions,
+                    condition(
+                        "Scheduled",
+                        false,
+                        "Waiting",
+                        &message,
+                        mig.meta().generation,
+                    ),
+                );
+                patch_status(
+                    &api,
+                    mig.as_ref(),
+                    json!({
+                        "phase": VMMigrationPhase::Pending,
+                        "message": message,
+                        "conditions": conditions,
+                        "observedGeneration": mig.meta().generation,
+                    }),
+                )
+                .await?;
+            }
+            Action::requeue(RETRY)
+        }
+        MigrationStep::Fail(message) => {
+            set_condition(
+                &mut conditions,
+                condition(
+                    "Succeeded",
+                    false,
+                    "Failed",
+                    &message,
+                    mig.meta().generation,
+                ),
+            );
+            patch_status(
+                &api,
+                mig.as_ref(),
+                json!({
+                    "phase": VMMigrationPhase::Failed,
+                    "message": message,
+                    "completionTime": now_time(),
+                    "conditions": conditions,
+                    "observedGeneration": mig.meta().generation,
+                }),
+            )
+            .await?;
+            ctx.event(mig.as_ref(), true, "MigrationFailed", message)
+                .await;
+            Action::await_change()
+        }
+        MigrationStep::Schedule { source, target } => {
+            let labelled = patch_labels(&api, mig.as_ref(), json!({ NODE_LABEL: target })).await?;
+            let message = format!("migrating from {source} to {target}");
+            set_condition(
+                &mut conditions,
+                condition(
+                    "Scheduled",
+                    true,
+                    "Scheduled",
+                    &message,
+                    mig.meta().generation,
+                ),
+            );
+            patch_status(
+                &api,
+                &labelled,
+                json!({
+                    "phase": VMMigrationPhase::Scheduled,
+                    "sourceNode": source,
+                    "targetNode": target,
+                    "startTime": now_time(),
+                    "message": message,
+                    "conditions": conditions,
+                    "observedGeneration": mig.meta().generation,
+                }),
+            )
+            .await?;
+            ctx.metrics.placed("VMMigration");
+            ctx.event(mig.as_ref(), false, "Scheduled", message).await;
+            Action::requeue(RETRY)
+        }
+    };
+    ctx.succeeded(mig.as_ref());
+    Ok(action)
+}
