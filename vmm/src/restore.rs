@@ -11,6 +11,7 @@
 //! instructions by then — the earliest point the VMM can observe that).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -106,15 +107,16 @@ fn startup_pages(state: &VmState, store: &PageStore) -> Vec<usize> {
         if !store.is_present(index) {
             return Some(0);
         }
-        if !cache.contains_key(&index) {
-            let mut page = vec![0u8; PAGE_SIZE];
-            store.read_page(index, &mut page).ok()?;
-            cache.insert(index, page);
-        }
+        let page = match cache.entry(index) {
+            Entry::Occupied(page) => page.into_mut(),
+            Entry::Vacant(slot) => {
+                let mut page = vec![0u8; PAGE_SIZE];
+                store.read_page(index, &mut page).ok()?;
+                slot.insert(page)
+            }
+        };
         let at = offset as usize % PAGE_SIZE;
-        Some(u64::from_le_bytes(
-            cache[&index][at..at + 8].try_into().ok()?,
-        ))
+        Some(u64::from_le_bytes(page[at..at + 8].try_into().ok()?))
     };
     let mut pages = std::collections::BTreeSet::new();
     pages.insert(MAILBOX_ADDR as usize / PAGE_SIZE);
