@@ -312,7 +312,7 @@ impl ControlPlane {
     /// A `kube::Client` for the admin user.
     pub async fn client(&self) -> Result<kube::Client, ControlPlaneError> {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
-            .map_err(|e| kube::Error::InferKubeconfig(e))?;
+            .map_err(kube::Error::InferKubeconfig)?;
         let config =
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await

@@ -62,6 +62,8 @@ async fn rendered_chart_passes_server_side_dry_run() {
             "--include-crds",
             "--namespace",
             ns.name(),
+            "--kube-version",
+            vmstream_testenv::KUBERNETES_VERSION,
         ])
         .arg(chart_dir())
         .output()
