@@ -10,6 +10,7 @@ use kvm_common::*;
 use vmstream_vmm::devices::mailbox::{report, request};
 use vmstream_vmm::guests::{GuestProgram, counter_hash, request_answer};
 use vmstream_vmm::machine::BootOptions;
+use vmstream_vmm::vstate::VmState;
 
 #[test]
 fn counter_guest_counts_in_register_and_memory() {
@@ -66,6 +67,16 @@ fn request_guest_answers_and_pause_resume_keeps_it_serving() {
     assert_eq!(first.args[0], request_answer(7, 1));
     let paused_in = machine.pause().expect("pause");
     let state = machine.save_state().expect("save state while paused");
+    eprintln!(
+        "saved {} MSRs (host lists {}), XSAVE {} words, payload {} bytes",
+        state.vcpus[0].msrs.len(),
+        host.msr_indices().len(),
+        state.vcpus[0].xsave.len(),
+        state.encode().len()
+    );
+    let decoded = VmState::decode(&state.encode()).expect("payload decodes");
+    assert_eq!(decoded.vcpus[0].regs, state.vcpus[0].regs);
+    assert_eq!(decoded.devices, state.devices);
     assert_eq!(state.vcpus.len(), 1);
     assert!(
         state.vcpus[0].msrs.len() > 10,

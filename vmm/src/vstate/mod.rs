@@ -57,3 +57,47 @@ impl VmState {
         Ok(state)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty_state(version: u32) -> VmState {
+        VmState {
+            version,
+            memory_bytes: 16 << 20,
+            vcpus: Vec::new(),
+            vm: VmWideState {
+                pit: Default::default(),
+                clock: Default::default(),
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+            },
+            devices: DeviceState::default(),
+        }
+    }
+
+    #[test]
+    fn payload_round_trips() {
+        let mut state = empty_state(VM_STATE_VERSION);
+        state.vm.clock.clock = 12345;
+        state.devices.serial.transmitted = 7;
+        let decoded = VmState::decode(&state.encode()).unwrap();
+        assert_eq!(decoded.vm.clock.clock, 12345);
+        assert_eq!(decoded.devices, state.devices);
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_refused() {
+        let newer = empty_state(VM_STATE_VERSION + 1).encode();
+        assert!(matches!(
+            VmState::decode(&newer),
+            Err(VmStateDecodeError::Version { found }) if found == VM_STATE_VERSION + 1
+        ));
+        assert!(matches!(
+            VmState::decode(b"{not json"),
+            Err(VmStateDecodeError::Malformed(_))
+        ));
+    }
+}
