@@ -24,4 +24,4 @@ pub use state::{
 };
 pub use store::{PAGES_FILE, PageMapping, PageStore};
 pub use version::{FORMAT_VERSION, FormatVersion};
-pub use writer::{PageStoreWriter, WriteError, WritePhase, WriteSummary};
+pub use writer::{PageStoreWriter, WriteError, WriteOptions, WritePhase, WriteSummary};
