@@ -92,6 +92,9 @@ fn every_page_read_through_lazy_memory_equals_the_source() {
             });
         }
     });
+    // A toucher is woken by UFFDIO_COPY, before the handler has updated its
+    // bitmap and counters; quiescing waits for fills in flight.
+    drop(lazy.quiesce());
     let stats = lazy.stats();
     assert_eq!(stats.populated_pages, pages as u64);
     assert_eq!(stats.faults, pages as u64, "one fault per first touch");
@@ -103,6 +106,7 @@ fn every_page_read_through_lazy_memory_equals_the_source() {
     assert!(lazy.is_complete());
     // Touching again does not fault.
     assert_eq!(page_of(&ram, 1), &src[PAGE_SIZE..2 * PAGE_SIZE]);
+    drop(lazy.quiesce());
     assert_eq!(lazy.stats().faults, pages as u64);
     lazy.shutdown();
 }
@@ -167,6 +171,7 @@ fn prefetch_racing_faults_fills_everything_exactly_once() {
             "page {p}"
         );
     }
+    drop(lazy.quiesce());
     let s = lazy.stats();
     assert_eq!(s.pages_copied + s.pages_zeroed, pages as u64, "{s:?}");
     assert_eq!(s.errors, 0);
@@ -235,6 +240,7 @@ fn quiesce_holds_off_faults_until_released() {
         drop(guard);
         assert_eq!(h.join().unwrap(), src[PAGE_SIZE]);
     });
+    drop(lazy.quiesce());
     assert!(lazy.populated().get(1));
 }
 

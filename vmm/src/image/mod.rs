@@ -10,6 +10,7 @@ mod bitmap;
 mod error;
 mod index;
 mod live;
+mod runs;
 mod state;
 mod store;
 mod version;
@@ -19,6 +20,7 @@ pub use bitmap::Bitmap;
 pub use error::ImageOpenError;
 pub use index::{INDEX_FILE, INDEX_HEADER_LEN, INDEX_MAGIC};
 pub use live::LiveImage;
+pub use runs::PageRuns;
 pub use state::{
     STATE_FILE, STATE_HEADER_LEN, STATE_MAGIC, StateContents, StateFile, StateWriteError,
 };

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use super::bitmap::Bitmap;
 use super::index::{self, INDEX_FILE};
+use super::runs::PageRuns;
 use super::store::{PAGES_FILE, PageStore};
 use super::version::FORMAT_VERSION;
 use crate::memory::PAGE_SIZE;
@@ -129,11 +130,12 @@ pub struct WriteSummary {
     pub runs: u64,
 }
 
-/// Where a page's content comes from.
+/// Where a stored (non-zero) page's content comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PageOrigin {
-    Zero,
+    /// Guest memory.
     Memory,
+    /// The base image (the page was never brought into a lazy clone).
     Base,
 }
 
@@ -369,39 +371,25 @@ impl PageStoreWriter {
             pages: self.pages as u64,
             ..WriteSummary::default()
         };
-        let mut run_start = 0usize;
-        let mut run_origin = PageOrigin::Zero;
-        for page in 0..=self.pages {
-            let origin = if page == self.pages {
-                PageOrigin::Zero // sentinel: flushes the last run
-            } else {
-                match base_for_unpopulated {
-                    Some((p, b)) if !p.get(page) => {
-                        if b.is_present(page) {
-                            PageOrigin::Base
-                        } else {
-                            PageOrigin::Zero
-                        }
-                    }
-                    // SAFETY: `page < pages`, so the page lies within `mem`,
-                    // which is page-aligned and readable (caller's contract).
-                    _ if unsafe { page_is_zero(mem.add(page * PAGE_SIZE)) } => PageOrigin::Zero,
-                    _ => PageOrigin::Memory,
-                }
-            };
-            if origin != run_origin {
-                // SAFETY: the run lies within `mem` (caller's contract).
-                unsafe { self.flush_run(mem, base, run_origin, run_start, page, &mut summary)? };
-                run_start = page;
-                run_origin = origin;
-            }
-            if origin != PageOrigin::Zero {
+        let classify = |page: usize| match base_for_unpopulated {
+            Some((p, b)) if !p.get(page) => b.is_present(page).then_some(PageOrigin::Base),
+            // SAFETY: `page < pages`, so the page lies within `mem`, which is
+            // page-aligned and readable (caller's contract).
+            _ if unsafe { page_is_zero(mem.add(page * PAGE_SIZE)) } => None,
+            _ => Some(PageOrigin::Memory),
+        };
+        for (first, end, origin) in PageRuns::new(0, self.pages, classify) {
+            // SAFETY: the run lies within `mem` (caller's contract).
+            unsafe { self.flush_run(mem, base, origin, first, end)? };
+            for page in first..end {
                 self.present[page / 64] |= 1 << (page % 64);
-                summary.nonzero_pages += 1;
-                if origin == PageOrigin::Base {
-                    summary.pages_from_base += 1;
-                }
             }
+            let n = (end - first) as u64;
+            summary.nonzero_pages += n;
+            if origin == PageOrigin::Base {
+                summary.pages_from_base += n;
+            }
+            summary.runs += 1;
         }
         self.present_count = summary.nonzero_pages;
         Ok(summary)
@@ -416,12 +404,10 @@ impl PageStoreWriter {
         origin: PageOrigin,
         first: usize,
         end: usize,
-        summary: &mut WriteSummary,
     ) -> Result<(), WriteError> {
         let off = first * PAGE_SIZE;
         let len = (end - first) * PAGE_SIZE;
         match origin {
-            PageOrigin::Zero => return Ok(()),
             PageOrigin::Memory => {
                 // SAFETY: the run is within `mem` (caller's contract).
                 unsafe {
@@ -439,7 +425,6 @@ impl PageStoreWriter {
                 self.copy_from_base(base, off, len)?;
             }
         }
-        summary.runs += 1;
         Ok(())
     }
 

@@ -33,7 +33,7 @@ use userfaultfd::{
 use super::latency::{LatencyHistogram, LatencySnapshot};
 use super::source::{PageSource, PageSourceError};
 use super::{GuestRam, PAGE_SIZE};
-use crate::image::Bitmap;
+use crate::image::{Bitmap, PageRuns};
 
 /// How a [`LazyMemory`] is set up.
 #[derive(Debug, Clone)]
@@ -167,6 +167,18 @@ struct Counters {
     prefetched_pages: AtomicU64,
     wp_faults: AtomicU64,
     errors: AtomicU64,
+}
+
+/// How a run of missing pages is filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FillKind {
+    /// `UFFDIO_ZEROPAGE`.
+    Zero,
+    /// `UFFDIO_COPY` straight from the source's mapping; the value is the
+    /// (virtual) mapping address of page 0, equal for contiguous pages.
+    Mapped(usize),
+    /// Read into the bounce buffer, then `UFFDIO_COPY`.
+    Read,
 }
 
 struct Shared {
@@ -419,8 +431,9 @@ impl LazyMemory {
         }
     }
 
-    /// Pages brought into guest RAM so far (bit set after the page is in
-    /// place). Pages whose bit is clear hold nothing the guest wrote.
+    /// Pages brought into guest RAM so far (bit set right after the page is
+    /// in place; exact while a [`QuiesceGuard`] is held). Pages whose bit is
+    /// clear hold nothing the guest wrote.
     pub fn populated(&self) -> &Bitmap {
         &self.shared.populated
     }
@@ -474,7 +487,10 @@ impl LazyMemory {
         }
     }
 
-    /// The counters, the populated count and the latency histogram.
+    /// The counters, the populated count and the latency histogram. A
+    /// faulting thread is woken by the fill itself, a moment before the
+    /// handler updates the bitmap and counters: for exact figures call
+    /// [`LazyMemory::quiesce`] first (it waits for fills in flight).
     pub fn stats(&self) -> FaultStats {
         let c = &self.shared.counters;
         FaultStats {
@@ -709,31 +725,32 @@ impl Shared {
         count: usize,
         bounce: &mut Vec<u8>,
     ) -> Result<usize, FillError> {
-        let end = first + count;
-        let mut filled = 0;
-        let mut p = first;
-        while p < end {
-            if self.populated.get(p) {
-                p += 1;
-                continue;
-            }
-            let zero = source.is_zero(p);
-            let mapped = if zero { None } else { source.mapped_page(p) };
-            let mut q = p + 1;
-            while q < end && !self.populated.get(q) && source.is_zero(q) == zero {
-                if let Some(m) = mapped
-                    && source.mapped_page(q) != Some(m.wrapping_add((q - p) * PAGE_SIZE))
-                {
-                    break;
-                }
-                q += 1;
-            }
-            filled += if zero {
-                self.zero_run(p, q)?
+        // Missing pages grouped by how they are filled: zero, copied from
+        // one contiguous stretch of a source mapping (key: the mapping
+        // address of page 0), or read through the bounce buffer.
+        let key = |page: usize| {
+            if self.populated.get(page) {
+                None
+            } else if source.is_zero(page) {
+                Some(FillKind::Zero)
+            } else if let Some(ptr) = source.mapped_page(page) {
+                Some(FillKind::Mapped(
+                    (ptr as usize).wrapping_sub(page * PAGE_SIZE),
+                ))
             } else {
-                self.copy_run(source, mapped, p, q, bounce)?
+                Some(FillKind::Read)
+            }
+        };
+        let mut filled = 0;
+        for (start, end, kind) in PageRuns::new(first, first + count, key) {
+            filled += match kind {
+                FillKind::Zero => self.zero_run(start, end)?,
+                FillKind::Mapped(origin) => {
+                    let src = origin.wrapping_add(start * PAGE_SIZE) as *const u8;
+                    self.copy_run(source, Some(src), start, end, bounce)?
+                }
+                FillKind::Read => self.copy_run(source, None, start, end, bounce)?,
             };
-            p = q;
         }
         Ok(filled)
     }
