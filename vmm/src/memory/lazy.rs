@@ -84,6 +84,8 @@ pub enum LazyRegisterError {
     },
     #[error("the kernel does not offer UFFDIO_{0} on guest RAM")]
     MissingIoctl(&'static str),
+    #[error("cannot map the fault handler's stop sentinel page")]
+    Sentinel(#[source] io::Error),
     #[error("cannot create the fault handler's wake-up eventfd")]
     EventFd(#[source] io::Error),
     #[error("cannot start the fault handler thread")]
@@ -192,6 +194,11 @@ struct Shared {
     stop: AtomicBool,
     wake: OwnedFd,
     handler_tid: AtomicI32,
+    /// Set by the handler once it blocks in `read` on the userfaultfd (no
+    /// `poll` per fault); stopping it then takes a touch of `sentinel`.
+    blocking: AtomicBool,
+    sentinel: SentinelPage,
+    sigbus: bool,
     counters: Counters,
     latency: LatencyHistogram,
     last_error: Mutex<Option<String>>,
@@ -271,6 +278,45 @@ fn signal_eventfd(fd: RawFd) {
     unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
+/// One private anonymous page registered with the same userfaultfd as
+/// guest RAM. A fault on it is how a handler blocked in `read` is told to
+/// stop (the handler then zero-fills it, waking the stopper).
+struct SentinelPage {
+    addr: usize,
+}
+
+impl SentinelPage {
+    fn map() -> io::Result<Self> {
+        // SAFETY: a fresh anonymous page at an address of the kernel's
+        // choice; checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            addr: addr as usize,
+        })
+    }
+}
+
+impl Drop for SentinelPage {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the page mapped in `map`, owned by self.
+        unsafe {
+            libc::munmap(self.addr as *mut libc::c_void, PAGE_SIZE);
+        }
+    }
+}
+
 impl LazyMemory {
     /// Registers all of `ram` with a new userfaultfd and starts the (idle)
     /// fault-serving thread. Call at VM-shell preparation time; the range
@@ -313,6 +359,13 @@ impl LazyMemory {
         if options.write_protect && !ioctls.contains(IoctlFlags::WRITE_PROTECT) {
             return Err(LazyRegisterError::MissingIoctl("WRITEPROTECT"));
         }
+        let sentinel = SentinelPage::map().map_err(LazyRegisterError::Sentinel)?;
+        uffd.register(sentinel.addr as *mut libc::c_void, PAGE_SIZE)
+            .map_err(|source| LazyRegisterError::Register {
+                addr: sentinel.addr,
+                len: PAGE_SIZE,
+                source,
+            })?;
         // SAFETY: eventfd creates a new descriptor; checked below.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -332,6 +385,9 @@ impl LazyMemory {
             stop: AtomicBool::new(false),
             wake,
             handler_tid: AtomicI32::new(0),
+            blocking: AtomicBool::new(false),
+            sentinel,
+            sigbus: options.sigbus,
             counters: Counters::default(),
             latency: LatencyHistogram::default(),
             last_error: Mutex::new(None),
@@ -529,9 +585,18 @@ impl LazyMemory {
     }
 
     fn stop_threads(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::SeqCst);
         signal_eventfd(self.shared.wake.as_raw_fd());
         if let Some(h) = self.handler.take() {
+            // Either the handler sees `stop` before it blocks in `read`, or we
+            // see `blocking` and wake it with a fault on the sentinel (SeqCst
+            // on both sides). It zero-fills the sentinel on every exit path,
+            // so this touch never waits for a handler that is gone.
+            if self.shared.blocking.load(Ordering::SeqCst) {
+                // SAFETY: the sentinel page is mapped readable for the life
+                // of `shared`; the read is served by the handler.
+                unsafe { (self.shared.sentinel.addr as *const u8).read_volatile() };
+            }
             let _ = h.join();
         }
         let prefetcher = self
@@ -576,9 +641,44 @@ impl Shared {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
     }
 
-    /// The fault-serving loop: poll the wake-up eventfd (attach, stop) and,
-    /// once a source is attached, the userfaultfd.
+    /// Waits until the wake-up eventfd is signalled (attach or stop).
+    fn wait_for_wakeup(&self) {
+        let mut fd = libc::pollfd {
+            fd: self.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one initialised pollfd.
+        let rc = unsafe { libc::poll(&mut fd, 1, -1) };
+        if rc > 0 {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a local u64 from our eventfd.
+            unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+
+    /// Makes the sentinel page present (waking a stopper that touched it),
+    /// so later touches never wait.
+    fn release_sentinel(&self) {
+        // SAFETY: the sentinel page is registered with our userfaultfd;
+        // ZEROPAGE only installs a zero page where none is present.
+        let _ = unsafe {
+            self.uffd
+                .zeropage(self.sentinel.addr as *mut libc::c_void, PAGE_SIZE, true)
+        };
+    }
+
+    /// The fault-serving thread: wait for a source, then block in `read` on
+    /// the userfaultfd and serve each batch of events, until a fault on the
+    /// sentinel page (or `stop` before blocking) ends it.
     fn serve_faults(&self, cpu: Option<usize>, fault_around: usize) {
+        struct ReleaseOnExit<'a>(&'a Shared);
+        impl Drop for ReleaseOnExit<'_> {
+            fn drop(&mut self) {
+                self.0.release_sentinel();
+            }
+        }
+        let _release = ReleaseOnExit(self);
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         self.handler_tid.store(tid, Ordering::Release);
@@ -587,64 +687,67 @@ impl Shared {
         {
             tracing::warn!(cpu, error = %e, "cannot pin the userfaultfd handler");
         }
+        while self.source.get().is_none() || self.sigbus {
+            // In SIGBUS mode faults never reach us: just wait for stop.
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            self.wait_for_wakeup();
+        }
+        // Attached: switch the descriptor to blocking reads, which saves a
+        // poll per fault. Stopping now needs a sentinel fault.
+        let fd = self.uffd.as_raw_fd();
+        // SAFETY: fcntl on our own descriptor; only O_NONBLOCK changes.
+        unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_SETFL,
+                libc::fcntl(fd, libc::F_GETFL) & !libc::O_NONBLOCK,
+            )
+        };
+        self.blocking.store(true, Ordering::SeqCst);
+        if self.stop.load(Ordering::SeqCst) {
+            return;
+        }
         let mut events = EventBuffer::new(64);
         let mut bounce = vec![0u8; fault_around * PAGE_SIZE];
         loop {
-            let attached = self.source.get().is_some();
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            let nfds = if attached { 2 } else { 1 };
-            // SAFETY: `fds` holds `nfds` initialised pollfd entries.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
-            if rc < 0 {
-                if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                    continue;
+            match self.serve_events(&mut events, &mut bounce, fault_around) {
+                Ok(false) => {}
+                Ok(true) => return,
+                Err(e) if errno_of(&e) == libc::EINTR => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "reading userfaultfd events failed");
+                    return;
                 }
-                tracing::error!(error = %io::Error::last_os_error(), "poll on userfaultfd failed");
-                return;
-            }
-            if self.stop.load(Ordering::Acquire) {
-                return;
-            }
-            if fds[0].revents & libc::POLLIN != 0 {
-                let mut v = 0u64;
-                // SAFETY: reads 8 bytes into a local u64 from our eventfd.
-                unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-            }
-            if attached && fds[1].revents != 0 {
-                self.serve_pending(&mut events, &mut bounce, fault_around);
             }
         }
     }
 
-    fn serve_pending(&self, events: &mut EventBuffer, bounce: &mut Vec<u8>, fault_around: usize) {
-        let Some(source) = self.source.get() else {
-            return;
-        };
+    /// Reads one batch of events (blocking) and serves it. Returns whether
+    /// the sentinel was touched (stop).
+    fn serve_events(
+        &self,
+        events: &mut EventBuffer,
+        bounce: &mut Vec<u8>,
+        fault_around: usize,
+    ) -> Result<bool, userfaultfd::Error> {
+        let batch = self.uffd.read_events(events)?;
         let start = Instant::now();
-        let batch = match self.uffd.read_events(events) {
-            Ok(batch) => batch,
-            Err(e) => {
-                tracing::error!(error = %e, "reading userfaultfd events failed");
-                return;
-            }
+        let Some(source) = self.source.get() else {
+            return Ok(false);
         };
         let _serving = self.serving.read().unwrap_or_else(|e| e.into_inner());
+        let mut stop = false;
         for event in batch {
             let Ok(Event::Pagefault { kind, addr, .. }) = event else {
                 continue;
             };
             let addr = addr as usize;
+            if addr & !(PAGE_SIZE - 1) == self.sentinel.addr {
+                stop = true;
+                continue;
+            }
             if addr < self.base || addr >= self.base + self.pages * PAGE_SIZE {
                 continue;
             }
@@ -682,6 +785,7 @@ impl Shared {
                 }
             }
         }
+        Ok(stop)
     }
 
     /// Background prefetch: fill every unpopulated page, batch by batch.
