@@ -282,3 +282,58 @@ fn write_protect_records_dirty_pages() {
     assert_eq!(page_of(&ram, 17)[0], 0x77);
     assert_eq!(page_of(&ram, 16), &src[16 * PAGE_SIZE..17 * PAGE_SIZE]);
 }
+
+#[test]
+fn dropping_while_prefetching_or_before_attach_stops_cleanly() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let pages = 16384; // 64 MiB: the prefetcher is still busy when dropped
+    let ram = GuestRam::reserve(pages * PAGE_SIZE).unwrap();
+    let lazy = LazyMemory::register(
+        &ram,
+        LazyOptions {
+            prefetch: true,
+            ..LazyOptions::default()
+        },
+    )
+    .unwrap();
+    lazy.attach(Arc::new(BufferSource::new(vec![3u8; pages * PAGE_SIZE])))
+        .unwrap();
+    drop(lazy);
+    // Never attached.
+    drop(LazyMemory::register(&ram, LazyOptions::default()).unwrap());
+}
+
+#[test]
+fn sigbus_mode_is_filled_by_the_caller() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let pages = 8;
+    let src = source_bytes(pages, 13);
+    let ram = GuestRam::reserve(pages * PAGE_SIZE).unwrap();
+    let lazy = match LazyMemory::register(
+        &ram,
+        LazyOptions {
+            sigbus: true,
+            ..LazyOptions::default()
+        },
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("SKIPPED: UFFD_FEATURE_SIGBUS unavailable: {e}");
+            return;
+        }
+    };
+    lazy.attach(Arc::new(BufferSource::new(src.clone())))
+        .unwrap();
+    // Touching a missing page would raise SIGBUS here; the VMM fills first.
+    for p in 0..pages {
+        assert_eq!(lazy.fill_page(p).unwrap(), FillOutcome::Filled);
+        assert_eq!(page_of(&ram, p), &src[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
+    }
+    let s = lazy.stats();
+    assert_eq!(s.faults, 0);
+    assert_eq!(s.pages_copied + s.pages_zeroed, pages as u64);
+}
