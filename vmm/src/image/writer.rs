@@ -244,7 +244,8 @@ unsafe fn pwrite_all(
 impl PageStoreWriter {
     /// Creates the page store's files in `dir` (under temporary names), sizes
     /// the data file to `mem_len` (all holes) and allocates the bitmap and
-    /// index buffers. Call this before forking.
+    /// index buffers. Call this before forking. One writer per directory at
+    /// a time: the temporary file names are fixed.
     pub fn prepare(dir: &Path, mem_len: usize) -> std::io::Result<Self> {
         Self::prepare_with(dir, mem_len, WriteOptions::default())
     }
