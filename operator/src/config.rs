@@ -25,6 +25,9 @@ pub struct OperatorConfig {
     /// Namespace holding node heartbeat Leases and the leader Lease.
     #[arg(long, env = "VMSTREAM_NAMESPACE", default_value = vmstream_api::DEFAULT_SYSTEM_NAMESPACE)]
     pub namespace: String,
+    /// Reconcile objects in this namespace only (default: all namespaces).
+    #[arg(long)]
+    pub watch_namespace: Option<String>,
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,

@@ -303,30 +303,46 @@ pub fn now_time() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
 }
 
+/// All namespaces, or only `namespace`.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// Run every controller (until the process ends: a replica that stops
 /// leading exits rather than winding down, so it never writes after).
 pub async fn run_controllers(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let wc = watcher::Config::default;
+    let scope = ctx.config.watch_namespace.clone();
 
-    let pools = Controller::new(Api::<ClonePool>::all(client.clone()), wc())
-        .owns(Api::<VMClone>::all(client.clone()), wc())
+    let pools = Controller::new(scoped::<ClonePool>(&client, scope.as_deref()), wc())
+        .owns(scoped::<VMClone>(&client, scope.as_deref()), wc())
         .run(clonepool::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
-    let clones = Controller::new(Api::<VMClone>::all(client.clone()), wc())
+    let clones = Controller::new(scoped::<VMClone>(&client, scope.as_deref()), wc())
         .run(vmclone::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
-    let images = Controller::new(Api::<LiveImage>::all(client.clone()), wc())
-        .watches(Api::<VMClone>::all(client.clone()), wc(), |clone| {
-            let ns = clone.namespace()?;
-            Some(ObjectRef::<LiveImage>::new(&clone.spec.live_image).within(&ns))
-        })
+    let images = Controller::new(scoped::<LiveImage>(&client, scope.as_deref()), wc())
+        .watches(
+            scoped::<VMClone>(&client, scope.as_deref()),
+            wc(),
+            |clone| {
+                let ns = clone.namespace()?;
+                Some(ObjectRef::<LiveImage>::new(&clone.spec.live_image).within(&ns))
+            },
+        )
         .run(liveimage::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
-    let migrations = Controller::new(Api::<VMMigration>::all(client.clone()), wc())
+    let migrations = Controller::new(scoped::<VMMigration>(&client, scope.as_deref()), wc())
         .run(vmmigration::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
-    let autoscalers = Controller::new(Api::<VMAutoscaler>::all(client.clone()), wc())
+    let autoscalers = Controller::new(scoped::<VMAutoscaler>(&client, scope.as_deref()), wc())
         .run(vmautoscaler::reconcile, error_policy, ctx.clone())
         .for_each(|_| async {});
     tokio::join!(pools, clones, images, migrations, autoscalers);

@@ -1,0 +1,366 @@
+//! The operator binary against a real kube-apiserver: pools follow
+//! `kubectl scale`, a SIGKILLed operator converges without duplicates, leader
+//! election hands over, dead nodes lose their clones, and the VMAutoscaler
+//! scales a pool from VMNode metrics. Nodes are simulated by writing exactly
+//! what a node daemon writes (heartbeat Lease, VMNode status, phases).
+
+mod harness;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use harness::*;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use vmstream_api::NODE_LABEL;
+use vmstream_api::v1alpha1::{ClonePool, VMAutoscaler, VMClone, VMClonePhase};
+use vmstream_testenv::{ControlPlane, require_control_plane};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+async fn setup(cp: &ControlPlane, prefix: &str) -> (kube::Client, vmstream_testenv::TestNamespace) {
+    cp.install_crds(&crds_dir()).expect("install CRDs");
+    let ns = cp.namespace(prefix).await.expect("namespace");
+    (cp.client().await.expect("client"), ns)
+}
+
+fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
+    cp.kubectl_ok(args)
+        .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_scale_changes_clones_and_pool_deletion_deletes_them() {
+    let cp = require_control_plane!(
+        "operator::kubectl_scale_changes_clones_and_pool_deletion_deletes_them"
+    );
+    let (client, ns) = setup(cp, "op-scale").await;
+    let ns = ns.name().to_owned();
+    let node = FakeNode::start(&client, &ns, &format!("{ns}-a"), 64 * GIB).await;
+    let _op = Operator::start(cp, &ns, "op-1", &[]);
+    create_image(&client, &ns, "img").await;
+    wait_image_ready(&client, &ns, "img").await;
+
+    create_pool(&client, &ns, "web", "img", 3).await;
+    wait_pool_size(&client, &ns, "web", 3).await;
+    for c in pool_clones(&client, &ns, "web").await {
+        assert_eq!(c.labels().get(NODE_LABEL), Some(&node.name));
+        assert!(c.finalizers().iter().any(|f| f == "vmstream.io/vm-stopped"));
+        let owner = &c.owner_references()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("ClonePool", Some(true))
+        );
+    }
+
+    for n in [1usize, 0, 2] {
+        kubectl(
+            cp,
+            &[
+                "-n",
+                &ns,
+                "scale",
+                "clonepool/web",
+                &format!("--replicas={n}"),
+            ],
+        );
+        wait_pool_size(&client, &ns, "web", n).await;
+    }
+    let status = kubectl(
+        cp,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "clonepool",
+            "web",
+            "-o",
+            "jsonpath={.status.labelSelector}",
+        ],
+    );
+    assert_eq!(status, "vmstream.io/pool=web");
+
+    kubectl(
+        cp,
+        &["-n", &ns, "delete", "clonepool", "web", "--wait=false"],
+    );
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), &ns);
+    let pools: Api<ClonePool> = Api::namespaced(client.clone(), &ns);
+    eventually("pool and clones gone", LIMIT, || async {
+        let left = clones.list(&ListParams::default()).await.ok()?.items.len();
+        let pool = pools.get_opt("web").await.ok()?;
+        (left == 0 && pool.is_none()).then_some(())
+    })
+    .await;
+    node.delete(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_operator_converges_without_duplicates_or_losses() {
+    let cp = require_control_plane!(
+        "operator::sigkilled_operator_converges_without_duplicates_or_losses"
+    );
+    let (client, ns) = setup(cp, "op-kill").await;
+    let ns = ns.name().to_owned();
+    let node = FakeNode::start(&client, &ns, &format!("{ns}-a"), 64 * GIB).await;
+    let mut op = Operator::start(cp, &ns, "op-1", &["--lease-duration", "1"]);
+    create_image(&client, &ns, "img").await;
+    wait_image_ready(&client, &ns, "img").await;
+    create_pool(&client, &ns, "batch", "img", 25).await;
+
+    // Kill the operator while it is creating clones, several times.
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), &ns);
+    for round in 1..=3 {
+        let seen = eventually("some clones created", LIMIT, || async {
+            let n = pool_clones(&client, &ns, "batch").await.len();
+            (n >= round * 3 || n == 25).then_some(n)
+        })
+        .await;
+        op.kill();
+        let after_kill = pool_clones(&client, &ns, "batch").await.len();
+        assert!(
+            after_kill >= seen && after_kill <= 25,
+            "{after_kill} clones after kill"
+        );
+        op = Operator::start(
+            cp,
+            &ns,
+            &format!("op-{}", round + 1),
+            &["--lease-duration", "1"],
+        );
+    }
+    wait_pool_size(&client, &ns, "batch", 25).await;
+    // Let the operator run a while longer: the count must not overshoot.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = clones.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(all.len(), 25, "duplicate or lost clones");
+    let names: BTreeSet<String> = all.iter().map(|c| c.name_any()).collect();
+    assert_eq!(names.len(), 25);
+
+    // Scale in while killing: still converges to exactly the target.
+    kubectl(cp, &["-n", &ns, "scale", "clonepool/batch", "--replicas=5"]);
+    eventually("scale-in started", LIMIT, || async {
+        (pool_clones(&client, &ns, "batch").await.len() < 25).then_some(())
+    })
+    .await;
+    op.kill();
+    let _op = Operator::start(cp, &ns, "op-final", &["--lease-duration", "1"]);
+    wait_pool_size(&client, &ns, "batch", 5).await;
+    node.delete(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_standby_takes_over() {
+    let cp = require_control_plane!("operator::only_the_leader_writes_and_a_standby_takes_over");
+    let (client, ns) = setup(cp, "op-lead").await;
+    let ns = ns.name().to_owned();
+    let node = FakeNode::start(&client, &ns, &format!("{ns}-a"), 64 * GIB).await;
+    let mut a = Operator::start(cp, &ns, "op-a", &[]);
+    eventually("op-a leads", LIMIT, || async {
+        (leader(&client, &ns).await.as_deref() == Some("op-a")).then_some(())
+    })
+    .await;
+    let b = Operator::start(cp, &ns, "op-b", &[]);
+    eventually("op-b serving metrics", LIMIT, || async {
+        b.metrics().await
+    })
+    .await;
+
+    create_image(&client, &ns, "img").await;
+    wait_image_ready(&client, &ns, "img").await;
+    create_pool(&client, &ns, "svc", "img", 2).await;
+    wait_pool_size(&client, &ns, "svc", 2).await;
+    assert!(a.metric("vmstream_operator_reconciles_total").await > 0.0);
+    assert_eq!(b.metric("vmstream_operator_reconciles_total").await, 0.0);
+    assert_eq!(b.metric("vmstream_operator_is_leader").await, 0.0);
+    assert_eq!(a.metric("vmstream_operator_is_leader").await, 1.0);
+    // Every event so far was reported by the leader.
+    let events = kubectl(
+        cp,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "events.events.k8s.io",
+            "-o",
+            "jsonpath={.items[*].reportingInstance}",
+        ],
+    );
+    let reporters: BTreeSet<&str> = events.split_whitespace().collect();
+    assert_eq!(reporters, BTreeSet::from(["op-a"]), "events: {events}");
+
+    a.kill();
+    eventually("op-b takes over", LIMIT, || async {
+        (leader(&client, &ns).await.as_deref() == Some("op-b")).then_some(())
+    })
+    .await;
+    kubectl(cp, &["-n", &ns, "scale", "clonepool/svc", "--replicas=4"]);
+    wait_pool_size(&client, &ns, "svc", 4).await;
+    assert_eq!(b.metric("vmstream_operator_is_leader").await, 1.0);
+    assert!(b.metric("vmstream_operator_reconciles_total").await > 0.0);
+    node.delete(&client).await;
+}
+
+async fn create_clone(client: &kube::Client, ns: &str, name: &str, node_name: Option<&str>) {
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), ns);
+    let mut spec = json!({ "liveImage": "img" });
+    if let Some(n) = node_name {
+        spec["placement"] = json!({ "nodeName": n });
+    }
+    let clone: VMClone = serde_json::from_value(json!({
+        "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
+        "metadata": { "name": name }, "spec": spec,
+    }))
+    .unwrap();
+    clones.create(&PostParams::default(), &clone).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_stale_heartbeat_gets_no_clones_and_its_clones_are_lost() {
+    let cp = require_control_plane!(
+        "operator::node_with_stale_heartbeat_gets_no_clones_and_its_clones_are_lost"
+    );
+    let (client, ns) = setup(cp, "op-lost").await;
+    let ns = ns.name().to_owned();
+    let a = FakeNode::start(&client, &ns, &format!("{ns}-a"), 64 * GIB).await;
+    let b = FakeNode::start(&client, &ns, &format!("{ns}-b"), 64 * GIB).await;
+    let _op = Operator::start(cp, &ns, "op-1", &[]);
+    create_image(&client, &ns, "img").await;
+    wait_image_ready(&client, &ns, "img").await;
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), &ns);
+
+    create_clone(&client, &ns, "on-a", Some(&a.name)).await;
+    eventually("on-a running on a", LIMIT, || async {
+        let c = clones.get("on-a").await.ok()?;
+        (c.phase() == VMClonePhase::Running).then_some(())
+    })
+    .await;
+
+    a.stop();
+    let lost = eventually("on-a Lost", LIMIT, || async {
+        let c = clones.get("on-a").await.ok()?;
+        (c.phase() == VMClonePhase::Lost).then_some(c)
+    })
+    .await;
+    assert!(lost.status.unwrap().message.unwrap().contains("heartbeat"));
+
+    for i in 0..4 {
+        create_clone(&client, &ns, &format!("free-{i}"), None).await;
+    }
+    for i in 0..4 {
+        let name = format!("free-{i}");
+        let node = eventually("free clone placed", LIMIT, || async {
+            clones
+                .get(&name)
+                .await
+                .ok()?
+                .labels()
+                .get(NODE_LABEL)
+                .cloned()
+        })
+        .await;
+        assert_eq!(node, b.name, "{name} placed on a node without heartbeat");
+    }
+
+    create_clone(&client, &ns, "pinned-a", Some(&a.name)).await;
+    let message = eventually("pinned-a reported unschedulable", LIMIT, || async {
+        let c = clones.get("pinned-a").await.ok()?;
+        c.status?.message.filter(|m| m.contains("heartbeat stale"))
+    })
+    .await;
+    // Other tests' VMNodes (cluster-scoped) count as not the requested name.
+    assert!(message.ends_with("1 heartbeat stale"), "{message}");
+    assert!(
+        !clones
+            .get("pinned-a")
+            .await
+            .unwrap()
+            .labels()
+            .contains_key(NODE_LABEL)
+    );
+
+    // Deleting a clone on a dead node does not wait for that node.
+    clones.delete("on-a", &Default::default()).await.unwrap();
+    eventually("on-a gone", LIMIT, || async {
+        clones.get_opt("on-a").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    a.delete(&client).await;
+    b.delete(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmautoscaler_scales_a_pool_up_and_down_from_node_metrics() {
+    let cp = require_control_plane!(
+        "operator::vmautoscaler_scales_a_pool_up_and_down_from_node_metrics"
+    );
+    let (client, ns) = setup(cp, "op-hpa").await;
+    let ns = ns.name().to_owned();
+    let node = FakeNode::start(&client, &ns, &format!("{ns}-a"), 64 * GIB).await;
+    node.set_cpu(30.0);
+    let _op = Operator::start(cp, &ns, "op-1", &["--autoscale-interval", "1"]);
+    create_image(&client, &ns, "img").await;
+    wait_image_ready(&client, &ns, "img").await;
+    create_pool(&client, &ns, "api", "img", 1).await;
+    wait_pool_size(&client, &ns, "api", 1).await;
+
+    let vmas: Api<VMAutoscaler> = Api::namespaced(client.clone(), &ns);
+    let autoscaler: VMAutoscaler = serde_json::from_value(json!({
+        "apiVersion": "vmstream.io/v1alpha1", "kind": "VMAutoscaler",
+        "metadata": { "name": "api" },
+        "spec": {
+            "scaleTargetRef": { "kind": "ClonePool", "name": "api" },
+            "minReplicas": 1, "maxReplicas": 5,
+            "metrics": [ { "type": "Cpu", "target": { "averageUtilization": 50 } } ],
+            "behavior": { "scaleDown": { "stabilizationWindowSeconds": 0 } },
+        },
+    }))
+    .unwrap();
+    vmas.create(&PostParams::default(), &autoscaler)
+        .await
+        .unwrap();
+
+    // 30 % against a 50 % target: ratio 0.6 but minReplicas 1 holds.
+    let status = eventually("autoscaler status", LIMIT, || async {
+        let s = vmas.get("api").await.ok()?.status?;
+        (!s.current_metrics.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(status.current_metrics[0].average_utilization, Some(30));
+    assert_eq!(status.desired_replicas, 1);
+
+    // Load: 100 % against 50 % doubles the pool each pass, up to max 5.
+    node.set_cpu(100.0);
+    wait_pool_size(&client, &ns, "api", 5).await;
+    let s = vmas.get("api").await.unwrap().status.unwrap();
+    assert!(s.last_scale_time.is_some());
+    assert!(
+        s.scale_events.iter().any(|e| e.change > 0),
+        "{:?}",
+        s.scale_events
+    );
+
+    // Idle: 10 % against 50 % → ceil(0.2 × 5) = 1.
+    node.set_cpu(10.0);
+    wait_pool_size(&client, &ns, "api", 1).await;
+    let s = vmas.get("api").await.unwrap().status.unwrap();
+    assert!(
+        s.scale_events.iter().any(|e| e.change < 0),
+        "{:?}",
+        s.scale_events
+    );
+    let events = kubectl(
+        cp,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "events.events.k8s.io",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    );
+    assert!(events.contains("SuccessfulRescale"), "{events}");
+    node.delete(&client).await;
+}
