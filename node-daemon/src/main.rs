@@ -1,27 +1,128 @@
-//! `vmstream-node`: the node daemon binary. It renews the node's heartbeat
-//! Lease, publishes the node's VMNode status, watches the objects placed on
-//! this node, and serves `/metrics` and `/healthz`.
+//! `vmstream-node`: the node daemon binary. Without a subcommand (or with
+//! `run`) it renews the node's heartbeat Lease, publishes the node's VMNode
+//! status, supervises the node's VM processes, acts on the objects placed on
+//! this node, and serves `/metrics` and `/healthz`. `vm` runs one VM (the
+//! daemon spawns itself in this mode), `supervise` runs only the VM
+//! supervisor (no API server), and `ctl` talks to the supervisor.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use vmstream_node::ctl::{CtlCommand, request_of};
 use vmstream_node::heartbeat::Heartbeat;
 use vmstream_node::node_status::{self, NodeIdentity, SharedReport};
-use vmstream_node::{host, placed};
+use vmstream_node::supervisor::VmSupervisor;
+use vmstream_node::vm_process::{VmProcessConfig, chain};
+use vmstream_node::vm_protocol::StartSpec;
+use vmstream_node::vm_record::VmOwner;
+use vmstream_node::{cgroup, host, node_actions, placed, supervisor_api};
 
 #[derive(Parser, Debug)]
-#[command(name = "vmstream-node", about = "vmstream node daemon", version)]
+#[command(
+    name = "vmstream-node",
+    about = "vmstream node daemon",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    #[command(flatten)]
+    daemon: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// The node daemon (the default).
+    Run(Args),
+    /// Run one VM in this process (spawned by the daemon).
+    Vm(VmArgs),
+    /// Supervise the VM processes of a state directory without an API server.
+    Supervise(SuperviseArgs),
+    /// Talk to the supervisor (or, when no daemon runs, act directly).
+    Ctl(CtlArgs),
+}
+
+/// Where VM processes put their cgroups.
+#[derive(clap::Args, Debug, Clone)]
+struct CgroupArgs {
+    /// cgroup v2 roots to try for per-VM cgroups (default: the usual mounts).
+    #[arg(long = "cgroup-root")]
+    cgroup_roots: Vec<PathBuf>,
+    /// Do not put VM processes in cgroups.
+    #[arg(long)]
+    no_cgroup: bool,
+}
+
+impl CgroupArgs {
+    fn roots(&self) -> Vec<PathBuf> {
+        if self.no_cgroup {
+            Vec::new()
+        } else if self.cgroup_roots.is_empty() {
+            cgroup::CANDIDATE_ROOTS.iter().map(PathBuf::from).collect()
+        } else {
+            self.cgroup_roots.clone()
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct VmArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    #[arg(long, conflicts_with = "memory_mib")]
+    memory_bytes: Option<u64>,
+    #[arg(long, default_value_t = 16)]
+    memory_mib: u64,
+    /// Start at once with this start spec (JSON); otherwise wait warm.
+    #[arg(long)]
+    start: Option<String>,
+    #[arg(long)]
+    prepare_lazy: bool,
+    #[arg(long)]
+    preload_image: Option<PathBuf>,
+    /// Owning object (JSON).
+    #[arg(long)]
+    owner: Option<String>,
+    #[command(flatten)]
+    cgroup: CgroupArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct SuperviseArgs {
+    #[arg(long, default_value = "/var/lib/vmstream")]
+    state_dir: PathBuf,
+    #[command(flatten)]
+    cgroup: CgroupArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct CtlArgs {
+    #[arg(long, default_value = "/var/lib/vmstream")]
+    state_dir: PathBuf,
+    #[command(flatten)]
+    cgroup: CgroupArgs,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// This node's name (the Kubernetes Node name).
     #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    node_name: Option<String>,
     /// Namespace of the heartbeat Leases.
     #[arg(long, default_value = vmstream_api::DEFAULT_SYSTEM_NAMESPACE)]
     namespace: String,
@@ -46,31 +147,145 @@ struct Args {
     /// Merge identical pages written by different clones (KSM).
     #[arg(long)]
     ksm: bool,
+    /// How often placed objects are acted on, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    sync_interval_ms: u64,
+    #[command(flatten)]
+    cgroup: CgroupArgs,
 }
 
-#[tokio::main]
-async fn main() {
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    if let Err(e) = run(args).await {
+}
+
+fn main() {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.mode {
+        None => daemon(cli.daemon),
+        Some(Mode::Run(args)) => daemon(args),
+        Some(Mode::Vm(args)) => vm_mode(args),
+        Some(Mode::Supervise(args)) => supervise(args),
+        Some(Mode::Ctl(args)) => ctl(args),
+    };
+    if let Err(e) = result {
         tracing::error!("{e}");
+        eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    std::fs::create_dir_all(&args.state_dir)
-        .map_err(|e| format!("cannot create state dir {}: {e}", args.state_dir.display()))?;
+type MainResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+fn vm_mode(args: VmArgs) -> MainResult {
+    let start: Option<StartSpec> = match &args.start {
+        Some(json) => Some(serde_json::from_str(json).map_err(|e| format!("--start: {e}"))?),
+        None => None,
+    };
+    let owner: Option<VmOwner> = match &args.owner {
+        Some(json) => Some(serde_json::from_str(json).map_err(|e| format!("--owner: {e}"))?),
+        None => None,
+    };
+    let memory_bytes = args.memory_bytes.unwrap_or(args.memory_mib << 20);
+    vmstream_node::vm_process::run(VmProcessConfig {
+        id: args.id,
+        state_dir: args.state_dir,
+        vcpus: args.vcpus,
+        memory_bytes: usize::try_from(memory_bytes).map_err(|_| "memory size too large")?,
+        start,
+        prepare_lazy: args.prepare_lazy,
+        preload_image: args.preload_image,
+        owner,
+        cgroup_roots: args.cgroup.roots(),
+    })
+    .map_err(|e| chain(&e).into())
+}
+
+fn new_supervisor(
+    state_dir: &std::path::Path,
+    cgroup: &CgroupArgs,
+) -> MainResult<Arc<VmSupervisor>> {
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let supervisor = Arc::new(VmSupervisor::new(state_dir, exe, cgroup.roots()));
+    let report = supervisor.adopt_all().map_err(|e| chain(&e))?;
+    tracing::info!(
+        adopted = report.adopted.len(),
+        removed = report.removed.len(),
+        kept = report.kept.len(),
+        "VM processes scanned"
+    );
+    supervisor_api::serve(Arc::clone(&supervisor))
+        .map_err(|e| format!("cannot listen on the supervisor socket: {e}"))?;
+    Ok(supervisor)
+}
+
+fn supervise(args: SuperviseArgs) -> MainResult {
+    let supervisor = new_supervisor(&args.state_dir, &args.cgroup)?;
+    tracing::info!(state_dir = %args.state_dir.display(), "supervising VM processes");
+    runtime()?.block_on(async move {
+        let reaper = {
+            let supervisor = Arc::clone(&supervisor);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let s = Arc::clone(&supervisor);
+                    let _ = tokio::task::spawn_blocking(move || s.forget_dead()).await;
+                }
+            })
+        };
+        shutdown_signal().await;
+        reaper.abort();
+    });
+    tracing::info!("supervisor stopping; VMs keep running");
+    Ok(())
+}
+
+fn ctl(args: CtlArgs) -> MainResult {
+    let request = request_of(args.command).map_err(|e| chain(&e))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let reply = supervisor_api::ctl(&args.state_dir, exe, args.cgroup.roots(), request)
+        .map_err(|e| chain(&e))?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(())
+}
+
+fn daemon(args: Args) -> MainResult {
+    runtime()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> MainResult {
+    let node_name = args
+        .node_name
+        .clone()
+        .ok_or("--node-name (or NODE_NAME) is required")?;
+    let supervisor = {
+        let state_dir = args.state_dir.clone();
+        let cgroup = args.cgroup.clone();
+        tokio::task::spawn_blocking(move || {
+            new_supervisor(&state_dir, &cgroup).map_err(|e| e.to_string())
+        })
+        .await??
+    };
     let client = kube::Client::try_default().await?;
     let capacity = host::capacity()?;
     let allocatable = host::allocatable(&capacity, args.reserved_memory_mib << 20);
     let interval = Duration::from_secs(args.heartbeat_interval.max(1));
     let heartbeat = Heartbeat {
-        node: args.node_name.clone(),
+        node: node_name.clone(),
         namespace: args.namespace.clone(),
         interval,
         lease_duration: Duration::from_secs(
@@ -81,17 +296,26 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The first beat is synchronous so a misconfiguration fails loudly at start.
     heartbeat.renew(&client).await?;
     let identity = NodeIdentity {
-        node: args.node_name.clone(),
+        node: node_name.clone(),
         capacity,
         allocatable,
         address: args.stream_addr.clone(),
     };
     let report = SharedReport::default();
     node_status::publish(&client, &identity, &report.read().unwrap().clone()).await?;
-    tracing::info!(node = %args.node_name, "node daemon running");
+    tracing::info!(node = %node_name, "node daemon running");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let placed = placed::watch(&client, &args.node_name);
+    let placed = placed::watch(&client, &node_name);
+    let actions = node_actions::NodeActions::new(
+        client.clone(),
+        node_name.clone(),
+        args.state_dir.clone(),
+        Arc::clone(&supervisor),
+        placed.clone(),
+        report.clone(),
+    );
+    tokio::spawn(actions.run(Duration::from_millis(args.sync_interval_ms.max(50))));
     let mut registry = Registry::default();
     let placed_gauge = Gauge::<i64>::default();
     registry.register(

@@ -1,0 +1,990 @@
+//! The daemon acting on what the operator placed on its node, level-
+//! triggered: every sync interval it compares each placed LiveImage and
+//! VMClone (from the reflector stores of [`crate::placed`]) with local facts
+//! (VM processes, images on disk, work in flight), decides with the pure
+//! [`image_action`] / [`clone_action`], and carries out the decision on a
+//! blocking task:
+//!
+//! * a LiveImage with a boot source: boot the guest in a VM process, wait for
+//!   READY, capture into `<state>/images/<ns>/<name>/`, stop the source VM,
+//!   and write status Ready with the image's figures;
+//! * a VMClone: start a clone process from the local image and write status
+//!   Running with its start latency and memory figures; when the clone is
+//!   being deleted, stop its VM and write phase Stopped;
+//! * the node report lists the local images and the clones' usage.
+//!
+//! Status is written with a merge patch on `/status` under the field manager
+//! `vmstream-node`. Everything is idempotent: after a daemon restart the
+//! adopted VM processes and the images on disk are the facts it resumes from.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use vmstream_api::v1alpha1::{
+    BootSource, Guest, LiveImage, LiveImagePhase, MemoryBackend, VMClone, VMClonePhase,
+};
+use vmstream_api::{condition, set_condition};
+use vmstream_vmm::guests::{FillSpec, GuestProgram};
+use vmstream_vmm::image::LiveImage as ImageFiles;
+
+use crate::heartbeat::FIELD_MANAGER;
+use crate::node_status::SharedReport;
+use crate::placed::PlacedObjects;
+use crate::supervisor::{SupervisorError, VmLaunch, VmSupervisor};
+use crate::vm_process::chain;
+use crate::vm_protocol::{CaptureSummary, CloneBackend, Reply, Request, StartSpec, VmPhase};
+use crate::vm_record::{VmOwner, dir_size, owner_id};
+
+/// Figures of a local image, kept next to its files.
+pub const CAPTURE_FILE: &str = "vmstream-capture.json";
+
+/// What the daemon knows locally about one placed LiveImage.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageFacts {
+    /// The complete image on disk, with its figures.
+    pub local: Option<CaptureSummary>,
+    /// Phase of the image's source VM process, if one runs.
+    pub source_vm: Option<VmPhase>,
+    /// Work on this object is in flight.
+    pub busy: bool,
+    /// Local clone VMs started from this image.
+    pub clones_using: usize,
+}
+
+/// What to do about a placed LiveImage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageAction {
+    Nothing,
+    /// Boot, wait for readiness, capture, stop the source, report Ready.
+    Build,
+    /// The image is on disk but its status does not say Ready.
+    ReportReady(CaptureSummary),
+    /// A source VM is left over (e.g. from a crash between capture and stop).
+    StopSource,
+    /// Remove the local files of a deleted image.
+    RemoveLocal,
+    Fail(String),
+}
+
+/// Decides about a placed LiveImage.
+pub fn image_action(image: &LiveImage, facts: &ImageFacts) -> ImageAction {
+    if facts.busy {
+        return ImageAction::Nothing;
+    }
+    if image.meta().deletion_timestamp.is_some() {
+        return if facts.source_vm.is_some() {
+            ImageAction::StopSource
+        } else if facts.local.is_some() && facts.clones_using == 0 {
+            ImageAction::RemoveLocal
+        } else {
+            ImageAction::Nothing
+        };
+    }
+    let phase = image.phase();
+    if phase == LiveImagePhase::Failed {
+        return ImageAction::Nothing;
+    }
+    if let Some(local) = &facts.local {
+        if facts.source_vm.is_some() {
+            return ImageAction::StopSource;
+        }
+        return if phase == LiveImagePhase::Ready {
+            ImageAction::Nothing
+        } else {
+            ImageAction::ReportReady(local.clone())
+        };
+    }
+    if phase == LiveImagePhase::Ready {
+        return ImageAction::Fail("the image's files are missing on its node".into());
+    }
+    if image.spec.source.boot.is_none() {
+        // Capturing a running clone into an image is not done by this daemon yet.
+        return ImageAction::Nothing;
+    }
+    ImageAction::Build
+}
+
+/// What the daemon knows locally about one placed VMClone.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CloneFacts {
+    /// Phase of the clone's VM process, if one runs.
+    pub vm: Option<VmPhase>,
+    /// The clone's image is on this node (complete), here.
+    pub image_dir: Option<PathBuf>,
+    pub busy: bool,
+}
+
+/// What to do about a placed VMClone.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CloneAction {
+    Nothing,
+    Start {
+        image_dir: PathBuf,
+    },
+    /// The VM runs but the status does not say Running.
+    ReportRunning,
+    /// Stop the VM (the clone is being deleted), then report Stopped.
+    Stop,
+    /// No VM, being deleted: report Stopped so the finalizer is released.
+    ReportStopped,
+    /// Cannot start yet: say why in the status message.
+    Wait(String),
+    Fail(String),
+}
+
+/// Decides about a placed VMClone.
+pub fn clone_action(clone: &VMClone, facts: &CloneFacts) -> CloneAction {
+    if facts.busy {
+        return CloneAction::Nothing;
+    }
+    let phase = clone.phase();
+    if clone.meta().deletion_timestamp.is_some() {
+        return match (&facts.vm, phase) {
+            (Some(_), _) => CloneAction::Stop,
+            (None, VMClonePhase::Stopped) => CloneAction::Nothing,
+            (None, _) => CloneAction::ReportStopped,
+        };
+    }
+    match (&facts.vm, phase) {
+        (Some(VmPhase::Failed), VMClonePhase::Failed) => CloneAction::Nothing,
+        (Some(VmPhase::Failed), _) => CloneAction::Fail("the clone's VM failed".into()),
+        (Some(VmPhase::Running | VmPhase::Paused), VMClonePhase::Running) => CloneAction::Nothing,
+        (Some(VmPhase::Running | VmPhase::Paused), _) => CloneAction::ReportRunning,
+        (Some(_), _) => CloneAction::Nothing,
+        (None, p) if p.is_terminal() || p == VMClonePhase::Migrating => CloneAction::Nothing,
+        (None, VMClonePhase::Running | VMClonePhase::Stopping) => {
+            CloneAction::Fail("the clone's VM process is gone".into())
+        }
+        (None, _) => match &facts.image_dir {
+            Some(dir) => CloneAction::Start {
+                image_dir: dir.clone(),
+            },
+            None => CloneAction::Wait(format!(
+                "LiveImage {} is not on this node",
+                clone.spec.live_image
+            )),
+        },
+    }
+}
+
+/// The vmm fill of an API fill: the API's random and duplicate shares are
+/// kept; everything else is zero (zero pages and unfilled pages are alike).
+pub fn fill_spec(fill: &vmstream_api::v1alpha1::MemoryFill) -> FillSpec {
+    let random = fill.random_percent.min(100);
+    let duplicate = fill.duplicate_percent.min(100 - random);
+    FillSpec {
+        zero_percent: (100 - random - duplicate) as u8,
+        duplicate_percent: duplicate as u8,
+        templates: 16,
+        seed: fill.seed,
+    }
+}
+
+fn guest_program(guest: Guest) -> GuestProgram {
+    match guest {
+        Guest::Counter => GuestProgram::Counter,
+        Guest::Memory => GuestProgram::Memory,
+        Guest::Request => GuestProgram::Request,
+    }
+}
+
+/// The boot start spec of a LiveImage's source.
+pub fn boot_spec(boot: &BootSource) -> StartSpec {
+    StartSpec::Boot {
+        guest: guest_program(boot.guest),
+        fill: boot.fill.as_ref().map(fill_spec),
+        params: if boot.guest == Guest::Counter {
+            // Counter guests report progress every 4096 iterations.
+            vec![4095]
+        } else {
+            Vec::new()
+        },
+        ready_timeout_ms: u64::from(boot.readiness.timeout_seconds) * 1000,
+    }
+}
+
+/// `<state>/images/<ns>/<name>`.
+pub fn image_dir(state_dir: &Path, namespace: &str, name: &str) -> PathBuf {
+    state_dir.join("images").join(namespace).join(name)
+}
+
+/// The figures of a complete local image, or `None` when there is none.
+pub fn local_image(dir: &Path) -> Option<CaptureSummary> {
+    let files = ImageFiles::open(dir).ok()?;
+    if let Ok(text) = std::fs::read(dir.join(CAPTURE_FILE))
+        && let Ok(summary) = serde_json::from_slice::<CaptureSummary>(&text)
+    {
+        return Some(summary);
+    }
+    Some(CaptureSummary {
+        dir: dir.to_path_buf(),
+        memory_bytes: files.state().memory_size,
+        pages: files.pages().pages() as u64,
+        nonzero_pages: files.pages().nonzero_pages() as u64,
+        size_bytes: dir_size(dir).unwrap_or(0),
+        capture_ms: 0.0,
+        source_pause_ms: 0.0,
+    })
+}
+
+/// `namespace/name` of every complete image under `<state>/images`.
+pub fn local_images(state_dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(namespaces) = std::fs::read_dir(state_dir.join("images")) else {
+        return out;
+    };
+    for ns in namespaces.flatten() {
+        let Ok(names) = std::fs::read_dir(ns.path()) else {
+            continue;
+        };
+        for name in names.flatten() {
+            if name.path().join(vmstream_vmm::image::STATE_FILE).is_file() {
+                out.push(format!(
+                    "{}/{}",
+                    ns.file_name().to_string_lossy(),
+                    name.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Errors carrying out an action.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("writing the status of {kind} {namespace}/{name}")]
+    Status {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Shared state of the sync loop.
+pub struct NodeActions {
+    pub client: kube::Client,
+    pub node: String,
+    pub state_dir: PathBuf,
+    pub supervisor: Arc<VmSupervisor>,
+    pub placed: PlacedObjects,
+    pub report: SharedReport,
+    busy: Mutex<BTreeSet<String>>,
+}
+
+fn key(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind}/{ns}/{name}")
+}
+
+impl NodeActions {
+    pub fn new(
+        client: kube::Client,
+        node: String,
+        state_dir: PathBuf,
+        supervisor: Arc<VmSupervisor>,
+        placed: PlacedObjects,
+        report: SharedReport,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            node,
+            state_dir,
+            supervisor,
+            placed,
+            report,
+            busy: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn is_busy(&self, key: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
+    /// Marks `key` busy; false when it already was.
+    fn claim(&self, key: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string())
+    }
+
+    fn release(&self, key: &str) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Runs the sync loop every `interval`, and refreshes the node report.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let this = Arc::clone(&self);
+            let vms = match tokio::task::spawn_blocking(move || {
+                this.supervisor.forget_dead();
+                this.supervisor.list()
+            })
+            .await
+            {
+                Ok(vms) => vms,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing VMs failed");
+                    continue;
+                }
+            };
+            let phases: BTreeMap<String, VmPhase> = vms
+                .into_iter()
+                .filter_map(|v| Some((v.record.id.clone(), v.phase?)))
+                .collect();
+            self.sync_images(&phases);
+            self.sync_clones(&phases);
+            let this = Arc::clone(&self);
+            let refreshed = tokio::task::spawn_blocking(move || {
+                let usage = this.supervisor.sample_usage();
+                let images = local_images(&this.state_dir);
+                if let Ok(mut report) = this.report.write() {
+                    report.vms = usage;
+                    report.images = images;
+                }
+            })
+            .await;
+            if let Err(e) = refreshed {
+                tracing::warn!(error = %e, "node report not refreshed");
+            }
+        }
+    }
+
+    fn sync_images(self: &Arc<Self>, phases: &BTreeMap<String, VmPhase>) {
+        let clones = self.placed.clones.state();
+        for image in self.placed.images.state() {
+            let (Some(ns), name) = (image.namespace(), image.name_any()) else {
+                continue;
+            };
+            let owner = VmOwner {
+                kind: "LiveImage".into(),
+                namespace: ns.clone(),
+                name: name.clone(),
+            };
+            let k = key("LiveImage", &ns, &name);
+            let dir = image_dir(&self.state_dir, &ns, &name);
+            let clones_using = clones
+                .iter()
+                .filter(|c| c.namespace().as_deref() == Some(&ns) && c.spec.live_image == name)
+                .filter(|c| {
+                    phases.contains_key(&owner_id(&VmOwner {
+                        kind: "VMClone".into(),
+                        namespace: ns.clone(),
+                        name: c.name_any(),
+                    }))
+                })
+                .count();
+            let facts = ImageFacts {
+                local: local_image(&dir),
+                source_vm: phases.get(&owner_id(&owner)).cloned(),
+                busy: self.is_busy(&k),
+                clones_using,
+            };
+            let action = image_action(&image, &facts);
+            if action == ImageAction::Nothing || !self.claim(&k) {
+                continue;
+            }
+            tracing::info!(image = %k, ?action, "acting on LiveImage");
+            let this = Arc::clone(self);
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let result = handle
+                    .block_on(async { this.act_on_image(&image, &owner, &dir, action).await });
+                if let Err(e) = result {
+                    tracing::warn!(image = %k, error = %chain(&e), "LiveImage action failed");
+                }
+                this.release(&k);
+            });
+        }
+    }
+
+    fn sync_clones(self: &Arc<Self>, phases: &BTreeMap<String, VmPhase>) {
+        for clone in self.placed.clones.state() {
+            let (Some(ns), name) = (clone.namespace(), clone.name_any()) else {
+                continue;
+            };
+            let owner = VmOwner {
+                kind: "VMClone".into(),
+                namespace: ns.clone(),
+                name: name.clone(),
+            };
+            let k = key("VMClone", &ns, &name);
+            let dir = image_dir(&self.state_dir, &ns, &clone.spec.live_image);
+            let facts = CloneFacts {
+                vm: phases.get(&owner_id(&owner)).cloned(),
+                image_dir: dir
+                    .join(vmstream_vmm::image::STATE_FILE)
+                    .is_file()
+                    .then_some(dir),
+                busy: self.is_busy(&k),
+            };
+            let action = clone_action(&clone, &facts);
+            if action == CloneAction::Nothing {
+                continue;
+            }
+            if let CloneAction::Wait(message) = &action
+                && clone.status.as_ref().and_then(|s| s.message.as_deref()) == Some(message)
+            {
+                continue;
+            }
+            if !self.claim(&k) {
+                continue;
+            }
+            tracing::info!(clone = %k, ?action, "acting on VMClone");
+            let this = Arc::clone(self);
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let result =
+                    handle.block_on(async { this.act_on_clone(&clone, &owner, action).await });
+                if let Err(e) = result {
+                    tracing::warn!(clone = %k, error = %chain(&e), "VMClone action failed");
+                }
+                this.release(&k);
+            });
+        }
+    }
+
+    async fn patch_image(
+        &self,
+        image: &LiveImage,
+        phase: LiveImagePhase,
+        mut status: serde_json::Value,
+    ) -> Result<(), ActionError> {
+        let ns = image.namespace().unwrap_or_default();
+        let api: Api<LiveImage> = Api::namespaced(self.client.clone(), &ns);
+        let mut conditions: Vec<Condition> = image
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let message = status["message"].as_str().unwrap_or("").to_string();
+        set_condition(
+            &mut conditions,
+            condition(
+                "Ready",
+                phase == LiveImagePhase::Ready,
+                phase.as_str(),
+                &message,
+                image.meta().generation,
+            ),
+        );
+        status["phase"] = json!(phase);
+        status["node"] = json!(self.node);
+        status["conditions"] = json!(conditions);
+        api.patch_status(
+            &image.name_any(),
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .map_err(|source| ActionError::Status {
+            kind: "LiveImage",
+            namespace: ns,
+            name: image.name_any(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    async fn patch_clone(
+        &self,
+        clone: &VMClone,
+        phase: VMClonePhase,
+        mut status: serde_json::Value,
+    ) -> Result<(), ActionError> {
+        let ns = clone.namespace().unwrap_or_default();
+        let api: Api<VMClone> = Api::namespaced(self.client.clone(), &ns);
+        let mut conditions: Vec<Condition> = clone
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let message = status["message"].as_str().unwrap_or("").to_string();
+        set_condition(
+            &mut conditions,
+            condition(
+                "Running",
+                phase == VMClonePhase::Running,
+                phase.as_str(),
+                &message,
+                clone.meta().generation,
+            ),
+        );
+        status["phase"] = json!(phase);
+        status["node"] = json!(self.node);
+        status["conditions"] = json!(conditions);
+        api.patch_status(
+            &clone.name_any(),
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .map_err(|source| ActionError::Status {
+            kind: "VMClone",
+            namespace: ns,
+            name: clone.name_any(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    async fn act_on_image(
+        &self,
+        image: &LiveImage,
+        owner: &VmOwner,
+        dir: &Path,
+        action: ImageAction,
+    ) -> Result<(), ActionError> {
+        let id = owner_id(owner);
+        match action {
+            ImageAction::Nothing => Ok(()),
+            ImageAction::StopSource => Ok(self.supervisor.stop(&id)?),
+            ImageAction::RemoveLocal => std::fs::remove_dir_all(dir)
+                .map_err(|e| ActionError::Local(format!("removing {}: {e}", dir.display()))),
+            ImageAction::Fail(message) => {
+                self.patch_image(image, LiveImagePhase::Failed, json!({ "message": message }))
+                    .await
+            }
+            ImageAction::ReportReady(summary) => self.report_image_ready(image, &summary).await,
+            ImageAction::Build => match self.build_image(image, owner, dir).await {
+                Ok(summary) => self.report_image_ready(image, &summary).await,
+                Err(e) => {
+                    let message = chain(&e);
+                    if self.supervisor.get(&id).is_some() {
+                        let _ = self.supervisor.stop(&id);
+                    }
+                    let _ = std::fs::remove_dir_all(dir.with_extension("partial"));
+                    self.patch_image(image, LiveImagePhase::Failed, json!({ "message": message }))
+                        .await?;
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    async fn report_image_ready(
+        &self,
+        image: &LiveImage,
+        summary: &CaptureSummary,
+    ) -> Result<(), ActionError> {
+        self.patch_image(
+            image,
+            LiveImagePhase::Ready,
+            json!({
+                "message": "",
+                "sizeBytes": summary.size_bytes,
+                "memoryBytes": summary.memory_bytes,
+                "nonZeroPages": summary.nonzero_pages,
+                "captureTimeMs": summary.capture_ms,
+                "sourcePauseMs": summary.source_pause_ms,
+                "observedGeneration": image.meta().generation,
+            }),
+        )
+        .await
+    }
+
+    /// Boots the source, waits for READY, captures, stops the source.
+    async fn build_image(
+        &self,
+        image: &LiveImage,
+        owner: &VmOwner,
+        dir: &Path,
+    ) -> Result<CaptureSummary, ActionError> {
+        let boot = image
+            .spec
+            .source
+            .boot
+            .as_ref()
+            .ok_or_else(|| ActionError::Local("the image has no boot source".into()))?;
+        let id = owner_id(owner);
+        self.patch_image(
+            image,
+            LiveImagePhase::Booting,
+            json!({ "message": format!("booting the {} guest", boot.guest) }),
+        )
+        .await?;
+        if self.supervisor.get(&id).is_none() {
+            self.supervisor.launch(&VmLaunch {
+                id: id.clone(),
+                owner: Some(owner.clone()),
+                vcpus: u8::try_from(boot.vcpus).unwrap_or(u8::MAX),
+                memory_bytes: u64::from(boot.memory_mib) << 20,
+                start: Some(boot_spec(boot)),
+                prepare_lazy: false,
+                preload_image: None,
+            })?;
+        }
+        let timeout_ms = u64::from(boot.readiness.timeout_seconds) * 1000;
+        self.supervisor
+            .call(&id, &Request::WaitRunning { timeout_ms })?;
+        self.patch_image(
+            image,
+            LiveImagePhase::Capturing,
+            json!({ "message": "capturing" }),
+        )
+        .await?;
+        // Capture next to the final place and rename: a directory at the
+        // final place is always a complete image.
+        let partial = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        let reply = self.supervisor.call(
+            &id,
+            &Request::Capture {
+                dir: partial.clone(),
+            },
+        )?;
+        let Reply::Captured(mut summary) = reply else {
+            return Err(ActionError::Local(format!("capture answered {reply:?}")));
+        };
+        summary.dir = dir.to_path_buf();
+        std::fs::write(
+            partial.join(CAPTURE_FILE),
+            serde_json::to_vec_pretty(&summary).expect("summary serializes"),
+        )
+        .map_err(|e| ActionError::Local(format!("writing {CAPTURE_FILE}: {e}")))?;
+        std::fs::rename(&partial, dir).map_err(|e| {
+            ActionError::Local(format!(
+                "renaming {} to {}: {e}",
+                partial.display(),
+                dir.display()
+            ))
+        })?;
+        self.supervisor.stop(&id)?;
+        Ok(summary)
+    }
+
+    async fn act_on_clone(
+        &self,
+        clone: &VMClone,
+        owner: &VmOwner,
+        action: CloneAction,
+    ) -> Result<(), ActionError> {
+        let id = owner_id(owner);
+        match action {
+            CloneAction::Nothing => Ok(()),
+            CloneAction::Wait(message) => {
+                self.patch_clone(clone, clone.phase(), json!({ "message": message }))
+                    .await
+            }
+            CloneAction::Fail(message) => {
+                self.patch_clone(clone, VMClonePhase::Failed, json!({ "message": message }))
+                    .await
+            }
+            CloneAction::Stop => {
+                self.supervisor.stop(&id)?;
+                self.patch_clone(
+                    clone,
+                    VMClonePhase::Stopped,
+                    json!({ "message": "VM stopped" }),
+                )
+                .await
+            }
+            CloneAction::ReportStopped => {
+                self.patch_clone(clone, VMClonePhase::Stopped, json!({ "message": "no VM" }))
+                    .await
+            }
+            CloneAction::ReportRunning => self.report_clone_running(clone, &id).await,
+            CloneAction::Start { image_dir } => {
+                self.patch_clone(
+                    clone,
+                    VMClonePhase::Starting,
+                    json!({ "message": "starting" }),
+                )
+                .await?;
+                let started = self.start_clone(owner, &image_dir);
+                match started {
+                    Ok(()) => self.report_clone_running(clone, &id).await,
+                    Err(e) => {
+                        if self.supervisor.get(&id).is_some() {
+                            let _ = self.supervisor.stop(&id);
+                        }
+                        self.patch_clone(
+                            clone,
+                            VMClonePhase::Failed,
+                            json!({ "message": chain(&e) }),
+                        )
+                        .await?;
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_clone(&self, owner: &VmOwner, image_dir: &Path) -> Result<(), ActionError> {
+        let id = owner_id(owner);
+        let header = vmstream_vmm::image::StateFile::read(image_dir).map_err(|e| {
+            ActionError::Local(format!(
+                "reading the image header in {}: {}",
+                image_dir.display(),
+                chain(&e)
+            ))
+        })?;
+        let backend = match clone_backend(owner, &self.placed) {
+            MemoryBackend::Lazy => CloneBackend::Lazy,
+            MemoryBackend::CopyOnWrite => CloneBackend::CopyOnWrite,
+        };
+        self.supervisor.launch(&VmLaunch {
+            id: id.clone(),
+            owner: Some(owner.clone()),
+            vcpus: u8::try_from(header.vcpu_count).unwrap_or(u8::MAX),
+            memory_bytes: header.memory_size,
+            start: Some(StartSpec::Clone {
+                image: image_dir.to_path_buf(),
+                backend,
+            }),
+            prepare_lazy: backend == CloneBackend::Lazy,
+            preload_image: None,
+        })?;
+        self.supervisor
+            .call(&id, &Request::WaitRunning { timeout_ms: 60_000 })?;
+        Ok(())
+    }
+
+    async fn report_clone_running(&self, clone: &VMClone, id: &str) -> Result<(), ActionError> {
+        let Reply::Stats(stats) = self.supervisor.call(id, &Request::Stats)? else {
+            return Err(ActionError::Local("stats answered something else".into()));
+        };
+        let start = stats.start.clone().unwrap_or_default();
+        self.patch_clone(
+            clone,
+            VMClonePhase::Running,
+            json!({
+                "message": "",
+                "startLatencyMs": start.first_exit_ms.unwrap_or(start.start_ms),
+                "residentBytes": stats.memory.guest_resident,
+                "sharedBytes": stats.memory.guest_shared,
+                "privateBytes": stats.memory.guest_private,
+                "faultsServed": stats.faults.faults,
+                "startedAt": Time(Timestamp::now()),
+                "observedGeneration": clone.meta().generation,
+            }),
+        )
+        .await
+    }
+}
+
+fn clone_backend(owner: &VmOwner, placed: &PlacedObjects) -> MemoryBackend {
+    placed
+        .clones
+        .state()
+        .iter()
+        .find(|c| c.namespace().as_deref() == Some(&owner.namespace) && c.name_any() == owner.name)
+        .map(|c| c.spec.memory_backend)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmstream_api::v1alpha1::{LiveImageStatus, VMCloneStatus};
+
+    fn image(boot: bool, phase: Option<LiveImagePhase>, deleting: bool) -> LiveImage {
+        let mut value = json!({
+            "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
+            "metadata": {"name": "img", "namespace": "ns"},
+            "spec": {"source": if boot {
+                json!({"boot": {"guest": "Request", "memoryMiB": 16}})
+            } else {
+                json!({"fromClone": {"vmClone": "c"}})
+            }}
+        });
+        if deleting {
+            value["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        let mut image: LiveImage = serde_json::from_value(value).unwrap();
+        image.status = phase.map(|phase| LiveImageStatus {
+            phase: Some(phase),
+            ..LiveImageStatus::default()
+        });
+        image
+    }
+
+    fn summary() -> CaptureSummary {
+        CaptureSummary {
+            memory_bytes: 16 << 20,
+            ..CaptureSummary::default()
+        }
+    }
+
+    #[test]
+    fn images_are_built_once_and_reported() {
+        let none = ImageFacts::default();
+        assert_eq!(
+            image_action(&image(true, None, false), &none),
+            ImageAction::Build
+        );
+        assert_eq!(
+            image_action(&image(true, Some(LiveImagePhase::Scheduled), false), &none),
+            ImageAction::Build
+        );
+        let busy = ImageFacts {
+            busy: true,
+            ..ImageFacts::default()
+        };
+        assert_eq!(
+            image_action(&image(true, None, false), &busy),
+            ImageAction::Nothing
+        );
+        let local = ImageFacts {
+            local: Some(summary()),
+            ..ImageFacts::default()
+        };
+        assert_eq!(
+            image_action(&image(true, Some(LiveImagePhase::Capturing), false), &local),
+            ImageAction::ReportReady(summary())
+        );
+        assert_eq!(
+            image_action(&image(true, Some(LiveImagePhase::Ready), false), &local),
+            ImageAction::Nothing
+        );
+        let leftover = ImageFacts {
+            local: Some(summary()),
+            source_vm: Some(VmPhase::Running),
+            ..ImageFacts::default()
+        };
+        assert_eq!(
+            image_action(
+                &image(true, Some(LiveImagePhase::Capturing), false),
+                &leftover
+            ),
+            ImageAction::StopSource
+        );
+        assert!(matches!(
+            image_action(&image(true, Some(LiveImagePhase::Ready), false), &none),
+            ImageAction::Fail(_)
+        ));
+        assert_eq!(
+            image_action(&image(true, Some(LiveImagePhase::Failed), false), &none),
+            ImageAction::Nothing
+        );
+        assert_eq!(
+            image_action(&image(false, None, false), &none),
+            ImageAction::Nothing
+        );
+    }
+
+    #[test]
+    fn deleted_images_are_removed_when_no_clone_uses_them() {
+        let local = ImageFacts {
+            local: Some(summary()),
+            ..ImageFacts::default()
+        };
+        let deleted = image(true, Some(LiveImagePhase::Ready), true);
+        assert_eq!(image_action(&deleted, &local), ImageAction::RemoveLocal);
+        let used = ImageFacts {
+            clones_using: 1,
+            ..local
+        };
+        assert_eq!(image_action(&deleted, &used), ImageAction::Nothing);
+    }
+
+    fn clone(phase: Option<VMClonePhase>, deleting: bool) -> VMClone {
+        let mut value = json!({
+            "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
+            "metadata": {"name": "c", "namespace": "ns"},
+            "spec": {"liveImage": "img"}
+        });
+        if deleting {
+            value["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        let mut clone: VMClone = serde_json::from_value(value).unwrap();
+        clone.status = phase.map(|phase| VMCloneStatus {
+            phase: Some(phase),
+            ..VMCloneStatus::default()
+        });
+        clone
+    }
+
+    #[test]
+    fn clones_start_from_local_images_and_stop_on_deletion() {
+        let here = CloneFacts {
+            image_dir: Some("/img".into()),
+            ..CloneFacts::default()
+        };
+        assert_eq!(
+            clone_action(&clone(Some(VMClonePhase::Scheduled), false), &here),
+            CloneAction::Start {
+                image_dir: "/img".into()
+            }
+        );
+        assert!(matches!(
+            clone_action(&clone(Some(VMClonePhase::Scheduled), false), &CloneFacts::default()),
+            CloneAction::Wait(m) if m.contains("img")
+        ));
+        let running = CloneFacts {
+            vm: Some(VmPhase::Running),
+            ..here.clone()
+        };
+        assert_eq!(
+            clone_action(&clone(Some(VMClonePhase::Starting), false), &running),
+            CloneAction::ReportRunning
+        );
+        assert_eq!(
+            clone_action(&clone(Some(VMClonePhase::Running), false), &running),
+            CloneAction::Nothing
+        );
+        assert!(matches!(
+            clone_action(&clone(Some(VMClonePhase::Running), false), &here),
+            CloneAction::Fail(_)
+        ));
+        assert_eq!(
+            clone_action(&clone(Some(VMClonePhase::Running), true), &running),
+            CloneAction::Stop
+        );
+        assert_eq!(
+            clone_action(&clone(Some(VMClonePhase::Running), true), &here),
+            CloneAction::ReportStopped
+        );
+        assert_eq!(
+            clone_action(&clone(Some(VMClonePhase::Stopped), true), &here),
+            CloneAction::Nothing
+        );
+        assert_eq!(
+            clone_action(&clone(Some(VMClonePhase::Lost), false), &here),
+            CloneAction::Nothing
+        );
+    }
+
+    #[test]
+    fn fill_keeps_random_and_duplicate_shares() {
+        let fill = vmstream_api::v1alpha1::MemoryFill {
+            seed: 3,
+            random_percent: 50,
+            zero_percent: 10,
+            duplicate_percent: 20,
+        };
+        let spec = fill_spec(&fill);
+        assert_eq!((spec.zero_percent, spec.duplicate_percent), (30, 20));
+        assert_eq!(spec.seed, 3);
+    }
+}

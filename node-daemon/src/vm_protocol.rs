@@ -1,0 +1,425 @@
+//! The supervisor protocol spoken on a VM process's Unix socket
+//! (`<state>/vms/<id>/control.sock`): one JSON object per line in each
+//! direction. A [`Request`] names its command in the `command` field; every
+//! [`Response`] carries `ok` and either a `result` or an `error` that names
+//! the problem. Frames longer than [`MAX_FRAME`] bytes, text that is not JSON
+//! and unknown commands are answered with an error; the connection and the VM
+//! stay up.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vmstream_vmm::guests::{FillSpec, GuestProgram};
+
+/// Longest accepted request line, newline excluded.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// How a clone's guest memory is provided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneBackend {
+    /// `MAP_PRIVATE` of the local page store.
+    CopyOnWrite,
+    /// userfaultfd streaming from the page store.
+    Lazy,
+}
+
+/// What a VM process runs once started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case")]
+pub enum StartSpec {
+    /// Boot a micro guest; the start completes when the guest reports READY.
+    Boot {
+        guest: GuestProgram,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fill: Option<FillSpec>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        params: Vec<u64>,
+        /// How long to wait for the READY report.
+        #[serde(default = "default_ready_timeout_ms")]
+        ready_timeout_ms: u64,
+    },
+    /// Start a clone from the live image in `image`.
+    Clone {
+        image: PathBuf,
+        backend: CloneBackend,
+    },
+}
+
+fn default_ready_timeout_ms() -> u64 {
+    60_000
+}
+
+/// One request to a VM process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Is the process alive and who is it.
+    Ping,
+    /// Start the VM in the pre-created shell.
+    Start { spec: StartSpec },
+    /// Pause every vCPU.
+    Pause,
+    /// Resume every vCPU.
+    Resume,
+    /// Capture the running VM into a live image in `dir` (created if
+    /// missing; must be empty).
+    Capture { dir: PathBuf },
+    /// Stop the VM; the process removes its directory and exits.
+    Stop,
+    /// Usage counters.
+    Stats,
+    /// Ask a request guest to answer `request` (a mailbox round trip).
+    Mailbox {
+        request: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Wait until the VM is running (booted guests: READY reported).
+    WaitRunning { timeout_ms: u64 },
+}
+
+impl Request {
+    /// The command name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Start { .. } => "start",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Capture { .. } => "capture",
+            Request::Stop => "stop",
+            Request::Stats => "stats",
+            Request::Mailbox { .. } => "mailbox",
+            Request::WaitRunning { .. } => "wait_running",
+        }
+    }
+}
+
+/// Where a VM process is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmPhase {
+    /// Shell created, waiting for a start request.
+    Warm,
+    /// Start in progress (booting guests until READY).
+    Starting,
+    Running,
+    Paused,
+    /// Start failed or a vCPU ended; the process stays for inspection.
+    Failed,
+    /// Stop accepted; the process is about to exit.
+    Stopping,
+}
+
+/// Start timings of a VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StartReport {
+    /// Creating the shell (VM, vCPUs, memory slots), before the request.
+    pub shell_created_ms: f64,
+    /// Start request until the vCPU threads ran (restore or boot set-up).
+    pub start_ms: f64,
+    /// Start request until vCPU 0 first came back from the guest (clones),
+    /// or until the READY report (booted guests).
+    pub first_exit_ms: Option<f64>,
+    /// Whether the shell was created before the start request arrived.
+    pub warm: bool,
+}
+
+/// Process and guest-RAM memory figures in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFigures {
+    /// Whole process (`smaps_rollup`).
+    pub rss: u64,
+    pub pss: u64,
+    pub private: u64,
+    pub shared: u64,
+    /// Guest RAM mapping only (`smaps` of its range).
+    pub guest_resident: u64,
+    pub guest_private: u64,
+    pub guest_shared: u64,
+}
+
+/// Lazy-memory fault counters and the service-time histogram.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultFigures {
+    /// Missing-page faults served by the handler.
+    pub faults: u64,
+    pub pages_copied: u64,
+    pub pages_zeroed: u64,
+    pub errors: u64,
+    /// `(bucket upper bound in µs, count)` for non-empty buckets.
+    pub latency_us: Vec<(u64, u64)>,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+}
+
+/// Stats of one VM process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub id: String,
+    pub pid: u32,
+    pub phase: Option<VmPhase>,
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    /// Sum of the vCPU threads' CPU time.
+    pub vcpu_cpu_ms: f64,
+    /// CPU time of the whole process (utime + stime).
+    pub process_cpu_ms: f64,
+    pub memory: MemoryFigures,
+    pub faults: FaultFigures,
+    pub start: Option<StartReport>,
+    /// Mailbox requests the guest answered since this VM started.
+    pub requests_served: u64,
+    /// Milliseconds since the Unix epoch when sampled.
+    pub sampled_at_ms: u64,
+}
+
+/// Result of a capture.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CaptureSummary {
+    pub dir: PathBuf,
+    pub memory_bytes: u64,
+    pub pages: u64,
+    pub nonzero_pages: u64,
+    pub size_bytes: u64,
+    pub capture_ms: f64,
+    pub source_pause_ms: f64,
+}
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Pong {
+        id: String,
+        pid: u32,
+        phase: VmPhase,
+    },
+    Started(StartReport),
+    Paused {
+        pause_ms: f64,
+    },
+    Resumed,
+    Captured(CaptureSummary),
+    Stopping,
+    Stats(Box<VmStats>),
+    Answer {
+        answer: u64,
+        round_trip_us: u64,
+    },
+    Running,
+}
+
+/// One response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Reply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(reply: Reply) -> Self {
+        Self {
+            ok: true,
+            result: Some(reply),
+            error: None,
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            result: None,
+            error: Some(message.into()),
+        }
+    }
+
+    /// The reply, or the error message.
+    pub fn into_result(self) -> Result<Reply, String> {
+        match (self.ok, self.result, self.error) {
+            (true, Some(reply), _) => Ok(reply),
+            (_, _, Some(error)) => Err(error),
+            (true, None, None) => Err("response has ok=true but no result".into()),
+            (false, _, None) => Err("response has ok=false but no error".into()),
+        }
+    }
+}
+
+/// Why a line could not be read as a request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame longer than {limit} bytes refused")]
+    TooLong { limit: usize },
+    #[error("frame is not UTF-8")]
+    NotUtf8,
+    #[error("frame is not JSON: {0}")]
+    NotJson(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+/// Reads one line of at most `limit` bytes (newline excluded). Returns
+/// `Ok(None)` at end of stream. An oversized line is consumed up to its
+/// newline and reported as [`FrameError::TooLong`], so the next line is read
+/// cleanly.
+pub fn read_frame(
+    reader: &mut impl BufRead,
+    limit: usize,
+) -> std::io::Result<Option<Result<String, FrameError>>> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            if line.is_empty() && !too_long {
+                return Ok(None);
+            }
+            break;
+        }
+        let (chunk, found) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i)),
+            None => (buf, None),
+        };
+        if !too_long {
+            if line.len() + chunk.len() > limit {
+                too_long = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        let used = found.map_or(buf.len(), |i| i + 1);
+        reader.consume(used);
+        if found.is_some() {
+            break;
+        }
+    }
+    if too_long {
+        return Ok(Some(Err(FrameError::TooLong { limit })));
+    }
+    Ok(Some(
+        String::from_utf8(line).map_err(|_| FrameError::NotUtf8),
+    ))
+}
+
+/// Decodes a request line.
+pub fn parse_request(line: &str) -> Result<Request, FrameError> {
+    decode(line)
+}
+
+/// Decodes one JSON line into `T`, telling "not JSON" from "JSON that is
+/// not a valid message".
+pub fn decode<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, FrameError> {
+    serde_json::from_str(line).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            FrameError::NotJson(e.to_string())
+        }
+        _ => FrameError::BadRequest(e.to_string()),
+    })
+}
+
+/// Writes `message` as one line and flushes.
+pub fn write_frame(writer: &mut impl Write, message: &impl Serialize) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line)?;
+    writer.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufReader;
+
+    #[test]
+    fn requests_round_trip() {
+        let requests = [
+            Request::Ping,
+            Request::Start {
+                spec: StartSpec::Clone {
+                    image: "/x".into(),
+                    backend: CloneBackend::Lazy,
+                },
+            },
+            Request::Start {
+                spec: StartSpec::Boot {
+                    guest: GuestProgram::Request,
+                    fill: None,
+                    params: vec![],
+                    ready_timeout_ms: 5,
+                },
+            },
+            Request::Capture { dir: "/img".into() },
+            Request::Mailbox {
+                request: 7,
+                timeout_ms: None,
+            },
+            Request::Stop,
+        ];
+        for r in requests {
+            let line = serde_json::to_string(&r).unwrap();
+            assert_eq!(parse_request(&line).unwrap(), r, "{line}");
+        }
+        assert_eq!(
+            parse_request(r#"{"command":"mailbox","request":3}"#).unwrap(),
+            Request::Mailbox {
+                request: 3,
+                timeout_ms: None
+            }
+        );
+    }
+
+    #[test]
+    fn bad_frames_name_the_problem() {
+        let e = parse_request("hello").unwrap_err();
+        assert!(matches!(e, FrameError::NotJson(_)), "{e}");
+        let e = parse_request(r#"{"command":"fly"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown variant `fly`"),
+            "unknown command named: {e}"
+        );
+        let e = parse_request(r#"{"command":"mailbox"}"#).unwrap_err();
+        assert!(e.to_string().contains("request"), "{e}");
+        let e = parse_request(r#"{"command":"mailbox","request":1,"extra":1}"#).unwrap_err();
+        assert!(e.to_string().contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn oversized_frame_is_skipped_and_the_next_one_read() {
+        let mut input = vec![b'x'; 100];
+        input.push(b'\n');
+        input.extend_from_slice(b"{\"command\":\"ping\"}\n");
+        // A tiny buffer makes the long line arrive in many chunks.
+        let mut reader = BufReader::with_capacity(8, &input[..]);
+        let first = read_frame(&mut reader, 50).unwrap().unwrap();
+        assert_eq!(first, Err(FrameError::TooLong { limit: 50 }));
+        let second = read_frame(&mut reader, 50).unwrap().unwrap().unwrap();
+        assert_eq!(parse_request(&second).unwrap(), Request::Ping);
+        assert!(read_frame(&mut reader, 50).unwrap().is_none());
+    }
+
+    #[test]
+    fn last_line_without_newline_is_read() {
+        let mut reader = BufReader::new(&b"{\"command\":\"stats\"}"[..]);
+        let line = read_frame(&mut reader, MAX_FRAME)
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(parse_request(&line).unwrap(), Request::Stats);
+    }
+
+    #[test]
+    fn response_result_or_error() {
+        let ok = Response::ok(Reply::Resumed);
+        let line = serde_json::to_string(&ok).unwrap();
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.into_result(), Ok(Reply::Resumed));
+        let err = Response::error("no");
+        assert_eq!(err.into_result(), Err("no".to_string()));
+    }
+}
