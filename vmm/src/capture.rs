@@ -242,6 +242,13 @@ impl PendingCapture {
         self.child
     }
 
+    /// Waits for the child and writes the state file on a background thread.
+    pub fn wait_in_background(
+        self,
+    ) -> std::thread::JoinHandle<Result<CaptureReport, CaptureError>> {
+        std::thread::spawn(move || self.wait())
+    }
+
     /// Waits for the child, then writes the state file.
     pub fn wait(mut self) -> Result<CaptureReport, CaptureError> {
         let mut message = [0u8; RESULT_LEN];

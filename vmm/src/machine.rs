@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VmFd;
 
 use crate::arch::x86_64::layout::{
     self, GDT_ADDR, GUEST_LOAD_ADDR, GUEST_MAX_SIZE, IDT_ADDR, MAX_VCPUS, MIN_RAM, PARAMS_ADDR,
@@ -20,7 +20,7 @@ use crate::image::PageStore;
 use crate::memory::{GuestRam, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE};
 use crate::vstate::ram_access::RamAccess;
 use crate::vstate::run_loop::{
-    MissingPageResolver, VcpuControlError, VcpuShared, VcpuStats, VcpuStatus,
+    MissingPageResolver, StartArgs, VcpuControlError, VcpuShared, VcpuStats, VcpuStatus,
 };
 use crate::vstate::vcpu::{self, VcpuBootError, VcpuCreateError, VcpuSaveError};
 use crate::vstate::vm::{self, KvmHost, VmCreateError, VmWideStateError};
@@ -73,16 +73,43 @@ pub enum ShellCreateError {
     Vm(#[from] VmCreateError),
     #[error("cannot create a vCPU")]
     Vcpu(#[from] VcpuCreateError),
+    #[error("cannot spawn a vCPU thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// vCPU threads; dropping this stops and joins any that are left.
+#[derive(Debug, Default)]
+struct VcpuThreads {
+    vcpus: Vec<Arc<VcpuShared>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl VcpuThreads {
+    fn stop(&mut self) {
+        for vcpu in &self.vcpus {
+            vcpu.request_stop();
+        }
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// A VM ready to receive state: KVM VM with irqchip and PIT, vCPUs with
-/// CPUID, and guest RAM reserved and registered. Create shells ahead of
-/// clone requests; [`crate::restore`] or [`Machine::boot`] consume one.
+/// CPUID and their (parked) threads, and guest RAM reserved and registered.
+/// Create shells ahead of clone requests; [`crate::restore`] or
+/// [`Machine::boot`] consume one.
 #[derive(Debug)]
 pub struct VmShell {
     host: Arc<KvmHost>,
     config: MachineConfig,
-    vcpus: Vec<VcpuFd>,
+    vcpus: VcpuThreads,
     vm: VmFd,
     /// Userfaultfd registration prepared for a lazy restore (dropped before
     /// `ram`).
@@ -100,9 +127,15 @@ impl VmShell {
             .map_err(|e| ShellCreateError::Reserve(config.memory_bytes, e))?;
         let vm = vm::create_vm(host)?;
         vm::register_ram(&vm, &ram)?;
-        let vcpus = (0..config.vcpus)
-            .map(|index| vcpu::create_vcpu(host, &vm, index, config.vcpus))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut vcpus = VcpuThreads::default();
+        for index in 0..config.vcpus {
+            let fd = vcpu::create_vcpu(host, &vm, index, config.vcpus)?;
+            let shared = VcpuShared::new(index, fd);
+            vcpus
+                .handles
+                .push(shared.spawn_parked().map_err(ShellCreateError::Thread)?);
+            vcpus.vcpus.push(shared);
+        }
         Ok(Self {
             host: Arc::clone(host),
             config,
@@ -151,8 +184,8 @@ impl VmShell {
         &self.vm
     }
 
-    pub(crate) fn vcpu_fds(&self) -> &[VcpuFd] {
-        &self.vcpus
+    pub(crate) fn vcpus(&self) -> &[Arc<VcpuShared>] {
+        &self.vcpus.vcpus
     }
 }
 
@@ -293,8 +326,8 @@ impl Machine {
         if let Some(fill) = &options.fill {
             fill.fill(&ram);
         }
-        for (index, fd) in shell.vcpus.iter().enumerate() {
-            vcpu::set_boot_state(fd, index as u8)?;
+        for vcpu in shell.vcpus() {
+            vcpu::set_boot_state(&vcpu.fd(), vcpu.index)?;
         }
         let bus = Arc::new(PortIoBus::new(DeviceState::default(), ram));
         Ok(Self::start(shell, bus, MemoryBacking::Anonymous))
@@ -312,25 +345,23 @@ impl Machine {
         let VmShell {
             host,
             config,
-            vcpus,
+            vcpus: mut threads,
             vm,
             ram: guest_ram,
             ..
         } = shell;
-        let vcpus: Vec<_> = vcpus
-            .into_iter()
-            .enumerate()
-            .map(|(index, fd)| VcpuShared::new(index as u8, fd))
-            .collect();
-        let threads = vcpus
-            .iter()
-            .map(|v| v.spawn(Arc::clone(&bus), ram, resolver.clone()))
-            .collect();
+        for vcpu in &threads.vcpus {
+            vcpu.start(StartArgs {
+                bus: Arc::clone(&bus),
+                ram,
+                resolver: resolver.clone(),
+            });
+        }
         Self {
             host,
             config,
-            vcpus,
-            threads,
+            vcpus: std::mem::take(&mut threads.vcpus),
+            threads: std::mem::take(&mut threads.handles),
             bus,
             backing,
             vm,

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::arch::x86_64::layout::{MAILBOX_ADDR, gpa_to_ram_offset};
@@ -33,7 +33,7 @@ use crate::vstate::{VmState, VmStateDecodeError};
 pub struct CloneSource {
     state: Arc<VmState>,
     pages: Arc<PageStore>,
-    startup_pages: Arc<OnceLock<Vec<usize>>>,
+    startup_pages: Arc<[usize]>,
 }
 
 /// Error opening a clone source.
@@ -74,10 +74,12 @@ impl CloneSource {
                 header_vcpus: contents.vcpu_count,
             });
         }
+        // Found once here, off the clone-start path.
+        let startup_pages = startup_pages(&state, &pages).into();
         Ok(Self {
             state: Arc::new(state),
             pages: Arc::new(pages),
-            startup_pages: Arc::new(OnceLock::new()),
+            startup_pages,
         })
     }
 
@@ -94,8 +96,7 @@ impl CloneSource {
     /// RAM page indices a lazily streamed clone must have before its vCPUs
     /// run: page tables, code and stack pages, GDT, IDT, mailbox.
     pub fn startup_pages(&self) -> &[usize] {
-        self.startup_pages
-            .get_or_init(|| startup_pages(&self.state, &self.pages))
+        &self.startup_pages
     }
 }
 
@@ -282,8 +283,8 @@ pub fn restore(
 
     let step = Instant::now();
     let mut refused_msrs = Vec::new();
-    for (fd, saved) in shell.vcpu_fds().iter().zip(&state.vcpus) {
-        let refused = vcpu::restore_vcpu(shell.host(), fd, saved)?;
+    for (vcpu, saved) in shell.vcpus().iter().zip(&state.vcpus) {
+        let refused = vcpu::restore_vcpu(shell.host(), &vcpu.fd(), saved)?;
         if !refused.is_empty() {
             refused_msrs.push((saved.index, refused));
         }

@@ -238,6 +238,16 @@ fn lazy_and_cow_clones_keep_writes_private() {
         &CloneMemory::Lazy(LazyOptions::default()),
     );
     let sigbus_writer = clone_of(&host, config, &source, &CloneMemory::Lazy(SIGBUS));
+    // Clones running alongside the writers.
+    let readers = [
+        clone_of(&host, config, &source, &CloneMemory::CopyOnWrite),
+        clone_of(
+            &host,
+            config,
+            &source,
+            &CloneMemory::Lazy(LazyOptions::default()),
+        ),
+    ];
     let write = TouchCommand {
         base_page,
         count: region_pages,
@@ -255,18 +265,22 @@ fn lazy_and_cow_clones_keep_writes_private() {
         let again = touch(&clone.machine, &reread);
         assert_eq!(again.args[0], write.marker.wrapping_mul(region_pages));
     }
-    // The image file and a fresh clone still hold the original data.
+    // The image file, the clones that ran alongside and a fresh clone still
+    // hold the original data.
     let store = PageStore::open(dir.path()).expect("reopen page store");
-    for page in [base_page, base_page + 1, base_page + region_pages - 1] {
+    for page in base_page..base_page + region_pages {
         assert_eq!(
             image_u64(&store, page * PAGE_SIZE as u64),
-            FILL.first_qword(page)
+            FILL.first_qword(page),
+            "image page {page}"
         );
     }
-    let reader = clone_of(&host, config, &source, &CloneMemory::CopyOnWrite);
+    let fresh = clone_of(&host, config, &source, &CloneMemory::CopyOnWrite);
     let read = TouchCommand { marker: 0, ..write };
-    let result = touch(&reader.machine, &read);
-    assert_touch(&result, &read, |page| FILL.first_qword(page));
+    for reader in readers.iter().chain([&fresh]) {
+        let result = touch(&reader.machine, &read);
+        assert_touch(&result, &read, |page| FILL.first_qword(page));
+    }
 }
 
 #[test]

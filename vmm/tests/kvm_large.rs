@@ -96,7 +96,12 @@ fn guest_ram_above_4_gib_is_captured_and_cloned() {
         CloneMemory::CopyOnWrite,
         CloneMemory::Lazy(LazyOptions::default()),
     ] {
-        let shell = VmShell::create(&host, config).expect("shell");
+        let mut shell = VmShell::create(&host, config).expect("shell");
+        if let CloneMemory::Lazy(options) = &memory {
+            shell
+                .prepare_lazy(options.clone())
+                .expect("register userfaultfd");
+        }
         let clone = restore(shell, &source, &memory).expect("restore");
         eprintln!("{memory:?}: restore {:?}", clone.timings);
         check_touches(&clone.machine, &format!("{memory:?} clone"));
