@@ -3,8 +3,10 @@
 //! removes the group after the process is gone. Hosts without a writable
 //! cgroup v2 hierarchy skip this with a logged warning.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Where cgroup v2 may be mounted: the unified layout, then the hybrid one.
 pub const CANDIDATE_ROOTS: &[&str] = &["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
@@ -43,9 +45,27 @@ pub fn vm_group(root: &Path, id: &str) -> PathBuf {
     root.join("vmstream").join(format!("vm-{id}"))
 }
 
-/// Creates the VM's group and moves the calling process into it.
+/// The VM id in a group name: `vm-<id>` or `vm-<id>~<pid>`.
+pub fn group_vm_id(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("vm-")?;
+    Some(rest.split_once('~').map_or(rest, |(id, _)| id))
+}
+
+fn populated(group: &Path) -> bool {
+    std::fs::read_to_string(group.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+}
+
+/// Creates the VM's group and moves the calling process into it. A group of
+/// that name that already holds processes (a VM of the same id under
+/// another state directory) is not shared: the group is then named
+/// `vm-<id>~<pid>`.
 pub fn join(root: &Path, id: &str) -> Result<PathBuf, CgroupError> {
-    let path = vm_group(root, id);
+    let mut path = vm_group(root, id);
+    if populated(&path) {
+        path = root
+            .join("vmstream")
+            .join(format!("vm-{id}~{}", std::process::id()));
+    }
     std::fs::create_dir_all(&path).map_err(|source| CgroupError::Create {
         path: path.clone(),
         source,
@@ -58,12 +78,44 @@ pub fn join(root: &Path, id: &str) -> Result<PathBuf, CgroupError> {
     Ok(path)
 }
 
-/// Removes an (empty) VM group; a group that is gone already is fine.
-pub fn remove(path: &Path) -> io::Result<()> {
-    match std::fs::remove_dir(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
+/// Removes a VM group; a group that is gone already is fine. A group
+/// stays busy until its last process has been reaped (an exited VM process
+/// can linger as a zombie for a moment), so EBUSY is retried until
+/// `patience` has passed.
+pub fn remove(path: &Path, patience: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match std::fs::remove_dir(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
+}
+
+/// Removes the VM groups under the first cgroup v2 root of `roots` whose
+/// VM id is not in `keep` (groups left by VMs that ended while no daemon
+/// ran). Busy groups are left alone. Returns the groups removed.
+pub fn sweep(roots: &[PathBuf], keep: &BTreeSet<String>) -> Vec<PathBuf> {
+    let Ok(root) = find_root(roots) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(root.join("vmstream")) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = group_vm_id(&name) else {
+            continue;
+        };
+        if !keep.contains(id) && std::fs::remove_dir(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }
 
 /// `usage_usec` from a group's `cpu.stat`.
@@ -92,6 +144,9 @@ mod tests {
             Some(1234)
         );
         assert_eq!(parse_cpu_usage("user_usec 1\n"), None);
+        assert_eq!(group_vm_id("vm-a.b"), Some("a.b"));
+        assert_eq!(group_vm_id("vm-a~12"), Some("a"));
+        assert_eq!(group_vm_id("other"), None);
     }
 
     #[test]

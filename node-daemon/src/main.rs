@@ -154,18 +154,24 @@ struct Args {
     cgroup: CgroupArgs,
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .init();
 }
 
 fn main() {
-    init_logging();
     let cli = Cli::parse();
+    // `ctl` prints its answer on stdout; keep its stderr for problems.
+    init_logging(if matches!(cli.mode, Some(Mode::Ctl(_))) {
+        "warn"
+    } else {
+        "info"
+    });
     let result = match cli.mode {
         None => daemon(cli.daemon),
         Some(Mode::Run(args)) => daemon(args),
@@ -174,7 +180,6 @@ fn main() {
         Some(Mode::Ctl(args)) => ctl(args),
     };
     if let Err(e) = result {
-        tracing::error!("{e}");
         eprintln!("error: {e}");
         std::process::exit(1);
     }

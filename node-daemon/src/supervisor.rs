@@ -90,7 +90,7 @@ pub enum SupervisorError {
     },
     #[error("VM {id} answered with an unreadable response: {why}")]
     BadResponse { id: String, why: String },
-    #[error("VM {id} refused {command}: {error}")]
+    #[error("VM {id}: {error}")]
     Refused {
         id: String,
         command: &'static str,
@@ -501,6 +501,10 @@ impl VmSupervisor {
                 }
             }
         }
+        let keep: BTreeSet<String> = self.table().keys().cloned().collect();
+        for group in crate::cgroup::sweep(&self.cgroup_roots, &keep) {
+            tracing::info!(cgroup = %group.display(), "removed the cgroup of a gone VM");
+        }
         Ok(report)
     }
 
@@ -656,7 +660,7 @@ fn remove_leftovers(paths: &VmPaths, record: Option<&VmRecord>) {
         tracing::warn!(dir = %paths.dir.display(), error = %e, "VM directory not removed");
     }
     if let Some(group) = record.and_then(|r| r.cgroup.as_ref())
-        && let Err(e) = crate::cgroup::remove(group)
+        && let Err(e) = crate::cgroup::remove(group, Duration::from_secs(2))
     {
         tracing::warn!(cgroup = %group.display(), error = %e, "VM cgroup not removed");
     }

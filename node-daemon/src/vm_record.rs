@@ -196,13 +196,15 @@ pub fn connect_socket(path: &Path) -> io::Result<UnixStream> {
     with_short_path(path, |p| UnixStream::connect(p))
 }
 
-/// Total size in bytes of the regular files directly in `dir`.
+/// Disk space in bytes used by the regular files directly in `dir`
+/// (allocated blocks: page stores are sparse where pages are zero).
 pub fn dir_size(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
         let meta = entry?.metadata()?;
         if meta.is_file() {
-            total += meta.len();
+            total += meta.blocks() * 512;
         }
     }
     Ok(total)
