@@ -304,7 +304,9 @@ impl VmSupervisor {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Spawns a VM process and waits until its socket answers.
+    /// Spawns a VM process and waits until its socket answers and, when it
+    /// was given something to start, until that runs (a VM that fails to
+    /// start is stopped and its log tail returned in the error).
     pub fn launch(&self, launch: &VmLaunch) -> Result<VmRecord, SupervisorError> {
         validate_id(&launch.id)?;
         let id = launch.id.clone();
@@ -323,14 +325,32 @@ impl VmSupervisor {
             .remove(&id);
         let (record, child) = result?;
         self.table().insert(
-            id,
+            id.clone(),
             VmEntry {
                 record: record.clone(),
                 child: Some(child),
                 last: None,
             },
         );
-        Ok(record)
+        if let Some(start) = &launch.start {
+            let timeout_ms = match start {
+                StartSpec::Boot {
+                    ready_timeout_ms, ..
+                } => *ready_timeout_ms,
+                StartSpec::Clone { .. } => 60_000,
+            };
+            if let Err(e) = self.call(&id, &Request::WaitRunning { timeout_ms }) {
+                let log = tail(&VmPaths::new(&self.state_dir, &id).log, 20);
+                let _ = self.stop(&id);
+                return Err(SupervisorError::LaunchFailed {
+                    id,
+                    why: crate::vm_process::chain(&e),
+                    log,
+                });
+            }
+        }
+        // The start may have updated the record (kind, image).
+        Ok(self.get(&id).unwrap_or(record))
     }
 
     fn spawn_and_wait(&self, launch: &VmLaunch) -> Result<(VmRecord, Child), SupervisorError> {
@@ -523,7 +543,7 @@ impl VmSupervisor {
         }
         let record = self.record(id)?;
         let reply = call_socket(id, &record.socket, request, request_timeout(request))?;
-        if matches!(request, Request::Start { .. })
+        if matches!(request, Request::Start { .. } | Request::WaitRunning { .. })
             && let Ok(updated) = VmRecord::read(&VmPaths::new(&self.state_dir, id).record)
             && let Some(entry) = self.table().get_mut(id)
         {

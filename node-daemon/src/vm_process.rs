@@ -217,6 +217,10 @@ pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
         std::thread::spawn(move || {
             if let Err(e) = vm.start(spec) {
                 tracing::error!(error = %e, "VM start failed");
+                // Nobody will send another start: the VM has failed.
+                let mut core = vm.lock();
+                core.failure = Some(e);
+                vm.set_phase(&mut core, VmPhase::Failed);
             }
         });
     }

@@ -410,4 +410,19 @@ fn malformed_control_frames_are_refused_and_the_vm_keeps_running() {
     );
     supervisor.stop("target").unwrap();
     assert!(!record.socket.exists());
+
+    // A VM that cannot start is reported with the reason and cleaned up.
+    let missing = state.path().join("no-such-image");
+    let err = supervisor
+        .launch(&VmLaunch {
+            start: Some(StartSpec::Clone {
+                image: missing.clone(),
+                backend: CloneBackend::CopyOnWrite,
+            }),
+            ..request_guest("broken")
+        })
+        .unwrap_err();
+    let text = vmstream_node::vm_process::chain(&err);
+    assert!(text.contains("no-such-image"), "{text}");
+    assert!(!state.path().join("vms").join("broken").exists());
 }
