@@ -18,7 +18,7 @@ use vmstream_api::v1alpha1::{
 };
 use vmstream_api::{POOL_LABEL, condition, pool_label_selector, set_condition};
 
-use super::{Context, ensure_finalizer, patch_status, remove_finalizer};
+use super::{Context, ensure_finalizer, patch_own_status, remove_finalizer};
 use crate::decide::phase::ClonePhase;
 use crate::decide::scale_in::{PoolMember, ScaleInPolicy, choose_victims};
 use crate::error::ReconcileError;
@@ -247,7 +247,7 @@ pub async fn reconcile(pool: Arc<ClonePool>, ctx: Arc<Context>) -> Result<Action
         && current.observed_generation == pool.meta().generation
         && current.conditions == conditions;
     if !unchanged {
-        patch_status(&pools, &pool, status).await?;
+        patch_own_status(&pools, &pool, status).await?;
     }
     ctx.succeeded(&pool);
     Ok(Action::requeue(ctx.config.recheck_interval() * 4))

@@ -200,6 +200,32 @@ where
         })
 }
 
+/// Merge-patch `status` of an object whose status only the operator writes
+/// (ClonePool, VMAutoscaler): no resourceVersion precondition, so a watch
+/// cache lagging behind our own last write costs no conflict round.
+pub async fn patch_own_status<K>(
+    api: &Api<K>,
+    obj: &K,
+    status: serde_json::Value,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let name = name_of(obj)?;
+    api.patch_status(
+        &name,
+        &patch_params(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await
+    .map_err(|source| ReconcileError::Patch {
+        kind: kind_str::<K>(),
+        what: "status",
+        name,
+        source,
+    })
+}
+
 /// Merge-patch `metadata.labels` of `obj` (resourceVersion precondition).
 pub async fn patch_labels<K>(
     api: &Api<K>,

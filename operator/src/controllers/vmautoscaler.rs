@@ -20,7 +20,7 @@ use vmstream_api::v1alpha1::{
 use vmstream_api::{condition, set_condition};
 
 use super::clonepool::pool_clones;
-use super::{Context, now_time, patch_params, patch_status};
+use super::{Context, now_time, patch_own_status, patch_params};
 use crate::cluster::key;
 use crate::decide::autoscale::{
     self, AutoscaleInput, CloneReadiness, CloneSample, MetricSource, MetricSpec, MetricTarget,
@@ -136,7 +136,7 @@ pub async fn reconcile(
             ),
         );
         if conditions != status.conditions {
-            patch_status(&api, vmas.as_ref(), json!({ "conditions": conditions })).await?;
+            patch_own_status(&api, vmas.as_ref(), json!({ "conditions": conditions })).await?;
         }
         ctx.succeeded(vmas.as_ref());
         return Ok(every);
@@ -248,7 +248,7 @@ pub async fn reconcile(
         );
     }
     let time = |t: Timestamp| Time(t);
-    patch_status(
+    patch_own_status(
         &api,
         vmas.as_ref(),
         json!({
