@@ -14,7 +14,10 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use vmstream_api::NODE_LABEL;
-use vmstream_api::v1alpha1::{ClonePool, VMAutoscaler, VMClone, VMClonePhase};
+use vmstream_api::v1alpha1::{
+    ClonePool, LiveImage, LiveImagePhase, VMAutoscaler, VMClone, VMClonePhase, VMMigration,
+    VMMigrationPhase,
+};
 use vmstream_testenv::{ControlPlane, require_control_plane};
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -371,5 +374,144 @@ async fn vmautoscaler_scales_a_pool_up_and_down_from_node_metrics() {
         ],
     );
     assert!(events.contains("SuccessfulRescale"), "{events}");
+    node.delete(&client).await;
+}
+
+async fn create_migration(client: &kube::Client, ns: &str, name: &str, spec: serde_json::Value) {
+    let migrations: Api<VMMigration> = Api::namespaced(client.clone(), ns);
+    let mig: VMMigration = serde_json::from_value(json!({
+        "apiVersion": "vmstream.io/v1alpha1", "kind": "VMMigration",
+        "metadata": { "name": name }, "spec": spec,
+    }))
+    .unwrap();
+    migrations
+        .create(&PostParams::default(), &mig)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_is_scheduled_validated_and_times_out() {
+    let cp = require_control_plane!("operator::migration_is_scheduled_validated_and_times_out");
+    let (client, ns) = setup(cp, "op-mig").await;
+    let ns = ns.name().to_owned();
+    let a = FakeNode::start(&client, &ns, &format!("{ns}-a"), 64 * GIB).await;
+    let b = FakeNode::start(&client, &ns, &format!("{ns}-b"), 64 * GIB).await;
+    let _op = Operator::start(cp, &ns, "op-1", &[]);
+    create_image(&client, &ns, "img").await;
+    wait_image_ready(&client, &ns, "img").await;
+    create_clone(&client, &ns, "vm", Some(&a.name)).await;
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), &ns);
+    eventually("vm running", LIMIT, || async {
+        (clones.get("vm").await.ok()?.phase() == VMClonePhase::Running).then_some(())
+    })
+    .await;
+    let migrations: Api<VMMigration> = Api::namespaced(client.clone(), &ns);
+    let settled = |name: &'static str| {
+        let migrations = migrations.clone();
+        async move {
+            eventually(name, LIMIT, || async {
+                let m = migrations.get(name).await.ok()?;
+                let s = m.status.clone()?;
+                matches!(
+                    s.phase,
+                    Some(VMMigrationPhase::Scheduled | VMMigrationPhase::Failed)
+                )
+                .then_some(m)
+            })
+            .await
+        }
+    };
+
+    // No target given: placement picks the other live node.
+    create_migration(&client, &ns, "auto", json!({ "vmClone": "vm" })).await;
+    let m = settled("auto").await;
+    let s = m.status.clone().unwrap();
+    assert_eq!(
+        s.phase,
+        Some(VMMigrationPhase::Scheduled),
+        "{:?}",
+        s.message
+    );
+    assert_eq!(s.source_node.as_deref(), Some(a.name.as_str()));
+    assert_eq!(s.target_node.as_deref(), Some(b.name.as_str()));
+    assert_eq!(m.labels().get(NODE_LABEL), Some(&b.name));
+
+    // Target equal to the clone's node: refused.
+    create_migration(
+        &client,
+        &ns,
+        "same",
+        json!({ "vmClone": "vm", "targetNode": a.name }),
+    )
+    .await;
+    let s = settled("same").await.status.unwrap();
+    assert_eq!(s.phase, Some(VMMigrationPhase::Failed));
+    assert!(s.message.unwrap().contains("current node"));
+
+    // Unknown clone: refused.
+    create_migration(&client, &ns, "ghost", json!({ "vmClone": "nope" })).await;
+    let s = settled("ghost").await.status.unwrap();
+    assert!(s.message.unwrap().contains("not found"));
+
+    // Scheduled but no daemon ever reports: fails at its timeout.
+    create_migration(
+        &client,
+        &ns,
+        "slow",
+        json!({ "vmClone": "vm", "timeoutSeconds": 2 }),
+    )
+    .await;
+    let s = eventually("slow fails", LIMIT, || async {
+        let s = migrations.get("slow").await.ok()?.status?;
+        (s.phase == Some(VMMigrationPhase::Failed)).then_some(s)
+    })
+    .await;
+    assert!(s.message.unwrap().contains("timed out after 2s"));
+    a.delete(&client).await;
+    b.delete(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_image_deletion_waits_for_its_clones() {
+    let cp = require_control_plane!("operator::live_image_deletion_waits_for_its_clones");
+    let (client, ns) = setup(cp, "op-img").await;
+    let ns = ns.name().to_owned();
+    let node = FakeNode::start(&client, &ns, &format!("{ns}-a"), 64 * GIB).await;
+    let _op = Operator::start(cp, &ns, "op-1", &[]);
+    create_image(&client, &ns, "img").await;
+    wait_image_ready(&client, &ns, "img").await;
+    let images: Api<LiveImage> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(
+        images.get("img").await.unwrap().labels().get(NODE_LABEL),
+        Some(&node.name)
+    );
+    create_clone(&client, &ns, "user", None).await;
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), &ns);
+    eventually("user running", LIMIT, || async {
+        (clones.get("user").await.ok()?.phase() == VMClonePhase::Running).then_some(())
+    })
+    .await;
+
+    images.delete("img", &Default::default()).await.unwrap();
+    let blocked = eventually("image Deleting", LIMIT, || async {
+        let i = images.get("img").await.ok()?;
+        (i.phase() == LiveImagePhase::Deleting).then_some(i)
+    })
+    .await;
+    assert!(
+        blocked
+            .status
+            .unwrap()
+            .message
+            .unwrap()
+            .contains("1 VMClone")
+    );
+
+    clones.delete("user", &Default::default()).await.unwrap();
+    eventually("image gone after its clone", LIMIT, || async {
+        images.get_opt("img").await.ok()?.is_none().then_some(())
+    })
+    .await;
     node.delete(&client).await;
 }
