@@ -621,13 +621,13 @@ impl VmSupervisor {
         self.table().get(id).map(|e| e.record.clone())
     }
 
-    /// Usage of every VM owned by a Kubernetes object (rates against the
-    /// previous call).
+    /// Usage of every VM owned by a VMClone (rates against the previous
+    /// call).
     pub fn sample_usage(&self) -> Vec<VmUsage> {
         let owned: Vec<(String, VmRecord)> = self
             .table()
             .iter()
-            .filter(|(_, e)| e.record.owner.is_some())
+            .filter(|(_, e)| e.record.owner.as_ref().is_some_and(|o| o.kind == "VMClone"))
             .map(|(id, e)| (id.clone(), e.record.clone()))
             .collect();
         let mut usage = Vec::new();
