@@ -206,3 +206,59 @@ pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError>
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use vmstream_api::v1alpha1::VMNodeSpec;
+
+    fn lease(duration: Option<i32>) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime("2026-01-01T00:00:00Z".parse().unwrap())),
+                lease_duration_seconds: duration,
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        }
+    }
+
+    #[test]
+    fn heartbeat_uses_lease_duration_else_the_timeout() {
+        let fallback = Duration::from_secs(40);
+        assert_eq!(
+            heartbeat_of(&lease(Some(10)), fallback)
+                .unwrap()
+                .lease_duration_seconds,
+            10
+        );
+        assert_eq!(
+            heartbeat_of(&lease(None), fallback)
+                .unwrap()
+                .lease_duration_seconds,
+            40
+        );
+        assert!(heartbeat_of(&Lease::default(), fallback).is_none());
+    }
+
+    #[test]
+    fn maintenance_annotation_makes_a_node_unschedulable() {
+        let mut node = VMNode::new("n", VMNodeSpec::default());
+        assert!(!unschedulable(&node));
+        node.annotations_mut()
+            .insert(MAINTENANCE_ANNOTATION.into(), "false".into());
+        assert!(!unschedulable(&node));
+        node.annotations_mut()
+            .insert(MAINTENANCE_ANNOTATION.into(), "kernel upgrade".into());
+        assert!(unschedulable(&node));
+        let cordoned = VMNode::new(
+            "m",
+            VMNodeSpec {
+                unschedulable: true,
+            },
+        );
+        assert!(unschedulable(&cordoned));
+    }
+}

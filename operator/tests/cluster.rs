@@ -211,6 +211,11 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     wait_pool_size(&client, &ns, "svc", 4).await;
     assert_eq!(b.metric("vmstream_operator_is_leader").await, 1.0);
     assert!(b.metric("vmstream_operator_reconciles_total").await > 0.0);
+
+    // A leader asked to stop gives the Lease up instead of letting it expire.
+    let mut b = b;
+    assert!(b.terminate(), "op-b did not exit cleanly on SIGTERM");
+    assert_eq!(leader(&client, &ns).await, None);
     node.delete(&client).await;
 }
 

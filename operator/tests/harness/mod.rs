@@ -111,6 +111,15 @@ impl Operator {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, then wait for the exit; true when it exited with success.
+    pub fn terminate(&mut self) -> bool {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        sent && self.child.wait().is_ok_and(|s| s.success())
+    }
+
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
