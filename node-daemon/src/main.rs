@@ -307,7 +307,8 @@ async fn run(args: Args) -> MainResult {
         address: args.stream_addr.clone(),
     };
     let report = SharedReport::default();
-    node_status::publish(&client, &identity, &report.read().unwrap().clone()).await?;
+    let snapshot = report.read().map(|r| r.clone()).unwrap_or_default();
+    node_status::publish(&client, &identity, &snapshot).await?;
     tracing::info!(node = %node_name, "node daemon running");
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -267,12 +267,18 @@ pub enum ActionError {
         namespace: String,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error(transparent)]
-    Supervisor(#[from] SupervisorError),
+    Supervisor(Box<SupervisorError>),
     #[error("{0}")]
     Local(String),
+}
+
+impl From<SupervisorError> for ActionError {
+    fn from(e: SupervisorError) -> Self {
+        Self::Supervisor(Box::new(e))
+    }
 }
 
 /// Shared state of the sync loop.
@@ -507,7 +513,7 @@ impl NodeActions {
             kind: "LiveImage",
             namespace: ns,
             name: image.name_any(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(())
     }
@@ -552,7 +558,7 @@ impl NodeActions {
             kind: "VMClone",
             namespace: ns,
             name: clone.name_any(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(())
     }

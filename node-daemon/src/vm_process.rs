@@ -118,6 +118,32 @@ struct Core {
     responses_at_start: u64,
 }
 
+/// A started VM.
+struct Started {
+    machine: Arc<Machine>,
+    report: StartReport,
+    kind: VmKind,
+    image: Option<PathBuf>,
+}
+
+/// A failed start: what remains of the VM (a shell that was not consumed
+/// lets the VM stay warm).
+struct StartFailure {
+    message: String,
+    machine: Option<Arc<Machine>>,
+    shell: Option<VmShell>,
+}
+
+impl StartFailure {
+    fn boxed(message: String, machine: Option<Arc<Machine>>, shell: Option<VmShell>) -> Box<Self> {
+        Box::new(Self {
+            message,
+            machine,
+            shell,
+        })
+    }
+}
+
 struct Vm {
     paths: VmPaths,
     config: MachineConfig,
@@ -372,7 +398,12 @@ impl Vm {
         let outcome = self.start_in(shell, preloaded, &spec, requested);
         let mut core = self.lock();
         match outcome {
-            Ok((machine, report, kind, image)) => {
+            Ok(Started {
+                machine,
+                report,
+                kind,
+                image,
+            }) => {
                 core.responses_at_start = responses(&machine);
                 core.machine = Some(machine);
                 core.start = Some(report.clone());
@@ -384,7 +415,12 @@ impl Vm {
                 self.set_phase(&mut core, VmPhase::Running);
                 Ok(report)
             }
-            Err((message, machine, shell)) => {
+            Err(failure) => {
+                let StartFailure {
+                    message,
+                    machine,
+                    shell,
+                } = *failure;
                 core.machine = machine;
                 if let Some(shell) = shell {
                     // Nothing consumed the shell: the VM stays warm.
@@ -399,17 +435,13 @@ impl Vm {
         }
     }
 
-    #[allow(clippy::type_complexity)]
     fn start_in(
         &self,
         shell: VmShell,
         preloaded: Option<(PathBuf, CloneSource)>,
         spec: &StartSpec,
         requested: Instant,
-    ) -> Result<
-        (Arc<Machine>, StartReport, VmKind, Option<PathBuf>),
-        (String, Option<Arc<Machine>>, Option<VmShell>),
-    > {
+    ) -> Result<Started, Box<StartFailure>> {
         let mut report = StartReport {
             shell_created_ms: self.shell_created_ms,
             warm: true,
@@ -429,7 +461,7 @@ impl Vm {
                 let machine = Machine::boot(shell, *guest, &options)
                     .map(Arc::new)
                     .map_err(|e| {
-                        (
+                        StartFailure::boxed(
                             format!("booting {}: {}", guest.name(), chain(&e)),
                             None,
                             None,
@@ -444,7 +476,7 @@ impl Vm {
                     |r| r.kind == report::READY,
                 );
                 if ready.is_none() {
-                    return Err((
+                    return Err(StartFailure::boxed(
                         format!(
                             "the {} guest did not report READY within {ready_timeout_ms} ms",
                             guest.name()
@@ -454,7 +486,12 @@ impl Vm {
                     ));
                 }
                 report.first_exit_ms = Some(ms(requested.elapsed()));
-                Ok((machine, report, VmKind::Boot, None))
+                Ok(Started {
+                    machine,
+                    report,
+                    kind: VmKind::Boot,
+                    image: None,
+                })
             }
             StartSpec::Clone { image, backend } => {
                 let source = match preloaded {
@@ -464,7 +501,7 @@ impl Vm {
                         Err(e) => {
                             let message =
                                 format!("opening live image {}: {}", image.display(), chain(&e));
-                            return Err((message, None, Some(shell)));
+                            return Err(StartFailure::boxed(message, None, Some(shell)));
                         }
                     },
                 };
@@ -480,14 +517,14 @@ impl Vm {
                         self.config.vcpus,
                         self.config.memory_bytes
                     );
-                    return Err((message, None, Some(shell)));
+                    return Err(StartFailure::boxed(message, None, Some(shell)));
                 }
                 let memory = match backend {
                     CloneBackend::CopyOnWrite => CloneMemory::CopyOnWrite,
                     CloneBackend::Lazy => CloneMemory::Lazy(LazyOptions::default()),
                 };
                 let restored = restore(shell, &source, &memory).map_err(|e| {
-                    (
+                    StartFailure::boxed(
                         format!("starting a clone of {}: {}", image.display(), chain(&e)),
                         None,
                         None,
@@ -499,12 +536,12 @@ impl Vm {
                         .first_exit()
                         .map_or(0.0, |t| ms(t - requested))
                 });
-                Ok((
-                    Arc::new(restored.machine),
+                Ok(Started {
+                    machine: Arc::new(restored.machine),
                     report,
-                    VmKind::Clone,
-                    Some(image.clone()),
-                ))
+                    kind: VmKind::Clone,
+                    image: Some(image.clone()),
+                })
             }
         }
     }
