@@ -241,7 +241,7 @@ pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
     if let Some(spec) = config.start.clone() {
         let vm = Arc::clone(&vm);
         std::thread::spawn(move || {
-            if let Err(e) = vm.start(spec) {
+            if let Err(e) = vm.start(spec, false) {
                 tracing::error!(error = %e, "VM start failed");
                 // Nobody will send another start: the VM has failed.
                 let mut core = vm.lock();
@@ -361,7 +361,7 @@ impl Vm {
                     phase,
                 })
             }
-            Request::Start { spec } => self.start(spec).map(Reply::Started),
+            Request::Start { spec } => self.start(spec, true).map(Reply::Started),
             Request::Pause => self.pause(),
             Request::Resume => self.resume(),
             Request::Capture { dir } => self.capture(&dir).map(Reply::Captured),
@@ -385,7 +385,8 @@ impl Vm {
         }
     }
 
-    fn start(&self, spec: StartSpec) -> Result<StartReport, String> {
+    /// Starts the VM; `warm`: the start came as a request to a waiting shell.
+    fn start(&self, spec: StartSpec, warm: bool) -> Result<StartReport, String> {
         let requested = Instant::now();
         let (shell, preloaded) = {
             let mut core = self.lock();
@@ -395,7 +396,7 @@ impl Vm {
             self.set_phase(&mut core, VmPhase::Starting);
             (shell, core.preloaded.take())
         };
-        let outcome = self.start_in(shell, preloaded, &spec, requested);
+        let outcome = self.start_in(shell, preloaded, &spec, requested, warm);
         let mut core = self.lock();
         match outcome {
             Ok(Started {
@@ -441,10 +442,11 @@ impl Vm {
         preloaded: Option<(PathBuf, CloneSource)>,
         spec: &StartSpec,
         requested: Instant,
+        warm: bool,
     ) -> Result<Started, Box<StartFailure>> {
         let mut report = StartReport {
             shell_created_ms: self.shell_created_ms,
-            warm: true,
+            warm,
             ..StartReport::default()
         };
         match spec {

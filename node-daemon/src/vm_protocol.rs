@@ -123,7 +123,8 @@ pub struct StartReport {
     /// Start request until vCPU 0 first came back from the guest (clones),
     /// or until the READY report (booted guests).
     pub first_exit_ms: Option<f64>,
-    /// Whether the shell was created before the start request arrived.
+    /// Whether the start was a request to a waiting (warm) shell rather
+    /// than given on the VM process's command line.
     pub warm: bool,
 }
 
