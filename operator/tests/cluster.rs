@@ -442,12 +442,24 @@ async fn migration_is_scheduled_validated_and_times_out() {
     assert_eq!(s.target_node.as_deref(), Some(b.name.as_str()));
     assert_eq!(m.labels().get(NODE_LABEL), Some(&b.name));
 
-    // Target equal to the clone's node: refused.
+    // The daemons report success: the clone is handed to the target node.
+    let done = json!({ "status": { "phase": "Succeeded", "downtimeMs": 1.5 } });
+    migrations
+        .patch_status("auto", &Default::default(), &kube::api::Patch::Merge(&done))
+        .await
+        .unwrap();
+    eventually("clone relabelled to the target", LIMIT, || async {
+        let c = clones.get("vm").await.ok()?;
+        (c.labels().get(NODE_LABEL) == Some(&b.name)).then_some(())
+    })
+    .await;
+
+    // Target equal to the clone's (new) node: refused.
     create_migration(
         &client,
         &ns,
         "same",
-        json!({ "vmClone": "vm", "targetNode": a.name }),
+        json!({ "vmClone": "vm", "targetNode": b.name }),
     )
     .await;
     let s = settled("same").await.status.unwrap();

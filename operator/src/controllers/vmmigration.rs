@@ -41,6 +41,43 @@ async fn alive(ctx: &Context, node: Option<&str>) -> Result<bool, ReconcileError
     }
 }
 
+/// After a successful migration the VM runs on the target: point the
+/// clone's `vmstream.io/node` label there, so the target's daemon owns it
+/// from now on (daemons may not write labels; the operator places).
+async fn hand_clone_to_target(
+    ctx: &Context,
+    clones: &Api<VMClone>,
+    mig: &VMMigration,
+    target: Option<&str>,
+) -> Result<(), ReconcileError> {
+    let Some(target) = target else {
+        return Ok(());
+    };
+    let clone = clones
+        .get_opt(&mig.spec.vm_clone)
+        .await
+        .map_err(|source| ReconcileError::Get {
+            kind: "VMClone",
+            name: mig.spec.vm_clone.clone(),
+            source,
+        })?;
+    let Some(clone) = clone else { return Ok(()) };
+    if clone.labels().get(NODE_LABEL).map(String::as_str) == Some(target)
+        || clone.meta().deletion_timestamp.is_some()
+    {
+        return Ok(());
+    }
+    patch_labels(clones, &clone, json!({ NODE_LABEL: target })).await?;
+    ctx.event(
+        &clone,
+        false,
+        "Migrated",
+        format!("now on node {target} (VMMigration {})", mig.name_any()),
+    )
+    .await;
+    Ok(())
+}
+
 pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let ns = mig
         .namespace()
@@ -48,6 +85,10 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
     let api: Api<VMMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let status = mig.status.clone().unwrap_or_default();
     let phase = status.phase.map(migration_phase);
+    let clones: Api<VMClone> = Api::namespaced(ctx.client.clone(), &ns);
+    if phase == Some(MigrationPhase::Succeeded) {
+        hand_clone_to_target(&ctx, &clones, &mig, status.target_node.as_deref()).await?;
+    }
     if matches!(
         phase,
         Some(MigrationPhase::Succeeded | MigrationPhase::Failed)
@@ -55,7 +96,6 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
         ctx.succeeded(mig.as_ref());
         return Ok(Action::await_change());
     }
-    let clones: Api<VMClone> = Api::namespaced(ctx.client.clone(), &ns);
     let clone = clones
         .get_opt(&mig.spec.vm_clone)
         .await
