@@ -50,6 +50,9 @@ pub struct SourceOptions {
     pub link_timeout: Duration,
     /// How long a broken link may take to come back after the switch-over.
     pub recovery_timeout: Duration,
+    /// Most bytes per second the background push may use (fault answers
+    /// are never held back).
+    pub bandwidth_limit: Option<u64>,
 }
 
 impl SourceOptions {
@@ -63,6 +66,7 @@ impl SourceOptions {
             switchover_timeout: Duration::from_secs(10),
             link_timeout: Duration::from_millis(1500),
             recovery_timeout: Duration::from_secs(60),
+            bandwidth_limit: None,
         }
     }
 }
@@ -412,11 +416,12 @@ pub fn migrate(
                     .map(|(c, r)| c & !r)
                     .collect();
                 order = PushOrder::new(pending, memory.pages());
-                for (i, w) in resolved.iter().enumerate() {
-                    let mut bits = *w;
-                    while bits != 0 {
-                        sent.set(i * 64 + bits.trailing_zeros() as usize);
-                        bits &= bits - 1;
+                // What went out but did not arrive must go again.
+                for page in 0..memory.pages() {
+                    if resolved[page / 64] & (1 << (page % 64)) != 0 {
+                        sent.set(page);
+                    } else {
+                        sent.clear(page);
                     }
                 }
             }
@@ -628,6 +633,8 @@ fn postcopy_epoch(
                 }
             }
         });
+        let push_started = Instant::now();
+        let mut pushed = 0u64;
         let mut push = || -> std::io::Result<()> {
             {
                 let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
@@ -648,6 +655,14 @@ fn postcopy_epoch(
                 };
                 let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
                 sender.send_run(&mut w, first, count, 0)?;
+                drop(w);
+                pushed += (count * PAGE_SIZE) as u64;
+                if let Some(limit) = options.bandwidth_limit {
+                    let due = Duration::from_secs_f64(pushed as f64 / limit.max(1) as f64);
+                    if let Some(wait) = due.checked_sub(push_started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
             }
             let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
             sender.frame(&mut w, &Header::new(Command::Done), &[])?;

@@ -123,3 +123,82 @@ fn memory_clone_checksums_match_and_only_written_pages_cross() {
     assert!(report.pages_sent >= 100, "{report:?}");
     assert!(report.pages_sent < 140, "{report:?}");
 }
+
+/// The memory guest writes a marker into every page of a region (three
+/// passes, reading back the markers) while the VM migrates; the result it
+/// reports on the target must be exactly what the host computes.
+fn write_workload_completes(mode: MigrationMode, test: &str) {
+    let Some(host) = host_or_skip(test, &[]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1, 64);
+    let options = BootOptions {
+        params: vec![],
+        fill: Some(fill()),
+    };
+    let (source, image) = lazy_clone(&host, cfg, GuestProgram::Memory, &options, dir.path());
+    let first = DATA_START / PAGE_SIZE as u64;
+    let region = 8192;
+    let cmd = vmstream_vmm::guests::TouchCommand {
+        marker: 0x5151_0000_0000_0001,
+        count: 16 * region,
+        ..touch_all(first, region)
+    };
+    let expected = cmd.expected(|p| fill().first_qword(p));
+    let since = source.mailbox().next_report_index();
+    let sequence = source.mailbox().submit(
+        0,
+        vmstream_vmm::devices::mailbox::request::TOUCH,
+        cmd.args(),
+    );
+    // Let the writes get going.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opts = target_options(&host, Some(Arc::clone(image.pages())));
+    let target = std::thread::spawn(move || receive(&listener, &opts, None));
+    let mut sopts = SourceOptions::new(mode, token());
+    sopts.limits.downtime_target = std::time::Duration::from_millis(5);
+    let report = migrate(&source, addr, &sopts).expect("migrate");
+    let received = target.join().unwrap().expect("receive");
+    let done_on_source = source
+        .mailbox()
+        .wait_report(since, std::time::Duration::ZERO, |r| r.args[7] == sequence)
+        .is_some();
+    source.stop();
+    eprintln!("{mode:?} report: {report:#?}");
+    assert!(
+        !done_on_source,
+        "the touch finished before the migration; make it longer"
+    );
+    let result = received
+        .vm
+        .mailbox()
+        .wait_report(0, TIMEOUT, |r| {
+            r.kind == vmstream_vmm::devices::mailbox::report::RESULT && r.args[7] == sequence
+        })
+        .expect("result on the target");
+    assert_eq!(
+        [result.args[0], result.args[1], result.args[2]],
+        [expected.sum, expected.xor, expected.pages]
+    );
+    if mode != MigrationMode::Postcopy {
+        assert!(report.precopy_rounds >= 1);
+    }
+}
+
+#[test]
+fn write_workload_postcopy() {
+    write_workload_completes(MigrationMode::Postcopy, "write_workload_postcopy");
+}
+
+#[test]
+fn write_workload_precopy() {
+    write_workload_completes(MigrationMode::Precopy, "write_workload_precopy");
+}
+
+#[test]
+fn write_workload_hybrid() {
+    write_workload_completes(MigrationMode::Hybrid, "write_workload_hybrid");
+}
