@@ -153,8 +153,9 @@ struct Vm {
     capture_lock: Mutex<()>,
 }
 
+/// Milliseconds with microsecond resolution (status fields stay readable).
 fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 fn now_ms() -> u64 {
