@@ -10,7 +10,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
-use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMNode};
+use vmstream_api::v1alpha1::{
+    LiveImage, LiveImagePhase, VMClone, VMMigration, VMMigrationPhase, VMNode,
+};
 use vmstream_api::{HEARTBEAT_LEASE_PREFIX, MAINTENANCE_ANNOTATION, NODE_LABEL};
 
 use crate::controllers::Context;
@@ -113,8 +115,8 @@ pub fn unschedulable(node: &VMNode) -> bool {
 }
 
 /// Facts about every VMNode for placement: heartbeat, labels, capacity, and
-/// the memory of the VMs (clones not yet stopped, images being built) placed
-/// there.
+/// the memory of the VMs placed there (clones not yet stopped, boot images
+/// being built, clones migrating in).
 pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError> {
     let client = ctx.client.clone();
     let nodes = Api::<VMNode>::all(client.clone())
@@ -132,7 +134,7 @@ pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError>
             kind: "LiveImage",
             source,
         })?;
-    let clones = Api::<VMClone>::all(client)
+    let clones = Api::<VMClone>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map_err(|source| ReconcileError::List {
@@ -165,6 +167,39 @@ pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError>
         let entry = committed.entry(node).or_default();
         entry.0 += memory_of.get(&image).copied().unwrap_or(0);
         entry.1 += 1;
+    }
+    // A migration in flight brings its clone's memory to the target.
+    let migrations = Api::<VMMigration>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List {
+            kind: "VMMigration",
+            source,
+        })?;
+    let clone_memory: BTreeMap<String, u64> = clones
+        .items
+        .iter()
+        .map(|c| {
+            let ns = c.namespace().unwrap_or_default();
+            let image = key(&ns, &c.spec.live_image);
+            (
+                key(&ns, &c.name_any()),
+                memory_of.get(&image).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    for mig in &migrations.items {
+        let status = mig.status.clone().unwrap_or_default();
+        let in_flight = matches!(
+            status.phase,
+            Some(VMMigrationPhase::Scheduled | VMMigrationPhase::Running)
+        );
+        if let (true, Some(target)) = (in_flight, status.target_node) {
+            let clone = key(&mig.namespace().unwrap_or_default(), &mig.spec.vm_clone);
+            let entry = committed.entry(target).or_default();
+            entry.0 += clone_memory.get(&clone).copied().unwrap_or(0);
+            entry.1 += 1;
+        }
     }
     for image in &images.items {
         let building = matches!(

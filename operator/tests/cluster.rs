@@ -532,3 +532,63 @@ async fn live_image_deletion_waits_for_its_clones() {
     .await;
     node.delete(&client).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_placements_never_overcommit_a_node() {
+    let cp = require_control_plane!("operator::concurrent_placements_never_overcommit_a_node");
+    let (client, ns) = setup(cp, "op-full").await;
+    let ns = ns.name().to_owned();
+    // Room for exactly three 64 MiB clones (overcommit ratio 1.0).
+    let node = FakeNode::start(&client, &ns, &format!("{ns}-a"), 3 * (64 << 20)).await;
+    let _op = Operator::start(cp, &ns, "op-1", &[]);
+    let images: Api<LiveImage> = Api::namespaced(client.clone(), &ns);
+    // The image is built elsewhere: Ready without occupying this node.
+    let image: LiveImage = serde_json::from_value(json!({
+        "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
+        "metadata": { "name": "img" },
+        "spec": { "source": { "boot": { "guest": "Counter", "memoryMiB": 64 } },
+                  "placement": { "nodeName": "elsewhere" } },
+    }))
+    .unwrap();
+    images.create(&PostParams::default(), &image).await.unwrap();
+    let ready = json!({ "status": { "phase": "Ready", "memoryBytes": 64u64 << 20 } });
+    eventually("image status written", LIMIT, || async {
+        images
+            .patch_status("img", &Default::default(), &kube::api::Patch::Merge(&ready))
+            .await
+            .ok()
+    })
+    .await;
+
+    create_pool(&client, &ns, "many", "img", 6).await;
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), &ns);
+    let (placed, pending) = eventually("3 placed, 3 refused for memory", LIMIT, || async {
+        let all = clones.list(&ListParams::default()).await.ok()?.items;
+        let placed = all
+            .iter()
+            .filter(|c| c.labels().contains_key(NODE_LABEL))
+            .count();
+        let refused = all
+            .iter()
+            .filter(|c| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.message.as_deref())
+                    .is_some_and(|m| m.contains("1 insufficient memory"))
+            })
+            .count();
+        (all.len() == 6 && placed + refused == 6).then_some((placed, refused))
+    })
+    .await;
+    assert_eq!((placed, pending), (3, 3));
+    // And it stays that way.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = clones.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(
+        all.iter()
+            .filter(|c| c.labels().contains_key(NODE_LABEL))
+            .count(),
+        3
+    );
+    node.delete(&client).await;
+}

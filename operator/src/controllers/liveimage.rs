@@ -228,6 +228,7 @@ async fn place_boot(
         overcommit_ratio: ctx.config.overcommit_ratio,
         now: Timestamp::now(),
     };
+    let _placing = ctx.placement_lock.lock().await;
     match place(&request, &node_facts(ctx).await?, &policy) {
         Ok(node) => schedule_on(ctx, api, image, &node).await,
         Err(why) => pending(api, image, why.to_string()).await,

@@ -43,6 +43,9 @@ pub struct Context {
     /// When each periodic object (VMAutoscaler) was last evaluated, by
     /// object and generation.
     last_pass: Mutex<HashMap<String, Instant>>,
+    /// Held from reading node facts to writing the chosen node, so two
+    /// concurrent reconciles never both count the same free memory.
+    pub placement_lock: tokio::sync::Mutex<()>,
 }
 
 impl Context {
@@ -58,6 +61,7 @@ impl Context {
             config,
             failures: Mutex::new(HashMap::new()),
             last_pass: Mutex::new(HashMap::new()),
+            placement_lock: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -177,6 +177,7 @@ async fn place_clone(
         overcommit_ratio: ctx.config.overcommit_ratio,
         now: Timestamp::now(),
     };
+    let _placing = ctx.placement_lock.lock().await;
     let nodes = node_facts(ctx).await?;
     match place(&request, &nodes, &policy) {
         Ok(node) => {

@@ -132,11 +132,16 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
     };
 
     // Placement needs the cluster's node facts: gather them only when the
-    // step can ask for a target.
-    let candidates = if phase.is_none_or(|p| p == MigrationPhase::Pending)
+    // step can ask for a target (under the placement lock until written).
+    let needs_target = phase.is_none_or(|p| p == MigrationPhase::Pending)
         && mig.spec.target_node.is_none()
-        && clone.is_some()
-    {
+        && clone.is_some();
+    let _placing = if needs_target {
+        Some(ctx.placement_lock.lock().await)
+    } else {
+        None
+    };
+    let candidates = if needs_target {
         let memory = match &clone {
             Some(c) => Api::<LiveImage>::namespaced(ctx.client.clone(), &ns)
                 .get_opt(&c.spec.live_image)

@@ -127,7 +127,8 @@ pub fn image_step(facts: &ImageFacts) -> ImageStep {
         };
     }
     match (&facts.node, facts.phase) {
-        (_, Some(Failed)) => ImageStep::Nothing,
+        // Built (or given up): nothing left for the operator to place.
+        (_, Some(Failed | Ready)) => ImageStep::Nothing,
         (None, _) if facts.boot_source => ImageStep::PlaceBoot,
         (None, _) => ImageStep::FollowSourceClone,
         (Some(_), Some(Scheduled | Booting | Capturing)) if !facts.node_alive => {
@@ -382,6 +383,10 @@ mod tests {
         );
         assert_eq!(
             image_step(&image(Some(ImagePhase::Failed), None, false)),
+            ImageStep::Nothing
+        );
+        assert_eq!(
+            image_step(&image(Some(ImagePhase::Ready), None, false)),
             ImageStep::Nothing
         );
     }
