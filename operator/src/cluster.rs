@@ -4,7 +4,7 @@
 //! operator sees every object it created before it died.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
@@ -15,7 +15,7 @@ use vmstream_api::v1alpha1::{
 };
 use vmstream_api::{HEARTBEAT_LEASE_PREFIX, MAINTENANCE_ANNOTATION, NODE_LABEL};
 
-use crate::controllers::Context;
+use crate::controllers::{Context, HEARTBEAT_CACHE_TTL};
 use crate::decide::placement::{Heartbeat, NodeFacts};
 use crate::error::ReconcileError;
 
@@ -56,20 +56,20 @@ pub async fn heartbeats(ctx: &Context) -> Result<BTreeMap<String, Heartbeat>, Re
         .collect())
 }
 
-/// Whether `node`'s heartbeat is fresh now.
+/// Whether `node`'s heartbeat is fresh now. One Lease list serves every
+/// check for [`HEARTBEAT_CACHE_TTL`], so rechecking N placed VMs costs at
+/// most one list per TTL instead of N reads.
 pub async fn node_alive(ctx: &Context, node: &str) -> Result<bool, ReconcileError> {
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    let name = vmstream_api::heartbeat_lease_name(node);
-    let lease = api
-        .get_opt(&name)
-        .await
-        .map_err(|source| ReconcileError::Get {
-            kind: "Lease",
-            name,
-            source,
-        })?;
-    Ok(lease
-        .and_then(|l| heartbeat_of(&l, ctx.config.heartbeat_timeout))
+    let mut cache = ctx.heartbeat_cache.lock().await;
+    let fresh = cache
+        .as_ref()
+        .is_some_and(|(at, _)| at.elapsed() < HEARTBEAT_CACHE_TTL);
+    if !fresh {
+        *cache = Some((Instant::now(), heartbeats(ctx).await?));
+    }
+    Ok(cache
+        .as_ref()
+        .and_then(|(_, beats)| beats.get(node))
         .is_some_and(|h| h.is_fresh(Timestamp::now())))
 }
 

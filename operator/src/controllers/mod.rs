@@ -46,7 +46,18 @@ pub struct Context {
     /// Held from reading node facts to writing the chosen node, so two
     /// concurrent reconciles never both count the same free memory.
     pub placement_lock: tokio::sync::Mutex<()>,
+    /// Node heartbeats, listed at most once per [`HEARTBEAT_CACHE_TTL`] for
+    /// the liveness checks of placed objects (placement itself re-lists).
+    pub heartbeat_cache: tokio::sync::Mutex<
+        Option<(
+            Instant,
+            std::collections::BTreeMap<String, crate::decide::placement::Heartbeat>,
+        )>,
+    >,
 }
+
+/// How old a cached heartbeat list may be for a liveness check.
+pub const HEARTBEAT_CACHE_TTL: Duration = Duration::from_millis(500);
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<OperatorMetrics>, config: OperatorConfig) -> Self {
@@ -62,6 +73,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             last_pass: Mutex::new(HashMap::new()),
             placement_lock: tokio::sync::Mutex::new(()),
+            heartbeat_cache: tokio::sync::Mutex::new(None),
         }
     }
 
