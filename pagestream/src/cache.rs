@@ -332,14 +332,18 @@ impl NodeImageCache {
             .open(&data_path)
             .map_err(io_err("open", &data_path))?;
         let len = pages * PAGE_SIZE;
-        let size_ok = file.metadata().map(|m| m.len() == len as u64).unwrap_or(false);
+        let size_ok = file
+            .metadata()
+            .map(|m| m.len() == len as u64)
+            .unwrap_or(false);
         let present = match previous {
             Some(idx) if size_ok => {
                 Bitmap::from_words(pages, &idx.present).unwrap_or_else(|| Bitmap::new(pages))
             }
             _ => {
                 file.set_len(0).map_err(io_err("truncate", &data_path))?;
-                file.set_len(len as u64).map_err(io_err("size", &data_path))?;
+                file.set_len(len as u64)
+                    .map_err(io_err("size", &data_path))?;
                 Bitmap::new(pages)
             }
         };
@@ -381,7 +385,9 @@ impl NodeImageCache {
             saved_working_set,
             prefetching: AtomicBool::new(false),
         };
-        cache.write_index().map_err(io_err("write", &dir.join(CACHE_INDEX_FILE)))?;
+        cache
+            .write_index()
+            .map_err(io_err("write", &dir.join(CACHE_INDEX_FILE)))?;
         Ok(Arc::new(cache))
     }
 
@@ -545,7 +551,9 @@ impl NodeImageCache {
     /// Waits until some fetch completes or is released after generation
     /// `seen`, or `timeout` passes.
     pub fn wait_change(&self, seen: u64, timeout: Duration) {
-        self.counters.coalesced_waits.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .coalesced_waits
+            .fetch_add(1, Ordering::Relaxed);
         let g = self.changed.lock().unwrap_or_else(|e| e.into_inner());
         let _ = self
             .changed_cv
@@ -564,7 +572,10 @@ impl NodeImageCache {
     /// The bytes of pages `first..end` in the cache mapping. Only pages that
     /// are present (or zero) hold image data.
     pub fn bytes(&self, first: usize, end: usize) -> &[u8] {
-        assert!(first <= end && end <= self.pages, "pages {first}..{end} out of range");
+        assert!(
+            first <= end && end <= self.pages,
+            "pages {first}..{end} out of range"
+        );
         // SAFETY: in bounds of the mapping, which lives as long as `self`.
         // Present pages are never written again; callers only use present or
         // zero pages as data.

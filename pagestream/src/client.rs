@@ -217,7 +217,8 @@ impl PeerConnection {
                 Challenge::decode(&buf).map_err(|e| bad(Command::Challenge, e))?
             }
             Command::Reject => {
-                let reason = Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
+                let reason =
+                    Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
                 return Err(ConnectError::Rejected { addr, reason });
             }
             command => return Err(ConnectError::Unexpected { addr, command }),
@@ -248,7 +249,8 @@ impl PeerConnection {
         let accept = match h.command {
             Command::Accept => Accept::decode(&buf).map_err(|e| bad(Command::Accept, e))?,
             Command::Reject => {
-                let reason = Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
+                let reason =
+                    Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
                 return Err(ConnectError::Rejected { addr, reason });
             }
             command => return Err(ConnectError::Unexpected { addr, command }),
@@ -287,25 +289,30 @@ impl PeerConnection {
         end: usize,
     ) -> Result<(Header, [u8; crate::wire::HEADER_LEN]), RequestError> {
         let addr = self.addr;
-        let (h, raw) = read_header(&mut self.stream)
-            .map_err(|source| RequestError::Frame { addr, source })?;
+        let (h, raw) =
+            read_header(&mut self.stream).map_err(|source| RequestError::Frame { addr, source })?;
         let protocol = |what: String| RequestError::Protocol { addr, what };
         if h.command == Command::Error {
             self.buf.resize(h.payload_len as usize, 0);
             io::Read::read_exact(&mut self.stream, &mut self.buf)
                 .map_err(|source| RequestError::Io { addr, source })?;
-            h.check_crc(&raw, &self.buf).map_err(|e| RequestError::Frame {
-                addr,
-                source: e.into(),
-            })?;
-            let reason = Reason::decode(Command::Error, &self.buf).map_err(|e| RequestError::Frame {
-                addr,
-                source: e.into(),
-            })?;
+            h.check_crc(&raw, &self.buf)
+                .map_err(|e| RequestError::Frame {
+                    addr,
+                    source: e.into(),
+                })?;
+            let reason =
+                Reason::decode(Command::Error, &self.buf).map_err(|e| RequestError::Frame {
+                    addr,
+                    source: e.into(),
+                })?;
             return Err(RequestError::Refused { addr, reason });
         }
         if h.command != expected {
-            return Err(protocol(format!("{:?} where {expected:?} was due", h.command)));
+            return Err(protocol(format!(
+                "{:?} where {expected:?} was due",
+                h.command
+            )));
         }
         if h.request_id != id || h.range() != (first as u64..end as u64) {
             return Err(protocol(format!(
@@ -344,7 +351,13 @@ impl PeerConnection {
         let mut slices = unsafe { cache.claimed_slices_mut(first, end) };
         read_exact_vectored(&mut self.stream, &mut slices)
             .map_err(|source| RequestError::Io { addr, source })?;
-        let parts: Vec<&[u8]> = slices.iter().map(|s| &s[..]).collect();
+        // The vectored read advanced the slices in place: checksum the
+        // received pages through fresh ones.
+        drop(slices);
+        let parts: Vec<&[u8]> = crate::cache::nonzero_runs(cache.nonzero(), first, end)
+            .into_iter()
+            .map(|(a, b)| cache.bytes(a, b))
+            .collect();
         h.check_crc_parts(&raw, &parts)
             .map_err(|e| RequestError::Frame {
                 addr,
@@ -365,10 +378,11 @@ impl PeerConnection {
             let addr = self.addr;
             io::Read::read_exact(&mut self.stream, &mut self.buf)
                 .map_err(|source| RequestError::Io { addr, source })?;
-            h.check_crc(&raw, &self.buf).map_err(|e| RequestError::Frame {
-                addr,
-                source: e.into(),
-            })?;
+            h.check_crc(&raw, &self.buf)
+                .map_err(|e| RequestError::Frame {
+                    addr,
+                    source: e.into(),
+                })?;
             words.extend(decode_index(&self.buf));
             first = end;
         }
@@ -414,7 +428,7 @@ fn connect_any(
         match result {
             Ok(c) => return Ok(c),
             Err(e) => {
-                tracing::warn!(holder = %addr, role = ?role, error = %e, "page holder unavailable");
+                tracing::warn!(holder = %addr, role = ?role, error = %crate::error_chain(&e), "page holder unavailable");
                 *cursor = (*cursor + 1) % n;
                 last = Some(e);
             }
@@ -425,7 +439,11 @@ fn connect_any(
 
 /// Groups claimed pages (sorted) into request ranges: consecutive claimed
 /// pages with only zero pages between them, at most `max` pages long.
-pub fn group_claimed(claimed: &[usize], is_zero: impl Fn(usize) -> bool, max: usize) -> Vec<(usize, usize)> {
+pub fn group_claimed(
+    claimed: &[usize],
+    is_zero: impl Fn(usize) -> bool,
+    max: usize,
+) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
     for &p in claimed {
         if let Some(last) = out.last_mut()
@@ -486,6 +504,8 @@ struct Inner {
     fault: Mutex<FaultLane>,
     counters: Counters,
     stop: AtomicBool,
+    /// Ranges the bulk prefetcher requested, in order (diagnostics).
+    bulk_log: Mutex<Vec<(usize, usize)>>,
 }
 
 /// A [`PageSource`] that streams an image from other nodes through the
@@ -509,7 +529,10 @@ impl RemotePages {
     /// one (no network needed), otherwise asks a holder for its size and
     /// index and creates the cache. Later clones on the node should share
     /// the cache through [`RemotePages::with_cache`].
-    pub fn open(config: RemoteConfig, cache_dir: &std::path::Path) -> Result<Self, RemoteOpenError> {
+    pub fn open(
+        config: RemoteConfig,
+        cache_dir: &std::path::Path,
+    ) -> Result<Self, RemoteOpenError> {
         if !valid_image_id(&config.image_id) {
             return Err(RemoteOpenError::BadImageId(config.image_id.clone()));
         }
@@ -531,7 +554,7 @@ impl RemotePages {
             match attempt {
                 Ok(x) => break x,
                 Err(e) if Instant::now() + backoff < deadline => {
-                    tracing::warn!(error = %e, "opening the remote image failed; retrying");
+                    tracing::warn!(error = %crate::error_chain(&e), "opening the remote image failed; retrying");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(config.backoff_max);
                 }
@@ -569,6 +592,7 @@ impl RemotePages {
                 }),
                 counters: Counters::default(),
                 stop: AtomicBool::new(false),
+                bulk_log: Mutex::new(Vec::new()),
             }),
             bulk: Mutex::new(None),
         }
@@ -622,6 +646,16 @@ impl RemotePages {
         }
     }
 
+    /// The page ranges the background prefetcher requested so far, in
+    /// order (diagnostics: shows the working set going first).
+    pub fn bulk_ranges(&self) -> Vec<(usize, usize)> {
+        self.inner
+            .bulk_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Waits for the background prefetch started by this source to end.
     pub fn wait_prefetch(&self) {
         let h = self.bulk.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -655,7 +689,10 @@ impl Inner {
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("pages {first}+{count} beyond the image's {} pages", cache.pages()),
+                    format!(
+                        "pages {first}+{count} beyond the image's {} pages",
+                        cache.pages()
+                    ),
                 )
             })?;
         let deadline = Instant::now() + self.config.retry_budget;
@@ -720,7 +757,7 @@ impl Inner {
                 }
                 Err(e) => {
                     release_from(0);
-                    return Err(e.to_string());
+                    return Err(crate::error_chain(&e));
                 }
             }
         }
@@ -756,7 +793,7 @@ impl Inner {
             Some(e) => {
                 lane.conn = None;
                 lane.cursor = (lane.cursor + 1) % self.config.holders.len().max(1);
-                Err(e.to_string())
+                Err(crate::error_chain(&e))
             }
         }
     }
@@ -791,7 +828,7 @@ impl Inner {
                     Err(e) => {
                         let since = *failing_since.get_or_insert_with(Instant::now);
                         if since.elapsed() > self.config.retry_budget {
-                            tracing::error!(error = %e, "bulk prefetch gives up: no holder reachable");
+                            tracing::error!(error = %crate::error_chain(&e), "bulk prefetch gives up: no holder reachable");
                             return;
                         }
                         std::thread::sleep(backoff);
@@ -818,7 +855,13 @@ impl Inner {
                     break;
                 };
                 match c.send(Command::ReadPages, a, b) {
-                    Ok(id) => inflight.push_back((id, a, b)),
+                    Ok(id) => {
+                        inflight.push_back((id, a, b));
+                        self.bulk_log
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((a, b));
+                    }
                     Err(_) => {
                         cache.release(a, b);
                         send_failed = true;
@@ -861,13 +904,17 @@ impl Inner {
                 }
                 Err(e) => {
                     self.counters.bulk_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(image = %self.config.image_id, error = %e, "bulk transfer failed; reconnecting");
+                    tracing::warn!(image = %self.config.image_id, error = %crate::error_chain(&e), "bulk transfer failed; reconnecting");
                     release_all(&mut inflight);
                     conn = None;
                     cursor = (cursor + 1) % self.config.holders.len().max(1);
                     // Restart the sweep so released pages are picked up.
                     seq_pos = 0;
-                    failing_since.get_or_insert_with(Instant::now);
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.config.retry_budget {
+                        tracing::error!(image = %self.config.image_id, "bulk prefetch gives up: transfers keep failing");
+                        return;
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(self.config.backoff_max);
                 }
@@ -937,7 +984,9 @@ impl PageSource for RemotePages {
             cache.record_touch(p);
         }
         cache.copy_pages(first, count, buf).map_err(|p| {
-            err(io::Error::other(format!("page {p} is not in the cache after fetching")))
+            err(io::Error::other(format!(
+                "page {p} is not in the cache after fetching"
+            )))
         })
     }
 
@@ -957,7 +1006,10 @@ mod tests {
     #[test]
     fn claimed_pages_group_over_zero_gaps_only() {
         let zero = |p: usize| p == 3 || p == 4;
-        assert_eq!(group_claimed(&[1, 2, 5, 6, 8], zero, 256), vec![(1, 7), (8, 9)]);
+        assert_eq!(
+            group_claimed(&[1, 2, 5, 6, 8], zero, 256),
+            vec![(1, 7), (8, 9)]
+        );
         assert_eq!(group_claimed(&[1, 2, 5], zero, 3), vec![(1, 3), (5, 6)]);
         assert_eq!(group_claimed(&[], zero, 3), vec![]);
     }

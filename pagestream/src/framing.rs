@@ -68,7 +68,12 @@ pub fn write_frame(w: &mut impl Write, header: &Header, parts: &[&[u8]]) -> io::
     let raw = header.encode_parts(parts);
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
     slices.push(IoSlice::new(&raw));
-    slices.extend(parts.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)));
+    slices.extend(
+        parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| IoSlice::new(p)),
+    );
     let mut bufs = &mut slices[..];
     while !bufs.is_empty() {
         match w.write_vectored(bufs) {
@@ -91,14 +96,25 @@ mod tests {
         let mut wire = Vec::new();
         let h = Header::new(Command::Pages).with_range(4, 2);
         write_frame(&mut wire, &h, &[&[1u8; 4096], &[2u8; 4096]]).unwrap();
-        write_frame(&mut wire, &Header::new(Command::ReadPages).with_range(0, 1), &[]).unwrap();
+        write_frame(
+            &mut wire,
+            &Header::new(Command::ReadPages).with_range(0, 1),
+            &[],
+        )
+        .unwrap();
         let mut r = &wire[..];
         let mut buf = Vec::new();
         let got = read_frame(&mut r, &mut buf).unwrap();
         assert_eq!(got.range(), 4..6);
         assert_eq!(buf[4096], 2);
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap().command, Command::ReadPages);
-        assert!(matches!(read_frame(&mut r, &mut buf), Err(ReadFrameError::Closed)));
+        assert_eq!(
+            read_frame(&mut r, &mut buf).unwrap().command,
+            Command::ReadPages
+        );
+        assert!(matches!(
+            read_frame(&mut r, &mut buf),
+            Err(ReadFrameError::Closed)
+        ));
     }
 
     #[test]
@@ -106,7 +122,10 @@ mod tests {
         let mut r: &[u8] = b"VMSP\x01\x00";
         assert!(matches!(
             read_frame(&mut r, &mut Vec::new()),
-            Err(ReadFrameError::Frame(FrameError::Truncated { needed: 40, available: 6 }))
+            Err(ReadFrameError::Frame(FrameError::Truncated {
+                needed: 40,
+                available: 6
+            }))
         ));
     }
 
@@ -115,7 +134,11 @@ mod tests {
         let data: Vec<u8> = (0..100u8).collect();
         let (mut a, mut b) = ([0u8; 30], [0u8; 70]);
         let mut r = &data[..];
-        read_exact_vectored(&mut r, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)]).unwrap();
+        read_exact_vectored(
+            &mut r,
+            &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)],
+        )
+        .unwrap();
         assert_eq!(a[29], 29);
         assert_eq!(b[69], 99);
     }

@@ -16,3 +16,15 @@ pub use auth::ClusterToken;
 pub use cache::{CacheStats, NodeImageCache};
 pub use client::{RemoteConfig, RemotePages, RemoteStats};
 pub use server::{PageServer, ServedImage, ServerOptions, ServerStats};
+
+/// An error and all its sources, joined with `: ` (for logs and reasons).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

@@ -68,7 +68,8 @@ impl TestNetwork {
         let suffix = random_suffix();
         let (va, vb) = (format!("vs{suffix}a"), format!("vs{suffix}b"));
         ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        let moved = ip(&["link", "set", &va, "netns", a]).and_then(|()| ip(&["link", "set", &vb, "netns", b]));
+        let moved = ip(&["link", "set", &va, "netns", a])
+            .and_then(|()| ip(&["link", "set", &vb, "netns", b]));
         if let Err(e) = moved {
             let _ = ip(&["link", "del", &va]);
             return Err(e);

@@ -56,8 +56,8 @@ impl ServedImage for PageStore {
         true
     }
     fn bytes(&self, first: usize, end: usize) -> &[u8] {
-        &self.as_mapping().as_slice()[first * vmstream_vmm::memory::PAGE_SIZE
-            ..end * vmstream_vmm::memory::PAGE_SIZE]
+        &self.as_mapping().as_slice()
+            [first * vmstream_vmm::memory::PAGE_SIZE..end * vmstream_vmm::memory::PAGE_SIZE]
     }
 }
 
@@ -147,7 +147,9 @@ pub struct PageServer {
 
 impl std::fmt::Debug for PageServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageServer").field("addr", &self.addr).finish()
+        f.debug_struct("PageServer")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -413,7 +415,10 @@ fn handshake(shared: &ServerShared, mut stream: &TcpStream) -> Result<Session, R
         return Err(ReadOutcome::Refuse(Refusal::new(
             ReasonCode::NotAuthenticated,
             "not_authenticated",
-            format!("{:?} frame before the handshake (expected Hello)", header.command),
+            format!(
+                "{:?} frame before the handshake (expected Hello)",
+                header.command
+            ),
         )));
     }
     let hello = Hello::decode(&buf).map_err(|e| ReadOutcome::Refuse(Refusal::from_frame(&e)))?;
@@ -432,7 +437,9 @@ fn handshake(shared: &ServerShared, mut stream: &TcpStream) -> Result<Session, R
     let challenge = Challenge {
         version,
         server_nonce,
-        server_proof: shared.token.server_proof(&hello.client_nonce, &hello.image_id),
+        server_proof: shared
+            .token
+            .server_proof(&hello.client_nonce, &hello.image_id),
     };
     write_frame(
         &mut stream,
@@ -446,7 +453,10 @@ fn handshake(shared: &ServerShared, mut stream: &TcpStream) -> Result<Session, R
         return Err(ReadOutcome::Refuse(Refusal::new(
             ReasonCode::NotAuthenticated,
             "not_authenticated",
-            format!("{:?} frame before authentication (expected Auth)", header.command),
+            format!(
+                "{:?} frame before authentication (expected Auth)",
+                header.command
+            ),
         )));
     }
     let tag = decode_auth(&buf).map_err(|e| ReadOutcome::Refuse(Refusal::from_frame(&e)))?;

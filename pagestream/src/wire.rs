@@ -283,7 +283,10 @@ impl Header {
             });
         }
         if self.flags != 0 {
-            return Err(malformed(format!("reserved flags {:#x} are set", self.flags)));
+            return Err(malformed(format!(
+                "reserved flags {:#x} are set",
+                self.flags
+            )));
         }
         let ranged = matches!(
             command,
@@ -311,7 +314,11 @@ impl Header {
                 limit: max_pages.into(),
             });
         }
-        if self.first_page.checked_add(self.page_count.into()).is_none() {
+        if self
+            .first_page
+            .checked_add(self.page_count.into())
+            .is_none()
+        {
             return Err(malformed(format!(
                 "page range {}+{} overflows",
                 self.first_page, self.page_count
@@ -532,7 +539,10 @@ impl Hello {
         if payload.len() < HELLO_FIXED {
             return Err(malformed(
                 c,
-                format!("payload is {} bytes, at least {HELLO_FIXED} needed", payload.len()),
+                format!(
+                    "payload is {} bytes, at least {HELLO_FIXED} needed",
+                    payload.len()
+                ),
             ));
         }
         let min_version = u16_at(payload, 0);
@@ -653,8 +663,12 @@ impl Reason {
         if payload.len() < REASON_FIXED {
             return Err(malformed(command, "reason payload shorter than 4 bytes"));
         }
-        let code = ReasonCode::from_u16(u16_at(payload, 0))
-            .ok_or_else(|| malformed(command, format!("unknown reason code {}", u16_at(payload, 0))))?;
+        let code = ReasonCode::from_u16(u16_at(payload, 0)).ok_or_else(|| {
+            malformed(
+                command,
+                format!("unknown reason code {}", u16_at(payload, 0)),
+            )
+        })?;
         let len = u16_at(payload, 2) as usize;
         exact_len(command, payload, REASON_FIXED + len)?;
         let text = String::from_utf8_lossy(&payload[REASON_FIXED..]).into_owned();
@@ -799,10 +813,20 @@ mod tests {
         let f = Header::new(Command::IndexRequest)
             .with_range(3, 64)
             .encode_frame(&[]);
-        assert!(decode_frame(&f).unwrap_err().to_string().contains("multiple of 64"));
+        assert!(
+            decode_frame(&f)
+                .unwrap_err()
+                .to_string()
+                .contains("multiple of 64")
+        );
         let f = Header::new(Command::Index)
             .with_range(0, 65)
             .encode_frame(&[0; 8]);
-        assert!(decode_frame(&f).unwrap_err().to_string().contains("expected 16"));
+        assert!(
+            decode_frame(&f)
+                .unwrap_err()
+                .to_string()
+                .contains("expected 16")
+        );
     }
 }

@@ -44,7 +44,9 @@ fn fixture() -> Fixture {
 /// A good client reads page 1 correctly through a full handshake.
 fn good_client_works(f: &Fixture) {
     let mut s = authenticate(f.server.local_addr(), IMAGE);
-    let h = Header::new(Command::ReadPages).with_request(9).with_range(1, 1);
+    let h = Header::new(Command::ReadPages)
+        .with_request(9)
+        .with_range(1, 1);
     write_frame(&mut s, &h, &[]).unwrap();
     let mut buf = Vec::new();
     let a = read_frame(&mut s, &mut buf).unwrap();
@@ -105,7 +107,13 @@ fn malformed_frames_are_refused_and_named() {
 
     let mut version = hello_frame();
     version[4] = 7;
-    refused(&f, &version, false, "unsupported protocol version 7", "unsupported_version");
+    refused(
+        &f,
+        &version,
+        false,
+        "unsupported protocol version 7",
+        "unsupported_version",
+    );
 
     let mut unknown = hello_frame();
     unknown[6] = 77;
@@ -117,16 +125,30 @@ fn malformed_frames_are_refused_and_named() {
 
     let mut oversized = hello_frame();
     oversized[32..36].copy_from_slice(&(64u32 << 20).to_le_bytes());
-    refused(&f, &oversized, false, "payload_len is 67108864, over the limit 296", "oversized");
+    refused(
+        &f,
+        &oversized,
+        false,
+        "payload_len is 67108864, over the limit 296",
+        "oversized",
+    );
 
     let mut crc = hello_frame();
     let last = crc.len() - 1;
     crc[last] ^= 0xff;
     refused(&f, &crc, false, "CRC mismatch", "crc_mismatch");
 
-    refused(&f, &hello_frame()[..17], true, "truncated frame: need 40 bytes, have 17", "truncated");
+    refused(
+        &f,
+        &hello_frame()[..17],
+        true,
+        "truncated frame: need 40 bytes, have 17",
+        "truncated",
+    );
 
-    let empty_batch = Header::new(Command::ReadPages).with_range(0, 0).encode_frame(&[]);
+    let empty_batch = Header::new(Command::ReadPages)
+        .with_range(0, 0)
+        .encode_frame(&[]);
     refused(&f, &empty_batch, false, "page count 0", "malformed");
 }
 
@@ -134,8 +156,16 @@ fn malformed_frames_are_refused_and_named() {
 fn handshake_violations_are_refused() {
     let f = fixture();
     // A request before any handshake.
-    let early = Header::new(Command::ReadPages).with_range(0, 1).encode_frame(&[]);
-    refused(&f, &early, false, "ReadPages frame before the handshake", "not_authenticated");
+    let early = Header::new(Command::ReadPages)
+        .with_range(0, 1)
+        .encode_frame(&[]);
+    refused(
+        &f,
+        &early,
+        false,
+        "ReadPages frame before the handshake",
+        "not_authenticated",
+    );
 
     // No version in common.
     let h = Hello {
@@ -146,10 +176,22 @@ fn handshake_violations_are_refused() {
         image_id: IMAGE.into(),
     };
     let frame = Header::new(Command::Hello).encode_frame(&h.encode());
-    refused(&f, &frame, false, "no common protocol version", "version_mismatch");
+    refused(
+        &f,
+        &frame,
+        false,
+        "no common protocol version",
+        "version_mismatch",
+    );
 
     // A wrong HMAC (a peer without the cluster token).
-    let before = f.server.stats().refusals.get("auth_failed").copied().unwrap_or(0);
+    let before = f
+        .server
+        .stats()
+        .refusals
+        .get("auth_failed")
+        .copied()
+        .unwrap_or(0);
     let mut s = TcpStream::connect(f.server.local_addr()).unwrap();
     let ch = hello(&mut s, IMAGE);
     let wrong = ClusterToken::new(b"not-the-cluster-token!!".to_vec()).unwrap();
@@ -157,7 +199,11 @@ fn handshake_violations_are_refused() {
     write_frame(&mut s, &Header::new(Command::Auth), &[&tag]).unwrap();
     let (c, reason) = expect_refusal(&mut s);
     assert_eq!((c, reason.code), (Command::Reject, ReasonCode::AuthFailed));
-    assert!(reason.text.contains("authentication failed"), "{}", reason.text);
+    assert!(
+        reason.text.contains("authentication failed"),
+        "{}",
+        reason.text
+    );
     assert_eq!(f.server.stats().refusals["auth_failed"], before + 1);
 
     // A replayed tag for another nonce does not verify either.
@@ -189,7 +235,9 @@ fn bad_requests_after_the_handshake_get_errors_and_the_session_goes_on() {
     assert_eq!((c, reason.code), (Command::Error, ReasonCode::OutOfRange));
     assert!(reason.text.contains("62..66 lie beyond"), "{}", reason.text);
     // Same connection, a good request.
-    let ok = Header::new(Command::ReadPages).with_request(6).with_range(0, 6);
+    let ok = Header::new(Command::ReadPages)
+        .with_request(6)
+        .with_range(0, 6);
     write_frame(&mut s, &ok, &[]).unwrap();
     let mut buf = Vec::new();
     let h = read_frame(&mut s, &mut buf).unwrap();
@@ -225,7 +273,10 @@ fn a_client_refuses_a_server_without_the_token() {
     let err = RemotePages::open(quick_config(vec![f.server.local_addr()], wrong), dir.path())
         .unwrap_err();
     let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
-    assert!(chain.contains("could not prove it knows the cluster token"), "{chain}");
+    assert!(
+        chain.contains("could not prove it knows the cluster token"),
+        "{chain}"
+    );
 }
 
 /// A proxy that forwards to `target` but flips one byte of the server's
@@ -283,5 +334,8 @@ fn corrupted_pages_are_never_taken_and_the_next_holder_serves() {
         assert_eq!(buf, f.bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "page {p}");
     }
     let stats = remote.stats();
-    assert!(stats.fault_failures >= 1, "the corruption was not noticed: {stats:?}");
+    assert!(
+        stats.fault_failures >= 1,
+        "the corruption was not noticed: {stats:?}"
+    );
 }

@@ -78,7 +78,12 @@ pub fn hello(s: &mut TcpStream, image: &str) -> Challenge {
     .unwrap();
     let mut buf = Vec::new();
     let got = read_frame(s, &mut buf).unwrap();
-    assert_eq!(got.command, Cmd::Challenge, "{:?}", reason_of(got.command, &buf));
+    assert_eq!(
+        got.command,
+        Cmd::Challenge,
+        "{:?}",
+        reason_of(got.command, &buf)
+    );
     Challenge::decode(&buf).unwrap()
 }
 
