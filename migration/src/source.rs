@@ -348,9 +348,13 @@ pub fn migrate(
     let encoded = state.encode();
     report.save_state_ms = ms(step.elapsed());
     report.state_bytes = encoded.len() as u64;
-    memory.refresh(machine)?;
+    // Postcopy finds its candidates after the switch-over (a pagemap scan
+    // grows with memory size; it stays off the downtime path).
+    if options.mode != MigrationMode::Postcopy {
+        memory.refresh(machine)?;
+    }
     let candidates: Vec<u64> = match (options.mode, decision) {
-        (MigrationMode::Postcopy, _) => memory.touched_words().to_vec(),
+        (MigrationMode::Postcopy, _) => Vec::new(),
         (_, RoundDecision::StopAndCopy) => {
             let last = changed_since_sent(&memory, &hashes);
             let before = counters.pages_sent.load(Ordering::Relaxed);
@@ -373,7 +377,6 @@ pub fn migrate(
             last
         }
     };
-    report.touched_pages = memory.touched_count() as u64;
     let state_header = Header::new(Command::State);
     write_frame(&mut link.control, &state_header, &[&encoded])
         .map_err(|e| fail_before(machine, true, SessionError::io("sending the VM state")(e)))?;
@@ -398,6 +401,17 @@ pub fn migrate(
     }
 
     // Postcopy.
+    let candidates = if options.mode == MigrationMode::Postcopy {
+        if let Err(e) = memory.refresh(machine) {
+            // Past the commit point: send everything rather than fail.
+            tracing::error!(error = %e, "cannot find touched pages; sending all of them");
+            memory.touch_all();
+        }
+        memory.touched_words().to_vec()
+    } else {
+        candidates
+    };
+    report.touched_pages = memory.touched_count() as u64;
     let sent = Bitmap::new(memory.pages());
     let mut order = PushOrder::new(candidates.clone(), memory.pages());
     let mut first_epoch = last_error.is_none();
@@ -624,7 +638,12 @@ fn postcopy_epoch(
         // Pings keep the target's liveness check quiet while idle.
         scope.spawn(|| {
             while !broken.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(200));
+                for _ in 0..20 {
+                    if broken.load(Ordering::SeqCst) || done.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 for w in [&control_w, &fault_w] {
                     let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
                     if write_frame(&mut *w, &Header::new(Command::Ping), &[]).is_err() {

@@ -96,6 +96,13 @@ impl SourceMemory {
         Ok(())
     }
 
+    /// Treats every page as touched (compared with the image if there is
+    /// one): the safe fallback when the touched set cannot be read.
+    pub fn touch_all(&mut self) {
+        self.touched = all_pages(self.pages);
+        self.compare = self.image.is_some();
+    }
+
     /// Number of guest pages.
     pub fn pages(&self) -> usize {
         self.pages

@@ -312,7 +312,7 @@ pub fn receive(
                 Err(None) => continue,
             }
         }
-        match postcopy_epoch(control, fault, &memory, options) {
+        match postcopy_epoch(control, fault, &memory, options, &side) {
             Ok(()) => break,
             Err(EpochEnd::Link) => {}
             Err(EpochEnd::Protocol(e)) => return Err(ReceiveError::Protocol(e)),
@@ -421,6 +421,7 @@ fn postcopy_epoch(
     fault: TcpStream,
     memory: &Arc<TargetMemory>,
     options: &TargetOptions,
+    base: &TargetSide,
 ) -> Result<(), EpochEnd> {
     for s in [&control, &fault] {
         let _ = s.set_read_timeout(Some(options.link_timeout));
@@ -465,7 +466,12 @@ fn postcopy_epoch(
         });
         scope.spawn(|| {
             while !broken.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(200));
+                for _ in 0..20 {
+                    if broken.load(Ordering::SeqCst) || done.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
                 if write_frame(&mut *w, &Header::new(Command::Ping), &[]).is_err() {
                     kill();
@@ -492,7 +498,7 @@ fn postcopy_epoch(
                         let _ = abort(&mut w, &why);
                         break Err(EpochEnd::Protocol(why));
                     }
-                    let side = TargetSide::default().with_memory(&memory.stats());
+                    let side = base.with_memory(&memory.stats());
                     let payload = serde_json::to_vec(&side).unwrap_or_default();
                     let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
                     match write_frame(&mut *w, &Header::new(Command::Complete), &[&payload])
@@ -519,7 +525,12 @@ fn postcopy_epoch(
         if outcome.is_err() {
             memory.set_fault_link(None);
         }
-        // Let the source read Complete before the sockets close.
+        // Let the source read Complete before the sockets close: it closes
+        // the control connection first, then the fault connection goes.
+        if outcome.is_ok() {
+            let mut rest = Vec::new();
+            while read_frame(&mut control_r, &mut rest).is_ok() {}
+        }
         let _ = fault.shutdown(Shutdown::Both);
         if outcome.is_err() || broken.load(Ordering::SeqCst) {
             let _ = control.shutdown(Shutdown::Both);
