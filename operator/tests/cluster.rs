@@ -592,3 +592,55 @@ async fn concurrent_placements_never_overcommit_a_node() {
     );
     node.delete(&client).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_replaces_clones_lost_with_their_node() {
+    let cp = require_control_plane!("operator::pool_replaces_clones_lost_with_their_node");
+    let (client, ns) = setup(cp, "op-heal").await;
+    let ns = ns.name().to_owned();
+    let a = FakeNode::start(&client, &ns, &format!("{ns}-a"), 64 * GIB).await;
+    let b = FakeNode::start(&client, &ns, &format!("{ns}-b"), 64 * GIB).await;
+    let _op = Operator::start(cp, &ns, "op-1", &[]);
+    create_image(&client, &ns, "img").await;
+    wait_image_ready(&client, &ns, "img").await;
+    create_pool(&client, &ns, "ha", "img", 4).await;
+    wait_pool_size(&client, &ns, "ha", 4).await;
+    let on_a: BTreeSet<String> = pool_clones(&client, &ns, "ha")
+        .await
+        .iter()
+        .filter(|c| c.labels().get(NODE_LABEL) == Some(&a.name))
+        .map(|c| c.name_any())
+        .collect();
+    assert!(
+        !on_a.is_empty(),
+        "least-loaded placement spreads over both nodes"
+    );
+
+    a.stop();
+    eventually("the pool to run 4 clones, all on b", LIMIT, || async {
+        let clones = pool_clones(&client, &ns, "ha").await;
+        let all_on_b = clones
+            .iter()
+            .all(|c| c.labels().get(NODE_LABEL) == Some(&b.name));
+        let none_of_old = clones.iter().all(|c| !on_a.contains(&c.name_any()));
+        (clones.len() == 4 && all_on_b && none_of_old).then_some(())
+    })
+    .await;
+    let events = kubectl(
+        cp,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "events.events.k8s.io",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    );
+    assert!(
+        events.contains("Lost") && events.contains("ReplacingClone"),
+        "{events}"
+    );
+    a.delete(&client).await;
+    b.delete(&client).await;
+}
