@@ -275,16 +275,12 @@ mod tests {
         let (first, count) = order.next_run(16, |_| false).unwrap();
         assert_eq!((first, count), (501, 16));
         let mut seen = vec![false; pages];
-        for p in 0..10 {
-            seen[p] = true;
-        }
-        for p in first..first + count {
-            seen[p] = true;
-        }
+        seen[..10].fill(true);
+        seen[first..first + count].fill(true);
         for (f, n) in drain(&mut order, 16) {
-            for p in f..f + n {
-                assert!(!seen[p], "page {p} handed out twice");
-                seen[p] = true;
+            for (p, s) in seen.iter_mut().enumerate().skip(f).take(n) {
+                assert!(!*s, "page {p} handed out twice");
+                *s = true;
             }
         }
         // The faulted page itself was answered on the fault connection:

@@ -185,13 +185,12 @@ mod tests {
         ClusterToken::new(vec![b; 32]).unwrap()
     }
 
-    fn run(
-        server_token: ClusterToken,
-        client_token: ClusterToken,
-    ) -> (
+    type Outcome = (
         Result<(), SessionError>,
         Result<(Header, Vec<u8>), SessionError>,
-    ) {
+    );
+
+    fn run(server_token: ClusterToken, client_token: ClusterToken) -> Outcome {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {

@@ -356,15 +356,13 @@ fn await_reconnect(
         {
             continue;
         }
-        let Some((mut fault, _)) = accept_role(
+        let (mut fault, _) = accept_role(
             listener,
             options,
             session,
             FLAG_RESUME | FLAG_FAULT_CONNECTION,
             deadline,
-        ) else {
-            return None;
-        };
+        )?;
         if write_frame(&mut fault, &Header::new(Command::Accept), &[]).is_ok() {
             return Some((control, fault));
         }

@@ -29,7 +29,7 @@ const TOKEN: &str = "vmstream-migration-test-token-0123456789";
 
 /// Two namespaces joined by a veth pair.
 struct Hop {
-    net: TestNetwork,
+    _net: TestNetwork,
     source_ns: String,
     target_ns: String,
     target_ip: std::net::Ipv4Addr,
@@ -54,7 +54,7 @@ impl Hop {
             .expect("veth device in namespace B")
             .to_string();
         Self {
-            net,
+            _net: net,
             source_ns,
             target_ns,
             target_ip: link.b,
