@@ -1,0 +1,128 @@
+//! Working set: request → the clone's memory guest has read 4096 pages
+//! (16 MiB) of the image that no one touched since the capture (the host
+//! filled them before the capture; the guest only polled its mailbox).
+//! The request starts from a warm shell exactly as in the clone-start
+//! benchmark (open the image, restore, resume), then one TOUCH request reads
+//! one qword of each page; the time ends when the host has the guest's
+//! RESULT report, whose checksum is verified against the image.
+//!
+//! The pages are spread over the whole data area (a fixed odd stride), so
+//! neither fault-around nor read-ahead help. The same touch is then repeated
+//! in the lazy clone, where every page is present: that is the guest's own
+//! emulated loop (~1 µs per instruction on PVM) without any memory
+//! streaming, the floor under all variants.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmstream_vmm::machine::{MachineConfig, MemoryBacking};
+use vmstream_vmm::restore::{CloneSource, restore};
+use vmstream_vmm::vstate::vm::KvmHost;
+
+use super::error::BenchError;
+use super::figures::{Figures, ms};
+use super::guest::{Backing, CheckedTouch, prepare_shell};
+
+/// One measured clone.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    total: f64,
+    rerun: Option<f64>,
+    faults: Option<u64>,
+}
+
+fn once(
+    host: &Arc<KvmHost>,
+    dir: &Path,
+    config: MachineConfig,
+    touch: &CheckedTouch,
+    backing: Backing,
+) -> Result<Sample, BenchError> {
+    let (shell, _) = prepare_shell(host, config, backing)?;
+    std::thread::sleep(Duration::from_millis(2));
+    let request = Instant::now();
+    let source = CloneSource::open(dir).map_err(|source| BenchError::Open {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let restored =
+        restore(shell, &source, &backing.clone_memory()).map_err(|source| BenchError::Restore {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    touch.run(&restored.machine)?;
+    let total = ms(request.elapsed());
+    let faults = match restored.machine.backing() {
+        MemoryBacking::Lazy { memory, .. } => {
+            let _settled = memory.quiesce();
+            Some(memory.stats().faults)
+        }
+        _ => None,
+    };
+    let rerun = if backing == Backing::Lazy {
+        let again = Instant::now();
+        touch.run(&restored.machine)?;
+        Some(ms(again.elapsed()))
+    } else {
+        None
+    };
+    Ok(Sample {
+        total,
+        rerun,
+        faults,
+    })
+}
+
+/// Runs `runs` rounds of the three backings, interleaved.
+pub fn run(
+    host: &Arc<KvmHost>,
+    dir: &Path,
+    config: MachineConfig,
+    touch: &CheckedTouch,
+    runs: usize,
+    figures: &mut Figures,
+) -> Result<(), BenchError> {
+    let backings = [Backing::Lazy, Backing::LazySigbus, Backing::CopyOnWrite];
+    let mut samples = vec![Vec::<Sample>::with_capacity(runs); backings.len()];
+    for backing in backings {
+        once(host, dir, config, touch, backing)?;
+    }
+    let started = Instant::now();
+    for round in 0..runs {
+        for (i, backing) in backings.iter().enumerate() {
+            samples[i].push(once(host, dir, config, touch, *backing)?);
+        }
+        if (round + 1) % 10 == 0 {
+            progress!(
+                "working set: {} rounds in {:.1} s",
+                round + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    figures.put_count("working_set_runs", runs as u64);
+    figures.put_count("working_set_pages", touch.command.count);
+    figures.put_count("working_set_stride_pages", touch.command.stride);
+    for (i, backing) in backings.iter().enumerate() {
+        let name = match backing {
+            Backing::Lazy => "working_set_ms",
+            Backing::LazySigbus => "working_set_sigbus_ms",
+            Backing::CopyOnWrite => "working_set_cow_ms",
+        };
+        let totals: Vec<f64> = samples[i].iter().map(|s| s.total).collect();
+        figures.put_summary(name, "_16mib", &totals);
+        let reruns: Vec<f64> = samples[i].iter().filter_map(|s| s.rerun).collect();
+        if !reruns.is_empty() {
+            figures.put_summary("working_set_present_ms", "_16mib", &reruns);
+        }
+        let faults: Vec<f64> = samples[i]
+            .iter()
+            .filter_map(|s| s.faults.map(|f| f as f64))
+            .collect();
+        if !faults.is_empty() && *backing == Backing::Lazy {
+            figures.put_median("working_set_uffd_faults", "_16mib", &faults);
+        }
+    }
+    Ok(())
+}
