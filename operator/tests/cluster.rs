@@ -466,10 +466,17 @@ async fn migration_is_scheduled_validated_and_times_out() {
     assert_eq!(s.phase, Some(VMMigrationPhase::Failed));
     assert!(s.message.unwrap().contains("current node"));
 
-    // Unknown clone: refused.
-    create_migration(&client, &ns, "ghost", json!({ "vmClone": "nope" })).await;
+    // Unknown clone: waits for it (it may be applied later), then fails at its timeout.
+    create_migration(
+        &client,
+        &ns,
+        "ghost",
+        json!({ "vmClone": "nope", "timeoutSeconds": 2 }),
+    )
+    .await;
     let s = settled("ghost").await.status.unwrap();
-    assert!(s.message.unwrap().contains("not found"));
+    assert_eq!(s.phase, Some(VMMigrationPhase::Failed));
+    assert!(s.message.unwrap().contains("timed out"));
 
     // Scheduled but no daemon ever reports: fails at its timeout.
     create_migration(

@@ -208,9 +208,11 @@ pub fn migration_step(
         return MigrationStep::Nothing;
     }
 
-    // Pending: validate and schedule.
+    // Pending: validate and schedule. A VMClone that does not exist yet may
+    // still be created (a migration applied together with its clone): wait for
+    // it until the migration's timeout instead of failing on apply order.
     let Some(clone_phase) = facts.clone_phase else {
-        return MigrationStep::Fail("VMClone not found".into());
+        return MigrationStep::Wait("VMClone not found (yet)".into());
     };
     if facts.clone_deleting {
         return MigrationStep::Fail("VMClone is being deleted".into());
@@ -465,7 +467,7 @@ mod tests {
         let mut f = migration();
         f.clone_phase = None;
         assert!(
-            matches!(migration_step(&f, no_pick), MigrationStep::Fail(m) if m.contains("not found"))
+            matches!(migration_step(&f, no_pick), MigrationStep::Wait(m) if m.contains("not found"))
         );
         f.clone_phase = Some(Some(ClonePhase::Stopped));
         assert!(matches!(
