@@ -20,8 +20,9 @@
 //! data), and `working-set` (pages the first clones touched, in order).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IoSliceMut, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -115,16 +116,16 @@ pub enum FetchPath {
     Bulk,
 }
 
-/// A writable shared mapping of the cache data file.
+/// A read-only shared mapping of the cache data file.
 #[derive(Debug)]
 struct CacheMapping {
     addr: NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory. Pages are only written by the
-// thread that holds their claim and only read as data once present (after
-// the writer finished), so threads never race on the same bytes.
+// SAFETY: the mapping is read-only shared memory of the cache file. Pages
+// are written (with pwrite) only by the thread that holds their claim and
+// read as data only once present, after the write finished.
 unsafe impl Send for CacheMapping {}
 // SAFETY: see above.
 unsafe impl Sync for CacheMapping {}
@@ -353,7 +354,7 @@ impl NodeImageCache {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                libc::PROT_READ,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
@@ -477,34 +478,31 @@ impl NodeImageCache {
         PageState::Missing
     }
 
-    /// Slices of the cache file for the non-zero pages of `first..end`, in
-    /// page order (the layout of a Pages payload), grouped in contiguous runs.
-    ///
-    /// # Safety
-    /// The caller must hold the claim on every non-zero page of the range
-    /// (so nobody else reads or writes those bytes) and must not let the
-    /// slices outlive the claim.
-    pub(crate) unsafe fn claimed_slices_mut(
-        &self,
-        first: usize,
-        end: usize,
-    ) -> Vec<IoSliceMut<'_>> {
-        assert!(end <= self.pages);
-        nonzero_runs(&self.nonzero, first, end)
-            .into_iter()
-            .map(|(a, b)| {
-                // SAFETY: a..b lies inside the mapping; the caller holds the
-                // claims on these pages, so this is the only reference to
-                // their bytes until the claim ends.
-                let s = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        self.mapping.addr.as_ptr().add(a * PAGE_SIZE),
-                        (b - a) * PAGE_SIZE,
-                    )
-                };
-                IoSliceMut::new(s)
-            })
-            .collect()
+    /// Writes a verified Pages payload (the non-zero pages of `first..end`
+    /// in page order) into the cache file. The caller holds the claims on
+    /// those pages; they are not marked present here.
+    pub(crate) fn write_claimed(&self, first: usize, end: usize, payload: &[u8]) -> io::Result<()> {
+        let mut at = 0;
+        for (a, b) in nonzero_runs(&self.nonzero, first, end) {
+            let len = (b - a) * PAGE_SIZE;
+            let part = payload.get(at..at + len).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "payload shorter than its range")
+            })?;
+            self.file.write_all_at(part, (a * PAGE_SIZE) as u64)?;
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// Reads pages `first..end` from the cache file with `pread` (the page
+    /// server sends held pages this way).
+    pub fn read_raw(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()> {
+        assert_eq!(
+            buf.len(),
+            (end - first) * PAGE_SIZE,
+            "buffer does not match the pages"
+        );
+        self.file.read_exact_at(buf, (first * PAGE_SIZE) as u64)
     }
 
     /// Marks the non-zero pages of `first..end` present (their data was
@@ -751,10 +749,7 @@ mod tests {
         {
             let c = NodeImageCache::open(dir.path(), "img", 4, &w).unwrap();
             assert_eq!(c.claim(3), PageState::Missing);
-            // SAFETY: page 3 is claimed by this test.
-            let mut s = unsafe { c.claimed_slices_mut(3, 4) };
-            s[0].fill(0xab);
-            drop(s);
+            c.write_claimed(3, 4, &[0xab; PAGE_SIZE]).unwrap();
             c.complete(3, 4, FetchPath::Bulk);
             c.flush().unwrap();
         }

@@ -27,7 +27,7 @@ use vmstream_vmm::memory::{PAGE_SIZE, PageSource, PageSourceError};
 
 use crate::auth::{ClusterToken, nonce};
 use crate::cache::{CacheOpenError, FetchPath, NodeImageCache, PageState};
-use crate::framing::{ReadFrameError, read_exact_vectored, read_frame, read_header, write_frame};
+use crate::framing::{ReadFrameError, read_frame, read_header, write_frame};
 use crate::wire::{
     Accept, Challenge, Command, FrameError, HANDSHAKE_VERSION, Header, Hello, MAX_BATCH_PAGES,
     MAX_INDEX_PAGES, MAX_VERSION, MIN_VERSION, Reason, Role, decode_index, valid_image_id,
@@ -324,9 +324,9 @@ impl PeerConnection {
         Ok((h, raw))
     }
 
-    /// Receives the Pages answer to request `id` straight into the cache
-    /// file; the caller holds the claims on its non-zero pages. Nothing is
-    /// marked present here.
+    /// Receives the Pages answer to request `id`, verifies it and writes
+    /// it into the cache file; the caller holds the claims on its non-zero
+    /// pages. Nothing is marked present here.
     fn receive_pages(
         &mut self,
         cache: &NodeImageCache,
@@ -346,23 +346,18 @@ impl PeerConnection {
                 ),
             });
         }
-        // SAFETY: the caller holds the claims on every non-zero page of
-        // first..end; the slices are dropped before this function returns.
-        let mut slices = unsafe { cache.claimed_slices_mut(first, end) };
-        read_exact_vectored(&mut self.stream, &mut slices)
+        self.buf.resize(expected, 0);
+        io::Read::read_exact(&mut self.stream, &mut self.buf)
             .map_err(|source| RequestError::Io { addr, source })?;
-        // The vectored read advanced the slices in place: checksum the
-        // received pages through fresh ones.
-        drop(slices);
-        let parts: Vec<&[u8]> = crate::cache::nonzero_runs(cache.nonzero(), first, end)
-            .into_iter()
-            .map(|(a, b)| cache.bytes(a, b))
-            .collect();
-        h.check_crc_parts(&raw, &parts)
+        h.check_crc(&raw, &self.buf)
             .map_err(|e| RequestError::Frame {
                 addr,
                 source: e.into(),
-            })
+            })?;
+        // Verified: now (and only now) into the cache file.
+        cache
+            .write_claimed(first, end, &self.buf)
+            .map_err(|source| RequestError::Io { addr, source })
     }
 
     /// Reads the image's non-zero bitmap, in chunks.

@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vmstream_vmm::image::{Bitmap, PageStore};
+use vmstream_vmm::memory::PAGE_SIZE;
 
 use crate::auth::{ClusterToken, nonce};
 use crate::cache::{NodeImageCache, nonzero_runs};
@@ -41,8 +42,9 @@ pub trait ServedImage: Send + Sync {
     fn nonzero(&self) -> &Bitmap;
     /// Whether every non-zero page of `first..end` is held here.
     fn holds(&self, first: usize, end: usize) -> bool;
-    /// The bytes of pages `first..end` (only held pages are sent).
-    fn bytes(&self, first: usize, end: usize) -> &[u8];
+    /// Reads pages `first..end` (all held) into `buf` (`pread`: no page
+    /// faults on the serving side).
+    fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()>;
 }
 
 impl ServedImage for PageStore {
@@ -55,9 +57,8 @@ impl ServedImage for PageStore {
     fn holds(&self, _first: usize, _end: usize) -> bool {
         true
     }
-    fn bytes(&self, first: usize, end: usize) -> &[u8] {
-        &self.as_mapping().as_slice()
-            [first * vmstream_vmm::memory::PAGE_SIZE..end * vmstream_vmm::memory::PAGE_SIZE]
+    fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()> {
+        self.read_pages(first, end - first, buf)
     }
 }
 
@@ -71,8 +72,8 @@ impl ServedImage for NodeImageCache {
     fn holds(&self, first: usize, end: usize) -> bool {
         (first..end).all(|p| !self.nonzero().get(p) || self.present().get(p))
     }
-    fn bytes(&self, first: usize, end: usize) -> &[u8] {
-        NodeImageCache::bytes(self, first, end)
+    fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()> {
+        self.read_raw(first, end, buf)
     }
 }
 
@@ -507,13 +508,14 @@ fn serve_requests(
     session: &Session,
 ) -> Result<(), ReadOutcome> {
     let mut buf = Vec::new();
+    let mut out = Vec::new();
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return Ok(());
         }
         let header = read_frame(&mut stream, &mut buf).map_err(classify)?;
         let answer = match header.command {
-            Command::ReadPages => answer_pages(shared, stream, session, &header),
+            Command::ReadPages => answer_pages(shared, stream, session, &header, &mut out),
             Command::IndexRequest => answer_index(shared, stream, session, &header),
             other => {
                 return Err(ReadOutcome::Refuse(Refusal::new(
@@ -573,6 +575,7 @@ fn answer_pages(
     mut stream: &TcpStream,
     session: &Session,
     header: &Header,
+    out: &mut Vec<u8>,
 ) -> Result<(), AnswerError> {
     let (first, end) = check_range(session, header)?;
     let image = &session.image;
@@ -584,19 +587,32 @@ fn answer_pages(
         )));
     }
     let runs = nonzero_runs(image.nonzero(), first, end);
-    let parts: Vec<&[u8]> = runs.iter().map(|&(a, b)| image.bytes(a, b)).collect();
     let sent: usize = runs.iter().map(|(a, b)| b - a).sum();
+    out.resize(sent * PAGE_SIZE, 0);
+    let mut at = 0;
+    for &(a, b) in &runs {
+        let len = (b - a) * PAGE_SIZE;
+        image.read_run(a, b, &mut out[at..at + len]).map_err(|e| {
+            AnswerError::Refused(Refusal::new(
+                ReasonCode::ReadFailed,
+                "read_failed",
+                format!("reading pages {a}..{b} failed: {e}"),
+            ))
+        })?;
+        at += len;
+    }
     let h = Header::new(Command::Pages)
         .with_version(session.version)
         .with_request(header.request_id)
         .with_range(header.first_page, header.page_count);
-    write_frame(&mut stream, &h, &parts).map_err(|_| AnswerError::Io)?;
+    // Counted before sending, so a peer that has the answer sees it counted.
     let c = &shared.counters;
     match session.role {
         Role::Fault => c.fault_requests.fetch_add(1, Ordering::Relaxed),
         Role::Bulk => c.bulk_requests.fetch_add(1, Ordering::Relaxed),
     };
     c.pages_sent.fetch_add(sent as u64, Ordering::Relaxed);
+    write_frame(&mut stream, &h, &[out]).map_err(|_| AnswerError::Io)?;
     Ok(())
 }
 
@@ -612,11 +628,11 @@ fn answer_index(
         .with_version(session.version)
         .with_request(header.request_id)
         .with_range(header.first_page, header.page_count);
-    write_frame(&mut stream, &h, &[&encode_index(&words)]).map_err(|_| AnswerError::Io)?;
     shared
         .counters
         .index_requests
         .fetch_add(1, Ordering::Relaxed);
+    write_frame(&mut stream, &h, &[&encode_index(&words)]).map_err(|_| AnswerError::Io)?;
     Ok(())
 }
 

@@ -50,7 +50,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for dir in &args.caches {
         let cache = NodeImageCache::open_existing(dir)?
             .ok_or_else(|| format!("no node image cache in {}", dir.display()))?;
-        server.add_image(&cache.image_id().to_owned(), cache);
+        let id = cache.image_id().to_owned();
+        server.add_image(&id, cache);
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening {}", server.local_addr())?;
