@@ -138,26 +138,37 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The work directory; removed (with every image in it) when dropped,
-/// unless kept.
-struct WorkDir(PathBuf, bool);
+/// unless `--keep` was given.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
 
 impl WorkDir {
-    fn create(parent: &Path) -> Result<Self, BenchError> {
-        let dir = parent.join(format!("vmstream-vmmbench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(BenchError::io(format!("creating {}", dir.display())))?;
-        Ok(Self(dir, false))
+    fn create(parent: &Path, keep: bool) -> Result<Self, BenchError> {
+        let path = parent.join(format!("vmstream-vmmbench-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .map_err(BenchError::io(format!("creating {}", path.display())))?;
+        Ok(Self { path, keep })
+    }
+
+    /// Removes an image that is no longer needed (unless `--keep`).
+    fn discard(&self, dir: &Path) -> Result<(), BenchError> {
+        if self.keep {
+            return Ok(());
+        }
+        std::fs::remove_dir_all(dir).map_err(BenchError::io(format!("removing {}", dir.display())))
     }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        if self.1 {
-            progress!("work directory kept: {}", self.0.display());
+        if self.keep {
+            progress!("work directory kept: {}", self.path.display());
             return;
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            progress!("cannot remove {}: {e}", self.0.display());
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            progress!("cannot remove {}: {e}", self.path.display());
         }
     }
 }
@@ -180,8 +191,7 @@ fn config(vcpus: u8, mib: usize) -> MachineConfig {
 
 fn run(args: &Args) -> Result<Figures, BenchError> {
     let host = open_host()?;
-    let mut work = WorkDir::create(&args.dir)?;
-    work.1 = args.keep;
+    let work = WorkDir::create(&args.dir, args.keep)?;
     let wants = |part: &str| args.only.iter().any(|p| p == part);
     let started = Instant::now();
     let mut figures = Figures::default();
@@ -194,7 +204,7 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
         ] {
             let kept = capture_pause::run(
                 &host,
-                &work.0,
+                &work.path,
                 name,
                 suffix,
                 config(args.vcpus, mib),
@@ -202,8 +212,7 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
                 args.capture_complete,
                 &mut figures,
             )?;
-            std::fs::remove_dir_all(&kept)
-                .map_err(BenchError::io(format!("removing {}", kept.display())))?;
+            work.discard(&kept)?;
         }
     }
 
@@ -214,7 +223,7 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
         let mut images = Vec::new();
         for (suffix, mib) in [("_256mib", 256), ("_4gib", 4096)] {
             let config = config(args.vcpus, mib);
-            let dir = work.0.join(format!("start{suffix}"));
+            let dir = work.path.join(format!("start{suffix}"));
             let made = Instant::now();
             guest::make_image(&host, config, SPARSE_FILL, &dir)?;
             progress!(
@@ -230,14 +239,13 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
         }
         start::run(&host, &images, args.runs, &mut figures)?;
         for image in &images {
-            std::fs::remove_dir_all(&image.dir)
-                .map_err(BenchError::io(format!("removing {}", image.dir.display())))?;
+            work.discard(&image.dir)?;
         }
     }
 
     if wants("working-set") || wants("clones") {
         let ws = config(args.vcpus, 1024);
-        let dir = work.0.join("working-set-1gib");
+        let dir = work.path.join("working-set-1gib");
         guest::make_image(&host, ws, DENSE_FILL, &dir)?;
         let spread = CheckedTouch::spread(ws.memory_bytes, 4096, DENSE_FILL);
         if wants("working-set") {
@@ -247,8 +255,7 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
             let contiguous = CheckedTouch::contiguous(4096, DENSE_FILL);
             clones::run(&dir, &contiguous, &spread, args.clones, &mut figures)?;
         }
-        std::fs::remove_dir_all(&dir)
-            .map_err(BenchError::io(format!("removing {}", dir.display())))?;
+        work.discard(&dir)?;
     }
     figures.put("bench_seconds", started.elapsed().as_secs_f64());
     Ok(figures)

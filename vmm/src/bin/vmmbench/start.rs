@@ -31,7 +31,7 @@ use vmstream_vmm::restore::{CloneSource, restore};
 use vmstream_vmm::vstate::vm::KvmHost;
 
 use super::error::BenchError;
-use super::figures::{Figures, ms};
+use super::figures::{Figures, ms, quantile};
 use super::guest::{Backing, CheckedTouch, prepare_shell};
 
 /// One image size the clone-start benchmark runs on.
@@ -203,7 +203,16 @@ pub fn run(
         let s = &samples[k];
         let pick = |f: fn(&StartSample) -> f64| s.iter().map(f).collect::<Vec<_>>();
         let (name, suffix) = (v.name, images[*i].suffix);
-        figures.put_summary(&format!("{name}_ms"), suffix, &pick(|x| x.first_exit));
+        let first_exit = pick(|x| x.first_exit);
+        figures.put_summary(&format!("{name}_ms"), suffix, &first_exit);
+        let mut sorted = first_exit.clone();
+        sorted.sort_by(f64::total_cmp);
+        progress!(
+            "{name}{suffix}: first exit ms p50 {:.3} p90 {:.3} max {:.3}",
+            quantile(&sorted, 0.5).unwrap_or(f64::NAN),
+            quantile(&sorted, 0.9).unwrap_or(f64::NAN),
+            sorted.last().copied().unwrap_or(f64::NAN)
+        );
         if !v.cached_source {
             figures.put_median(&format!("{name}_open_ms"), suffix, &pick(|x| x.open));
         }

@@ -1,16 +1,27 @@
 //! Working set: request → the clone's memory guest has read 4096 pages
-//! (16 MiB) of the image that no one touched since the capture (the host
-//! filled them before the capture; the guest only polled its mailbox).
+//! (16 MiB) of the image that the guest had not touched before the capture
+//! (the host filled them; the source guest only polled its mailbox).
 //! The request starts from a warm shell exactly as in the clone-start
 //! benchmark (open the image, restore, resume), then one TOUCH request reads
 //! one qword of each page; the time ends when the host has the guest's
 //! RESULT report, whose checksum is verified against the image.
 //!
-//! The pages are spread over the whole data area (a fixed odd stride), so
-//! neither fault-around nor read-ahead help. The same touch is then repeated
-//! in the lazy clone, where every page is present: that is the guest's own
-//! emulated loop (~1 µs per instruction on PVM) without any memory
-//! streaming, the floor under all variants.
+//! Backings, interleaved in every round: lazy (userfaultfd MISSING faults
+//! served by the handler thread), lazy in SIGBUS mode (the vCPU thread
+//! fills the page on the exit PVM reports) and CoW (`MAP_PRIVATE` of the
+//! page store, whose pages are in the page cache: the image was just
+//! written).
+//!
+//! The pages are spread over the whole 1 GiB data area (one every 63
+//! pages) and none is a zero page, so every lazy fault copies 4 KiB and
+//! neither fault-around (1 page) nor read-ahead (`MADV_RANDOM`) helps; a
+//! CoW fault still maps the whole page-cache folio (up to 2 MiB here, about
+//! 8 of the touched pages). The same touch is then repeated in the lazy
+//! clone, where every page is present: that is the guest's own emulated
+//! loop (~19 instructions per page at ~0.6–1 µs each on PVM) without any
+//! memory streaming, the floor under all variants
+//! (`working_set_present_ms_*`); `working_set_*_added_us_per_page` is what
+//! each backing adds per page over that floor.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -104,6 +115,7 @@ pub fn run(
     figures.put_count("working_set_runs", runs as u64);
     figures.put_count("working_set_pages", touch.command.count);
     figures.put_count("working_set_stride_pages", touch.command.stride);
+    let mut medians = Vec::new();
     for (i, backing) in backings.iter().enumerate() {
         let name = match backing {
             Backing::Lazy => "working_set_ms",
@@ -111,7 +123,7 @@ pub fn run(
             Backing::CopyOnWrite => "working_set_cow_ms",
         };
         let totals: Vec<f64> = samples[i].iter().map(|s| s.total).collect();
-        figures.put_summary(name, "_16mib", &totals);
+        medians.push(figures.put_summary(name, "_16mib", &totals).map(|s| s.p50));
         let reruns: Vec<f64> = samples[i].iter().filter_map(|s| s.rerun).collect();
         if !reruns.is_empty() {
             figures.put_summary("working_set_present_ms", "_16mib", &reruns);
@@ -122,6 +134,18 @@ pub fn run(
             .collect();
         if !faults.is_empty() && *backing == Backing::Lazy {
             figures.put_median("working_set_uffd_faults", "_16mib", &faults);
+        }
+    }
+    // What streaming adds per page over the guest's own loop on present
+    // pages (medians of the same run).
+    let present = figures.get("working_set_present_ms_p50_16mib");
+    for (backing, median) in backings.iter().zip(medians) {
+        if let (Some(total), Some(present)) = (median, present) {
+            let per_page_us = (total - present) * 1e3 / touch.command.count as f64;
+            figures.put(
+                format!("working_set_{}_added_us_per_page", backing.name()),
+                per_page_us,
+            );
         }
     }
     Ok(())
