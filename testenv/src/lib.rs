@@ -151,6 +151,17 @@ impl ControlPlane {
 
     /// Like [`ControlPlane::start`], with the state kept in `dir` (for `make up`).
     pub fn start_in(dir: Option<&Path>) -> Result<ControlPlane, StartError> {
+        Self::start_with(dir, std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`ControlPlane::start_in`], with kube-apiserver listening on
+    /// `bind` instead of loopback — e.g. the bridge address of test network
+    /// namespaces, so node daemons inside them reach the API server. The
+    /// kubeconfig names that address.
+    pub fn start_with(
+        dir: Option<&Path>,
+        bind: std::net::Ipv4Addr,
+    ) -> Result<ControlPlane, StartError> {
         let bins = bin_dir();
         for bin in ["etcd", "kube-apiserver"] {
             if !bins.join(bin).exists() {
@@ -232,8 +243,8 @@ impl ControlPlane {
         let api = spawn_tied(
             Command::new(bins.join("kube-apiserver"))
                 .arg(format!("--etcd-servers={etcd_url}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg("--advertise-address=127.0.0.1")
+                .arg(format!("--bind-address={bind}"))
+                .arg(format!("--advertise-address={bind}"))
                 .arg(format!("--secure-port={api_port}"))
                 .arg(format!("--cert-dir={}", state_dir.join("certs").display()))
                 .arg(format!("--token-auth-file={}", tokens.display()))
@@ -259,7 +270,7 @@ impl ControlPlane {
         })?;
         cp.children.get_mut().unwrap().push(api);
 
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{bind}:{api_port}");
         fs::write(&cp.kubeconfig, kubeconfig_yaml(&server, &token)).map_err(|source| {
             StartError::StateDir {
                 path: cp.kubeconfig.clone(),

@@ -1,0 +1,250 @@
+//! End to end on this machine: a real control plane, the operator, and three
+//! node daemons in network namespaces. Custom resources drive real KVM
+//! micro-VMs: a LiveImage is captured, a ClonePool's clones run and answer
+//! requests, scale up and down, survive a SIGKILLed node daemon (re-adopted)
+//! and a SIGKILLed operator (it converges), and deleting everything leaves
+//! no VM process behind.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, ResourceExt};
+use serde_json::json;
+use vmstream_api::v1alpha1::{ClonePool, LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMNode};
+use vmstream_e2e::{Cluster, ClusterOptions, eventually};
+use vmstream_test_support::{Need, require};
+
+const TEST: &str = "e2e::custom_resources_drive_real_vms_across_nodes";
+
+async fn running_clones(api: &Api<VMClone>) -> Vec<VMClone> {
+    api.list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.phase() == VMClonePhase::Running && c.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+fn node_index(cluster: &Cluster, node: &str) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.name == node)
+        .expect("known node")
+}
+
+/// Every running clone answers a request through its node's supervisor.
+fn all_answer(cluster: &Cluster, ns: &str, clones: &[VMClone]) {
+    for c in clones {
+        let node = c
+            .status
+            .as_ref()
+            .and_then(|s| s.node.clone())
+            .expect("clone has a node");
+        let id = format!("vmc.{ns}.{}", c.name_any());
+        let reply = cluster
+            .ctl(node_index(cluster, &node), &["request", &id, "7"])
+            .unwrap_or_else(|e| panic!("clone {id} on {node} did not answer: {e}"));
+        assert!(
+            reply["reply"]["answer"].is_u64(),
+            "answer from {id}: {reply}"
+        );
+    }
+}
+
+fn vm_process_count(cluster: &Cluster) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .flat_map(|n| n.vm_pids())
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_resources_drive_real_vms_across_nodes() {
+    if !require(
+        TEST,
+        &[
+            Need::Kvm,
+            Need::Root,
+            Need::Userfaultfd,
+            Need::NetworkNamespaces,
+        ],
+    ) {
+        return;
+    }
+    if let Some(why) = vmstream_testenv::unavailable() {
+        vmstream_testenv::record_skip(TEST, &why);
+        return;
+    }
+    let mut cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("start the cluster");
+    let cp = cluster.control_plane();
+    let ns = cp.namespace("e2e").await.unwrap();
+    let client = ns.client();
+
+    // Three node daemons publish their VMNodes from their own addresses.
+    let vmnodes: Api<VMNode> = Api::all(client.clone());
+    eventually("3 VMNodes with addresses on the bridge", 60, || async {
+        let list = vmnodes.list(&ListParams::default()).await.ok()?;
+        let addrs: BTreeSet<String> = list
+            .items
+            .iter()
+            .filter_map(|n| n.status.as_ref()?.address.clone())
+            .filter(|a| a.starts_with("10.213."))
+            .collect();
+        (addrs.len() == 3).then_some(())
+    })
+    .await;
+
+    // A LiveImage captured from the request guest, and a ClonePool of 6.
+    let images: Api<LiveImage> = Api::namespaced(client.clone(), ns.name());
+    let pools: Api<ClonePool> = Api::namespaced(client.clone(), ns.name());
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), ns.name());
+    let apply = PatchParams::apply("e2e").force();
+    images
+        .patch(
+            "req",
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
+                "metadata": {"name": "req"},
+                "spec": {"source": {"boot": {"guest": "Request", "vcpus": 1, "memoryMiB": 16}}}
+            })),
+        )
+        .await
+        .unwrap();
+    let set_replicas = |n: i32| {
+        let pools = pools.clone();
+        let apply = apply.clone();
+        async move {
+            pools
+                .patch(
+                    "pool",
+                    &apply,
+                    &Patch::Apply(json!({
+                        "apiVersion": "vmstream.io/v1alpha1", "kind": "ClonePool",
+                        "metadata": {"name": "pool"},
+                        "spec": {"liveImage": "req", "replicas": n}
+                    })),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_replicas(6).await;
+    let image = eventually("LiveImage Ready", 90, || async {
+        let i = images.get("req").await.ok()?;
+        assert_ne!(
+            i.phase(),
+            LiveImagePhase::Failed,
+            "image failed: {:?}",
+            i.status
+        );
+        (i.phase() == LiveImagePhase::Ready).then_some(i)
+    })
+    .await;
+    let status = image.status.unwrap();
+    assert!(status.size_bytes.unwrap_or(0) > 0 && status.source_pause_ms.is_some());
+
+    let running = eventually("6 clones Running", 90, || async {
+        let r = running_clones(&clones).await;
+        (r.len() == 6).then_some(r)
+    })
+    .await;
+    all_answer(&cluster, ns.name(), &running);
+    assert_eq!(vm_process_count(&cluster), 6);
+
+    // Scale up and back down: VM processes follow.
+    set_replicas(10).await;
+    let running = eventually("10 clones Running", 90, || async {
+        let r = running_clones(&clones).await;
+        (r.len() == 10).then_some(r)
+    })
+    .await;
+    all_answer(&cluster, ns.name(), &running);
+    set_replicas(3).await;
+    eventually("3 clones left and 3 VM processes", 60, || async {
+        let all = clones.list(&ListParams::default()).await.ok()?.items;
+        (all.len() == 3 && vm_process_count(&cluster) == 3).then_some(())
+    })
+    .await;
+
+    // SIGKILL the node daemon that runs clones: the VMs keep running and the
+    // restarted daemon re-adopts them.
+    let running = running_clones(&clones).await;
+    let busy = node_index(
+        &cluster,
+        running[0].status.as_ref().unwrap().node.as_deref().unwrap(),
+    );
+    let pids_before = cluster.nodes[busy].vm_pids();
+    assert!(!pids_before.is_empty());
+    cluster.kill_node_daemon(busy);
+    for pid in &pids_before {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "VM {pid} survived its daemon"
+        );
+    }
+    cluster.restart_node(busy).unwrap();
+    let listed = eventually("restarted daemon lists its VMs", 30, || async {
+        let list = cluster.ctl(busy, &["list"]).ok()?;
+        let pids: BTreeSet<u64> = list["vms"]
+            .as_array()?
+            .iter()
+            .filter_map(|v| v["record"]["pid"].as_u64())
+            .collect();
+        (pids.len() == pids_before.len()).then_some(pids)
+    })
+    .await;
+    assert_eq!(listed, pids_before.iter().map(|&p| p as u64).collect());
+    all_answer(&cluster, ns.name(), &running_clones(&clones).await);
+
+    // SIGKILL the operator during a scale-up: the restarted operator converges
+    // with no duplicate and no lost clone.
+    set_replicas(8).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cluster.kill_operator();
+    cluster.restart_operator().unwrap();
+    eventually(
+        "8 clones Running after the operator restart",
+        90,
+        || async {
+            let all = clones.list(&ListParams::default()).await.ok()?.items;
+            let running = running_clones(&clones).await;
+            (all.len() == 8 && running.len() == 8 && vm_process_count(&cluster) == 8).then_some(())
+        },
+    )
+    .await;
+
+    // Delete everything: every VM process stops.
+    pools
+        .delete("pool", &DeleteParams::default())
+        .await
+        .unwrap();
+    images
+        .delete("req", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("no clone, no image, no VM process", 60, || async {
+        let c = clones.list(&ListParams::default()).await.ok()?.items.len();
+        let i = images.list(&ListParams::default()).await.ok()?.items.len();
+        (c == 0 && i == 0 && vm_process_count(&cluster) == 0).then_some(())
+    })
+    .await;
+    let netns: Vec<String> = cluster.nodes.iter().map(|n| n.netns.clone()).collect();
+    drop(ns);
+    drop(cluster);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for n in netns {
+        assert!(!listed.contains(&n), "namespace {n} removed");
+    }
+}
