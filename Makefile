@@ -9,7 +9,7 @@ export VMSTREAM_HELM ?= $(VMSTREAM_CACHE)/helm-$(HELM_VERSION)/helm
 export HELM_VERSION
 STATE := .vmstream
 
-.PHONY: all deps controlplane build crds crds-check fmt-check lint test test-unit bench up down clean-state help
+.PHONY: all deps controlplane build crds crds-check fmt-check lint test e2e bench up down help
 
 all: build
 
@@ -50,6 +50,11 @@ lint: fmt-check
 ## test: everything CI checks
 test: deps crds-check lint
 	@hack/run-tests.sh
+
+## e2e: only the end-to-end suite (operator + 3 node daemons in network namespaces + real VMs)
+e2e: deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p vmstream-e2e -- --nocapture
 
 bench: deps
 	@hack/bench.sh
