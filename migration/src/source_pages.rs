@@ -79,7 +79,10 @@ impl SourceMemory {
                 false,
                 private_pages(base as usize, pages).map_err(TouchedPagesError::Pagemap)?,
             ),
-            MemoryBacking::Anonymous => (None, false, all_pages(pages)),
+            // Streamed from another node: no local image to compare with.
+            MemoryBacking::Anonymous | MemoryBacking::LazyFrom { .. } => {
+                (None, false, all_pages(pages))
+            }
         };
         Ok(Self {
             base,

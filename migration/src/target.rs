@@ -486,9 +486,15 @@ fn postcopy_epoch(
             };
             match h.command {
                 Command::Done => {
-                    let missing = match memory.finish_transfer() {
-                        Ok(m) => m,
-                        Err(e) => break Err(EpochEnd::Protocol(e.to_string())),
+                    // Fault answers travel on the other connection and may
+                    // still be on their way: wait for them (bounded).
+                    let waited = Instant::now();
+                    let missing = loop {
+                        let (requested, lost) = memory.missing_source_pages();
+                        if lost > 0 || requested == 0 || waited.elapsed() > options.link_timeout {
+                            break requested + lost;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
                     };
                     if missing > 0 {
                         let why = format!("{missing} pages announced by the source never arrived");

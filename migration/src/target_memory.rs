@@ -403,19 +403,26 @@ impl TargetMemory {
         self.serve_waiting_from_image()
     }
 
-    /// The source sent every candidate page: all pages still missing come
-    /// from the image. Returns the number of source pages that never arrived
-    /// (0 unless the protocol was broken).
-    pub fn finish_transfer(&self) -> Result<usize, InstallError> {
+    /// The source sent every candidate page on the bulk connection.
+    /// Returns the source pages not installed yet, split into those a fault
+    /// answer is still expected for (requested) and those that should have
+    /// arrived (not requested: 0 unless the protocol was broken).
+    pub fn missing_source_pages(&self) -> (usize, usize) {
         self.shared.all_sent.store(true, Ordering::SeqCst);
-        let missing = (0..self.shared.pages)
-            .filter(|&p| {
-                self.shared.state[p].load(Ordering::SeqCst) == SOURCE
-                    && !self.shared.installed.get(p)
-            })
-            .count();
-        self.serve_waiting_from_image()?;
-        Ok(missing)
+        let mut requested = 0;
+        let mut lost = 0;
+        for p in 0..self.shared.pages {
+            if self.shared.state[p].load(Ordering::SeqCst) == SOURCE
+                && !self.shared.installed.get(p)
+            {
+                if self.shared.requested.get(p) {
+                    requested += 1;
+                } else {
+                    lost += 1;
+                }
+            }
+        }
+        (requested, lost)
     }
 
     fn serve_waiting_from_image(&self) -> Result<(), InstallError> {
@@ -427,9 +434,8 @@ impl TargetMemory {
             .keys()
             .copied()
             .collect();
-        let all_sent = self.shared.all_sent.load(Ordering::SeqCst);
         for page in waiting {
-            if all_sent || self.shared.state[page].load(Ordering::SeqCst) == IMAGE {
+            if self.shared.state[page].load(Ordering::SeqCst) == IMAGE {
                 self.shared.fill_from_image(page, 1)?;
             }
         }
@@ -727,8 +733,10 @@ impl Shared {
             let _ = self.uffd.wake(self.addr(page), PAGE_SIZE);
             return;
         }
-        let from_image = self.all_sent.load(Ordering::SeqCst)
-            || self.state[page].load(Ordering::SeqCst) == IMAGE;
+        // Only pages known to be the image's: a source page whose answer is
+        // still on its way (the fault connection is not ordered with the
+        // bulk one) must wait for it, even after Done.
+        let from_image = self.state[page].load(Ordering::SeqCst) == IMAGE;
         if from_image {
             let mut end = page + 1;
             while end < self.pages
