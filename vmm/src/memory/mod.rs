@@ -1,20 +1,28 @@
 //! Guest memory: the host mapping of guest RAM and its backings (anonymous,
 //! copy-on-write image file, userfaultfd streaming), the page sources that
-//! feed lazy memory, and footprint measurement.
+//! feed lazy memory, footprint measurement and policy, page sharing between
+//! clones (KSM) and giving clean pages back under pressure (reclaim).
 
 pub mod cow;
 pub mod footprint;
+pub mod ksm;
 pub mod latency;
 pub mod lazy;
 pub mod ram;
+pub mod reclaim;
 pub mod source;
 
 pub use cow::{CowMapError, map_copy_on_write};
-pub use footprint::{FootprintError, RangeFootprint, range_footprint, resident_bytes};
+pub use footprint::{
+    CleanScan, CloneUsage, FootprintError, RangeFootprint, ReclaimPlan, ReclaimRequest,
+    image_clean_estimate, plan_reclaim, range_footprint, resident_bytes,
+};
+pub use ksm::{KsmError, KsmProcessStat, KsmRunning, KsmSettings, merge_identical_pages};
 pub use latency::{LatencyHistogram, LatencySnapshot};
 pub use lazy::{
     AttachError, FaultStats, FillError, FillOutcome, LazyMemory, LazyOptions, LazyRegisterError,
     QuiesceGuard, pin_thread, userfaultfd_available,
 };
 pub use ram::{GuestRam, PAGE_SIZE};
+pub use reclaim::{ReclaimError, ReclaimReport, drop_image_equal_pages};
 pub use source::{BufferSource, PageSource, PageSourceError};
