@@ -1,21 +1,27 @@
 //! vmstream's page streaming between node daemons: the wire format
 //! ([`wire`], [`framing`]), peer authentication ([`auth`]), the page server
 //! ([`server`]), the node image cache ([`cache`]) and the remote page source
-//! that lazy guest memory reads through ([`client`]). No Kubernetes
+//! that lazy guest memory reads through ([`client`]), cache-less requests
+//! ([`direct`]) and the read-through image a daemon serves to its own VM
+//! processes ([`relay`]). No Kubernetes
 //! dependency. The protocol is described in `docs/PAGE-STREAMING.md`.
 
 pub mod auth;
 pub mod cache;
 pub mod client;
+pub mod direct;
 pub mod framing;
 pub mod netns;
+pub mod relay;
 pub mod server;
 pub mod wire;
 
 pub use auth::ClusterToken;
 pub use cache::{CacheStats, NodeImageCache};
 pub use client::{RemoteConfig, RemotePages, RemoteStats};
-pub use server::{PageServer, ServedImage, ServerOptions, ServerStats};
+pub use direct::{DirectPages, fetch_state_file};
+pub use relay::ReadThrough;
+pub use server::{ImageDir, PageServer, ServedImage, ServerOptions, ServerStats};
 
 /// An error and all its sources, joined with `: ` (for logs and reasons).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -30,8 +30,8 @@ use crate::auth::{ClusterToken, nonce};
 use crate::cache::{NodeImageCache, nonzero_runs};
 use crate::framing::{ReadFrameError, read_frame, write_frame};
 use crate::wire::{
-    Accept, Challenge, Command, FrameError, HANDSHAKE_VERSION, Header, Hello, MAX_VERSION,
-    MIN_VERSION, Reason, ReasonCode, Role, decode_auth, encode_index,
+    Accept, Challenge, Command, FrameError, HANDSHAKE_VERSION, Header, Hello, MAX_STATE_LEN,
+    MAX_VERSION, MIN_VERSION, Reason, ReasonCode, Role, decode_auth, encode_index,
 };
 
 /// Pages a server can serve for one image.
@@ -45,6 +45,48 @@ pub trait ServedImage: Send + Sync {
     /// Reads pages `first..end` (all held) into `buf` (`pread`: no page
     /// faults on the serving side).
     fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()>;
+    /// The image's state file (`state.bin`), if this server has it.
+    fn state_file(&self) -> Option<io::Result<Vec<u8>>> {
+        None
+    }
+}
+
+/// A complete local image directory (page store and state file), served
+/// by its home node.
+#[derive(Debug)]
+pub struct ImageDir {
+    store: PageStore,
+    dir: std::path::PathBuf,
+}
+
+impl ImageDir {
+    /// Opens the page store of the image in `dir`.
+    pub fn open(dir: &std::path::Path) -> Result<Self, vmstream_vmm::image::ImageOpenError> {
+        Ok(Self {
+            store: PageStore::open(dir)?,
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl ServedImage for ImageDir {
+    fn pages(&self) -> usize {
+        self.store.pages()
+    }
+    fn nonzero(&self) -> &Bitmap {
+        self.store.present()
+    }
+    fn holds(&self, _first: usize, _end: usize) -> bool {
+        true
+    }
+    fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()> {
+        self.store.read_pages(first, end - first, buf)
+    }
+    fn state_file(&self) -> Option<io::Result<Vec<u8>>> {
+        Some(std::fs::read(
+            self.dir.join(vmstream_vmm::image::STATE_FILE),
+        ))
+    }
 }
 
 impl ServedImage for PageStore {
@@ -74,6 +116,10 @@ impl ServedImage for NodeImageCache {
     }
     fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()> {
         self.read_raw(first, end, buf)
+    }
+    fn state_file(&self) -> Option<io::Result<Vec<u8>>> {
+        let path = self.dir().join(vmstream_vmm::image::STATE_FILE);
+        path.is_file().then(|| std::fs::read(path))
     }
 }
 
@@ -109,6 +155,8 @@ pub struct ServerStats {
     /// Non-zero pages sent.
     pub pages_sent: u64,
     pub index_requests: u64,
+    /// State files sent.
+    pub state_requests: u64,
 }
 
 impl ServerStats {
@@ -127,6 +175,7 @@ struct Counters {
     bulk_requests: AtomicU64,
     pages_sent: AtomicU64,
     index_requests: AtomicU64,
+    state_requests: AtomicU64,
 }
 
 struct ServerShared {
@@ -274,6 +323,7 @@ impl PageServer {
             bulk_page_requests: bulk,
             pages_sent: c.pages_sent.load(Ordering::Relaxed),
             index_requests: c.index_requests.load(Ordering::Relaxed),
+            state_requests: c.state_requests.load(Ordering::Relaxed),
         }
     }
 
@@ -517,6 +567,7 @@ fn serve_requests(
         let answer = match header.command {
             Command::ReadPages => answer_pages(shared, stream, session, &header, &mut out),
             Command::IndexRequest => answer_index(shared, stream, session, &header),
+            Command::StateRequest => answer_state(shared, stream, session, &header),
             other => {
                 return Err(ReadOutcome::Refuse(Refusal::new(
                     ReasonCode::Unexpected,
@@ -633,6 +684,58 @@ fn answer_index(
         .index_requests
         .fetch_add(1, Ordering::Relaxed);
     write_frame(&mut stream, &h, &[&encode_index(&words)]).map_err(|_| AnswerError::Io)?;
+    Ok(())
+}
+
+fn answer_state(
+    shared: &ServerShared,
+    mut stream: &TcpStream,
+    session: &Session,
+    header: &Header,
+) -> Result<(), AnswerError> {
+    let refused = |code, kind, text: String| AnswerError::Refused(Refusal::new(code, kind, text));
+    let bytes = match session.image.state_file() {
+        None => {
+            return Err(refused(
+                ReasonCode::NotHeld,
+                "not_held",
+                format!(
+                    "this node does not hold the state file of image {:?}",
+                    session.image_id
+                ),
+            ));
+        }
+        Some(Err(e)) => {
+            return Err(refused(
+                ReasonCode::ReadFailed,
+                "read_failed",
+                format!(
+                    "reading the state file of image {:?} failed: {e}",
+                    session.image_id
+                ),
+            ));
+        }
+        Some(Ok(bytes)) => bytes,
+    };
+    if bytes.len() > MAX_STATE_LEN as usize {
+        return Err(refused(
+            ReasonCode::ReadFailed,
+            "read_failed",
+            format!(
+                "the state file of image {:?} is {} bytes, over the limit {MAX_STATE_LEN}",
+                session.image_id,
+                bytes.len()
+            ),
+        ));
+    }
+    let h = Header::new(Command::State)
+        .with_version(session.version)
+        .with_request(header.request_id);
+    shared
+        .counters
+        .state_requests
+        .fetch_add(1, Ordering::Relaxed);
+    write_frame(&mut stream, &h, &[&bytes]).map_err(|_| AnswerError::Io)?;
     Ok(())
 }
 

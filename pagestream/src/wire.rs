@@ -40,6 +40,9 @@ pub const MAX_BATCH_PAGES: u32 = 256;
 pub const MAX_INDEX_PAGES: u32 = 512 * 1024;
 /// Largest payload of any frame (a full batch of pages).
 pub const MAX_PAYLOAD: u32 = MAX_BATCH_PAGES * PAGE_SIZE as u32;
+/// Largest state file a State frame carries (1 MiB; a 1-vCPU micro VM's is
+/// about 20 KB).
+pub const MAX_STATE_LEN: u32 = 1 << 20;
 /// Longest image id in a Hello.
 pub const MAX_IMAGE_ID_LEN: usize = 256;
 /// Longest reason text in a Reject or Error.
@@ -79,6 +82,12 @@ pub enum Command {
     Pages = 9,
     /// Server → client: a request failed (code and reason).
     Error = 10,
+    /// Client → server: send the image's state file (vCPU and device
+    /// state, `state.bin`).
+    StateRequest = 11,
+    /// Server → client: the image's state file, whole (at most
+    /// [`MAX_STATE_LEN`] bytes).
+    State = 12,
 }
 
 impl Command {
@@ -95,6 +104,8 @@ impl Command {
             8 => Self::ReadPages,
             9 => Self::Pages,
             10 => Self::Error,
+            11 => Self::StateRequest,
+            12 => Self::State,
             _ => return None,
         })
     }
@@ -107,7 +118,8 @@ impl Command {
             Self::Auth => MAC_LEN as u32,
             Self::Accept => ACCEPT_LEN as u32,
             Self::Reject | Self::Error => (REASON_FIXED + MAX_REASON_LEN) as u32,
-            Self::IndexRequest | Self::ReadPages => 0,
+            Self::IndexRequest | Self::ReadPages | Self::StateRequest => 0,
+            Self::State => MAX_STATE_LEN,
             Self::Index => MAX_INDEX_PAGES / 8,
             Self::Pages => MAX_PAYLOAD,
         }

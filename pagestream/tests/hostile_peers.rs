@@ -339,3 +339,70 @@ fn corrupted_pages_are_never_taken_and_the_next_holder_serves() {
         "the corruption was not noticed: {stats:?}"
     );
 }
+
+#[test]
+fn state_requests_are_answered_refused_or_closed_as_they_deserve() {
+    use vmstream_pagestream::direct::{Connection, fetch_state_file};
+    use vmstream_pagestream::wire::MAX_STATE_LEN;
+    use vmstream_pagestream::{ImageDir, ServedImage};
+
+    let f = fixture();
+    // The fixture's bare page store has no state file: an Error naming
+    // it, and the session goes on.
+    let mut s = authenticate(f.server.local_addr(), IMAGE);
+    let ask = Header::new(Command::StateRequest).with_request(3);
+    write_frame(&mut s, &ask, &[]).unwrap();
+    let (c, reason) = expect_refusal(&mut s);
+    assert_eq!((c, reason.code), (Command::Error, ReasonCode::NotHeld));
+    assert!(reason.text.contains("state file"), "{}", reason.text);
+    let ok = Header::new(Command::ReadPages)
+        .with_request(4)
+        .with_range(1, 1);
+    write_frame(&mut s, &ok, &[]).unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(
+        read_frame(&mut s, &mut buf).unwrap().command,
+        Command::Pages
+    );
+
+    // A StateRequest carrying a page range is malformed: refused, closed.
+    let mut ranged = Header::new(Command::StateRequest)
+        .with_request(5)
+        .encode_frame(&[]);
+    ranged[28] = 1; // page_count
+    let crc = crc32fast::hash(&ranged[..36]);
+    ranged[36..40].copy_from_slice(&crc.to_le_bytes());
+    s.write_all(&ranged).unwrap();
+    let (c, reason) = expect_refusal(&mut s);
+    assert_eq!(c, Command::Error);
+    assert!(reason.text.contains("page range"), "{}", reason.text);
+    // A State frame over the limit is refused from its header alone.
+    let mut huge = Header::new(Command::State).encode_frame(&[]);
+    huge[32..36].copy_from_slice(&(MAX_STATE_LEN + 1).to_le_bytes());
+    assert!(vmstream_pagestream::wire::Header::decode(&huge).is_err());
+    good_client_works(&f);
+
+    // An image directory with a state file: the bytes arrive whole, from
+    // the first holder that has them (a dead one is skipped).
+    let dir = tempfile::tempdir().unwrap();
+    write_store(dir.path(), &image_bytes(PAGES, 12));
+    let state: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.path().join(vmstream_vmm::image::STATE_FILE), &state).unwrap();
+    let image = ImageDir::open(dir.path()).unwrap();
+    assert_eq!(image.state_file().unwrap().unwrap(), state);
+    f.server.add_image("default/with-state", Arc::new(image));
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = quick_config(vec![dead, f.server.local_addr()], token());
+    config.image_id = "default/with-state".into();
+    assert_eq!(fetch_state_file(&config).unwrap(), state);
+    let mut conn = Connection::open(f.server.local_addr(), Role::Fault, &config).unwrap();
+    assert_eq!(conn.state_file().unwrap(), state);
+    assert!(f.server.stats().state_requests >= 2);
+    // A client with the wrong token gets nothing.
+    let mut wrong = config.clone();
+    wrong.token = ClusterToken::new(b"another-cluster-token".to_vec()).unwrap();
+    assert!(fetch_state_file(&wrong).is_err());
+}

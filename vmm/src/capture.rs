@@ -81,6 +81,30 @@ pub enum CaptureError {
     Wait(#[source] std::io::Error),
     #[error("cannot write the state file")]
     StateFile(#[from] StateWriteError),
+    #[error("cannot bring in page {page} from the clone's page source before the capture")]
+    Materialize {
+        page: usize,
+        #[source]
+        source: crate::memory::FillError,
+    },
+}
+
+/// For a clone streamed from a page source without a local page store:
+/// brings in every page never populated (the forked writer cannot read a
+/// remote source), so the child finds all of guest RAM in memory.
+fn materialize(machine: &Machine) -> Result<(), CaptureError> {
+    let MemoryBacking::LazyFrom { memory, .. } = machine.backing() else {
+        return Ok(());
+    };
+    let populated = memory.populated();
+    let mut page = 0;
+    while let Some(next) = populated.next_clear(page) {
+        memory
+            .fill_page(next)
+            .map_err(|source| CaptureError::Materialize { page: next, source })?;
+        page = next + 1;
+    }
+    Ok(())
 }
 
 /// A capture whose page store is still being written by a child process;
@@ -112,6 +136,7 @@ pub fn capture(machine: &Machine, dir: &Path) -> Result<CaptureReport, CaptureEr
 /// store is written in the background by a forked child.
 pub fn start_capture(machine: &Machine, dir: &Path) -> Result<PendingCapture, CaptureError> {
     let started = Instant::now();
+    materialize(machine)?;
     let ram = machine.guest_ram();
     let writer =
         PageStoreWriter::prepare(dir, ram.len()).map_err(|source| CaptureError::Prepare {
@@ -146,6 +171,9 @@ pub fn start_capture(machine: &Machine, dir: &Path) -> Result<PendingCapture, Ca
             Some(memory.populated()),
             Some(memory.quiesce()),
         ),
+        // Every page was brought in by `materialize` (pages are never
+        // dropped from a LazyFrom clone), so guest RAM is complete.
+        MemoryBacking::LazyFrom { memory, .. } => (None, None, Some(memory.quiesce())),
         _ => (None, None, None),
     };
     let mem = ram.host_addr().cast_const();

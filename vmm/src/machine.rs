@@ -17,7 +17,7 @@ use crate::devices::mailbox::Mailbox;
 use crate::devices::{DeviceState, PortIoBus};
 use crate::guests::{FillSpec, GuestProgram};
 use crate::image::PageStore;
-use crate::memory::{GuestRam, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE};
+use crate::memory::{GuestRam, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE, PageSource};
 use crate::vstate::ram_access::RamAccess;
 use crate::vstate::run_loop::{
     MissingPageResolver, StartArgs, VcpuControlError, VcpuShared, VcpuStats, VcpuStatus,
@@ -190,7 +190,6 @@ impl VmShell {
 }
 
 /// What backs a machine's guest RAM, as capture needs to know it.
-#[derive(Debug)]
 pub enum MemoryBacking {
     /// Anonymous memory (a booted guest).
     Anonymous,
@@ -202,6 +201,42 @@ pub enum MemoryBacking {
         memory: Arc<LazyMemory>,
         base: Arc<PageStore>,
     },
+    /// Pages brought in on first touch from any page source (e.g. another
+    /// node's page server); capture first brings in every page that was
+    /// never populated through `source`.
+    LazyFrom {
+        memory: Arc<LazyMemory>,
+        source: Arc<dyn PageSource>,
+    },
+}
+
+impl MemoryBacking {
+    /// The userfaultfd-backed memory of a lazily streamed clone.
+    pub fn lazy_memory(&self) -> Option<&Arc<LazyMemory>> {
+        match self {
+            Self::Lazy { memory, .. } | Self::LazyFrom { memory, .. } => Some(memory),
+            Self::Anonymous | Self::CopyOnWrite(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryBacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Anonymous => f.write_str("Anonymous"),
+            Self::CopyOnWrite(store) => f.debug_tuple("CopyOnWrite").field(store).finish(),
+            Self::Lazy { memory, base } => f
+                .debug_struct("Lazy")
+                .field("memory", memory)
+                .field("base", base)
+                .finish(),
+            Self::LazyFrom { memory, source } => f
+                .debug_struct("LazyFrom")
+                .field("memory", memory)
+                .field("source_pages", &source.pages())
+                .finish(),
+        }
+    }
 }
 
 /// Fills missing pages for vCPU exits (userfaultfd SIGBUS mode).
@@ -336,12 +371,9 @@ impl Machine {
     /// Wraps a shell whose vCPU and VM state are set and starts its vCPUs.
     pub(crate) fn start(shell: VmShell, bus: Arc<PortIoBus>, backing: MemoryBacking) -> Self {
         let ram = ram_access(&shell.ram);
-        let resolver = match &backing {
-            MemoryBacking::Lazy { memory, .. } => {
-                Some(Arc::new(LazyResolver(Arc::clone(memory))) as Arc<dyn MissingPageResolver>)
-            }
-            _ => None,
-        };
+        let resolver = backing.lazy_memory().map(|memory| {
+            Arc::new(LazyResolver(Arc::clone(memory))) as Arc<dyn MissingPageResolver>
+        });
         let VmShell {
             host,
             config,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::arch::x86_64::layout::{MAILBOX_ADDR, gpa_to_ram_offset};
 use crate::arch::x86_64::walk::{CpuRoots, cpu_pages};
 use crate::devices::PortIoBus;
-use crate::image::{ImageOpenError, LiveImage, PageStore};
+use crate::image::{ImageOpenError, LiveImage, PageStore, StateContents};
 use crate::machine::{Machine, MemoryBacking, VmShell, advise, ram_access};
 use crate::memory::{
     AttachError, CowMapError, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE, PageSource,
@@ -32,7 +32,10 @@ use crate::vstate::{VmState, VmStateDecodeError};
 #[derive(Debug, Clone)]
 pub struct CloneSource {
     state: Arc<VmState>,
-    pages: Arc<PageStore>,
+    /// The local page store; `None` for a source made from a state file
+    /// alone ([`CloneSource::from_state`]: memory comes from a
+    /// [`PageSource`] given with [`CloneMemory::LazyFrom`]).
+    pages: Option<Arc<PageStore>>,
     startup_pages: Arc<[usize]>,
 }
 
@@ -43,6 +46,13 @@ pub enum CloneSourceError {
     Open(#[from] ImageOpenError),
     #[error("cannot decode the live image's machine state")]
     Decode(#[from] VmStateDecodeError),
+    #[error("cannot read the live image's state file")]
+    State(#[source] ImageOpenError),
+    #[error("the page source has {source_pages} pages, the machine state {state_pages}")]
+    SourceSize {
+        source_pages: usize,
+        state_pages: usize,
+    },
     #[error(
         "the machine state describes {state} bytes of memory and {state_vcpus} vCPUs, the state file header {header} bytes and {header_vcpus} vCPUs"
     )]
@@ -63,24 +73,45 @@ impl CloneSource {
     /// Decodes an opened image.
     pub fn from_image(image: LiveImage) -> Result<Self, CloneSourceError> {
         let (contents, pages) = image.into_parts();
-        let state = VmState::decode(&contents.payload)?;
-        if state.memory_bytes != contents.memory_size
-            || state.vcpus.len() != contents.vcpu_count as usize
-        {
-            return Err(CloneSourceError::Inconsistent {
-                state: state.memory_bytes,
-                header: contents.memory_size,
-                state_vcpus: state.vcpus.len(),
-                header_vcpus: contents.vcpu_count,
-            });
-        }
+        let state = decode_state(&contents)?;
         // Found once here, off the clone-start path.
         let startup_pages = startup_pages(&state, &pages).into();
         Ok(Self {
             state: Arc::new(state),
-            pages: Arc::new(pages),
+            pages: Some(Arc::new(pages)),
             startup_pages,
         })
+    }
+
+    /// A source made of a state file (`state.bin`, e.g. fetched from the
+    /// image's home node) whose memory comes from `memory` (e.g. a remote
+    /// page source): the startup pages are found by reading page tables
+    /// through it. Clones of it start only with [`CloneMemory::LazyFrom`].
+    pub fn from_state(
+        contents: &StateContents,
+        memory: &dyn PageSource,
+    ) -> Result<Self, CloneSourceError> {
+        let state = decode_state(contents)?;
+        let state_pages = state.memory_bytes as usize / PAGE_SIZE;
+        if memory.pages() != state_pages {
+            return Err(CloneSourceError::SourceSize {
+                source_pages: memory.pages(),
+                state_pages,
+            });
+        }
+        let startup_pages = startup_pages(&state, &SourceReader(memory)).into();
+        Ok(Self {
+            state: Arc::new(state),
+            pages: None,
+            startup_pages,
+        })
+    }
+
+    /// Reads the state file in `dir` and makes a source of it whose memory
+    /// comes from `memory` (see [`CloneSource::from_state`]).
+    pub fn open_state(dir: &Path, memory: &dyn PageSource) -> Result<Self, CloneSourceError> {
+        let contents = crate::image::StateFile::read(dir).map_err(CloneSourceError::State)?;
+        Self::from_state(&contents, memory)
     }
 
     /// The machine state.
@@ -89,8 +120,19 @@ impl CloneSource {
     }
 
     /// The page store.
+    ///
+    /// # Panics
+    /// For a source made with [`CloneSource::from_state`], which has none
+    /// (use [`CloneSource::page_store`]).
     pub fn pages(&self) -> &Arc<PageStore> {
-        &self.pages
+        self.pages
+            .as_ref()
+            .expect("this clone source was made from a state file and has no page store")
+    }
+
+    /// The local page store, if the source has one.
+    pub fn page_store(&self) -> Option<&Arc<PageStore>> {
+        self.pages.as_ref()
     }
 
     /// RAM page indices a lazily streamed clone must have before its vCPUs
@@ -100,19 +142,62 @@ impl CloneSource {
     }
 }
 
-fn startup_pages(state: &VmState, store: &PageStore) -> Vec<usize> {
+fn decode_state(contents: &StateContents) -> Result<VmState, CloneSourceError> {
+    let state = VmState::decode(&contents.payload)?;
+    if state.memory_bytes != contents.memory_size
+        || state.vcpus.len() != contents.vcpu_count as usize
+    {
+        return Err(CloneSourceError::Inconsistent {
+            state: state.memory_bytes,
+            header: contents.memory_size,
+            state_vcpus: state.vcpus.len(),
+            header_vcpus: contents.vcpu_count,
+        });
+    }
+    Ok(state)
+}
+
+/// Reads single pages for the startup walk.
+trait StartupRead {
+    fn is_zero(&self, page: usize) -> bool;
+    fn read_page(&self, page: usize, buf: &mut [u8]) -> bool;
+}
+
+impl StartupRead for PageStore {
+    fn is_zero(&self, page: usize) -> bool {
+        !self.is_present(page)
+    }
+    fn read_page(&self, page: usize, buf: &mut [u8]) -> bool {
+        PageStore::read_page(self, page, buf).is_ok()
+    }
+}
+
+struct SourceReader<'a>(&'a dyn PageSource);
+
+impl StartupRead for SourceReader<'_> {
+    fn is_zero(&self, page: usize) -> bool {
+        page >= self.0.pages() || self.0.is_zero(page)
+    }
+    fn read_page(&self, page: usize, buf: &mut [u8]) -> bool {
+        self.0.read_pages(page, 1, buf).is_ok()
+    }
+}
+
+fn startup_pages(state: &VmState, store: &dyn StartupRead) -> Vec<usize> {
     let mut cache: HashMap<usize, Vec<u8>> = HashMap::new();
     let mut read_u64 = |gpa: u64| -> Option<u64> {
         let offset = gpa_to_ram_offset(gpa, state.memory_bytes)?;
         let index = offset as usize / PAGE_SIZE;
-        if !store.is_present(index) {
+        if store.is_zero(index) {
             return Some(0);
         }
         let page = match cache.entry(index) {
             Entry::Occupied(page) => page.into_mut(),
             Entry::Vacant(slot) => {
                 let mut page = vec![0u8; PAGE_SIZE];
-                store.read_page(index, &mut page).ok()?;
+                if !store.read_page(index, &mut page) {
+                    return None;
+                }
                 slot.insert(page)
             }
         };
@@ -143,7 +228,7 @@ fn startup_pages(state: &VmState, store: &PageStore) -> Vec<usize> {
 const STARTUP_TABLE_LIMIT: usize = 4096;
 
 /// How a clone's memory is provided.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub enum CloneMemory {
     /// `MAP_PRIVATE` of the local page store: shared page cache, private writes.
     #[default]
@@ -151,6 +236,27 @@ pub enum CloneMemory {
     /// Userfaultfd streaming from the page store (uses the shell's prepared
     /// registration, or registers now with these options).
     Lazy(LazyOptions),
+    /// Userfaultfd streaming from any page source (e.g. the image's home
+    /// node through the node cache); the only memory for a source made
+    /// with [`CloneSource::from_state`].
+    LazyFrom {
+        options: LazyOptions,
+        source: Arc<dyn PageSource>,
+    },
+}
+
+impl std::fmt::Debug for CloneMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::CopyOnWrite => f.write_str("CopyOnWrite"),
+            Self::Lazy(options) => f.debug_tuple("Lazy").field(options).finish(),
+            Self::LazyFrom { options, source } => f
+                .debug_struct("LazyFrom")
+                .field("options", options)
+                .field("source_pages", &source.pages())
+                .finish(),
+        }
+    }
 }
 
 /// Time spent in each step of a restore, on the calling thread.
@@ -213,10 +319,39 @@ pub enum RestoreError {
     LazyRegister(#[from] LazyRegisterError),
     #[error("cannot attach the page store to lazy memory")]
     LazyAttach(#[from] AttachError),
+    #[error("the clone source has no local page store: use CloneMemory::LazyFrom")]
+    NoPageStore,
+    #[error("the page source has {source_pages} pages, the image {image_pages}")]
+    SourceSize {
+        source_pages: usize,
+        image_pages: usize,
+    },
     #[error("cannot restore the VM-wide state")]
     VmState(#[from] VmWideStateError),
     #[error("cannot restore a vCPU")]
     Vcpu(#[from] VcpuRestoreError),
+}
+
+/// The shell's lazy registration (or a new one) attached to `pages`, with
+/// the startup pages brought in.
+fn lazy_with(
+    shell: &mut VmShell,
+    options: &LazyOptions,
+    source: &CloneSource,
+    pages: Arc<dyn PageSource>,
+) -> Result<LazyMemory, RestoreError> {
+    let lazy = match shell.take_lazy() {
+        Some(lazy) => lazy,
+        None => LazyMemory::register(shell.ram(), options.clone())?,
+    };
+    lazy.attach(pages)?;
+    // Pages the CPU walks or fetches itself, and the mailbox page the host
+    // reads and writes on every report and request, come in before the
+    // vCPUs start (see `arch::x86_64::walk`).
+    for page in source.startup_pages() {
+        let _ = lazy.fill_page(*page);
+    }
+    Ok(lazy)
 }
 
 /// Restores `source` into `shell` and starts it.
@@ -234,11 +369,12 @@ pub fn restore(
             shell: config.vcpus,
         });
     }
-    if state.memory_bytes != config.memory_bytes as u64
-        || source.pages().memory_size() != state.memory_bytes
-    {
+    let image_size = source
+        .page_store()
+        .map_or(state.memory_bytes, |store| store.memory_size());
+    if state.memory_bytes != config.memory_bytes as u64 || image_size != state.memory_bytes {
         return Err(RestoreError::MemorySize {
-            image: source.pages().memory_size(),
+            image: image_size,
             shell: config.memory_bytes,
         });
     }
@@ -250,28 +386,37 @@ pub fn restore(
     let step = Instant::now();
     let backing = match memory {
         CloneMemory::CopyOnWrite => {
-            crate::memory::map_copy_on_write(shell.ram(), source.pages())?;
+            let store = source.page_store().ok_or(RestoreError::NoPageStore)?;
+            crate::memory::map_copy_on_write(shell.ram(), store)?;
             // Guest accesses are random: without this, every first touch of
             // a page reads ahead up to read_ahead_kb of the image (8 MiB on
             // these hosts: milliseconds per fault).
             advise(shell.ram(), libc::MADV_RANDOM, "MADV_RANDOM");
-            MemoryBacking::CopyOnWrite(Arc::clone(source.pages()))
+            MemoryBacking::CopyOnWrite(Arc::clone(store))
         }
         CloneMemory::Lazy(options) => {
-            let lazy = match shell.take_lazy() {
-                Some(lazy) => lazy,
-                None => LazyMemory::register(shell.ram(), options.clone())?,
-            };
-            lazy.attach(Arc::clone(source.pages()) as Arc<dyn PageSource>)?;
-            // Pages the CPU walks or fetches itself, and the mailbox page the
-            // host reads and writes on every report and request, come in
-            // before the vCPUs start (see `arch::x86_64::walk`).
-            for page in source.startup_pages() {
-                let _ = lazy.fill_page(*page);
-            }
+            let store = source.page_store().ok_or(RestoreError::NoPageStore)?;
+            let lazy = lazy_with(&mut shell, options, source, Arc::clone(store) as _)?;
             MemoryBacking::Lazy {
                 memory: Arc::new(lazy),
-                base: Arc::clone(source.pages()),
+                base: Arc::clone(store),
+            }
+        }
+        CloneMemory::LazyFrom {
+            options,
+            source: pages,
+        } => {
+            let image_pages = state.memory_bytes as usize / PAGE_SIZE;
+            if pages.pages() != image_pages {
+                return Err(RestoreError::SourceSize {
+                    source_pages: pages.pages(),
+                    image_pages,
+                });
+            }
+            let lazy = lazy_with(&mut shell, options, source, Arc::clone(pages))?;
+            MemoryBacking::LazyFrom {
+                memory: Arc::new(lazy),
+                source: Arc::clone(pages),
             }
         }
     };

@@ -174,6 +174,7 @@ impl ServerProcess {
             bulk_page_requests: v["bulk_page_requests"].as_u64().unwrap(),
             pages_sent: v["pages_sent"].as_u64().unwrap(),
             index_requests: v["index_requests"].as_u64().unwrap(),
+            state_requests: v["state_requests"].as_u64().unwrap(),
         }
     }
 
