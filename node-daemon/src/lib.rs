@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod ctl;
 pub mod heartbeat;
 pub mod host;
+pub mod memory_budget;
 pub mod node_actions;
 pub mod node_status;
 pub mod placed;

@@ -22,7 +22,7 @@ use vmstream_node::supervisor::VmSupervisor;
 use vmstream_node::vm_process::{VmProcessConfig, chain};
 use vmstream_node::vm_protocol::StartSpec;
 use vmstream_node::vm_record::VmOwner;
-use vmstream_node::{cgroup, host, node_actions, placed, supervisor_api};
+use vmstream_node::{cgroup, host, memory_budget, node_actions, placed, supervisor_api};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -93,6 +93,12 @@ struct VmArgs {
     prepare_lazy: bool,
     #[arg(long)]
     preload_image: Option<PathBuf>,
+    /// Mark a clone's guest RAM mergeable (KSM).
+    #[arg(long)]
+    ksm: bool,
+    /// Lazy clones copy their whole image in the background.
+    #[arg(long)]
+    lazy_prefetch: bool,
     /// Owning object (JSON).
     #[arg(long)]
     owner: Option<String>,
@@ -106,6 +112,40 @@ struct SuperviseArgs {
     state_dir: PathBuf,
     #[command(flatten)]
     cgroup: CgroupArgs,
+    #[command(flatten)]
+    memory: MemoryArgs,
+}
+
+/// Page sharing and the node's memory budget.
+#[derive(clap::Args, Debug, Clone)]
+struct MemoryArgs {
+    /// Merge identical pages written by different clones (KSM).
+    #[arg(long)]
+    ksm: bool,
+    /// Lazy clones copy their whole image in the background after starting.
+    #[arg(long)]
+    lazy_prefetch: bool,
+    /// Memory the VM processes may use together (sum of their PSS); over
+    /// it, clones give back clean pages that still equal their image.
+    #[arg(long)]
+    memory_budget_mib: Option<u64>,
+    /// How often the memory budget is checked, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    memory_budget_interval_ms: u64,
+}
+
+impl MemoryArgs {
+    /// Starts the budget loop on the current runtime, if a budget is set.
+    fn spawn_budget(&self, supervisor: &Arc<VmSupervisor>) {
+        if let Some(mib) = self.memory_budget_mib {
+            tracing::info!(budget_mib = mib, "enforcing the node memory budget");
+            tokio::spawn(memory_budget::run(
+                Arc::new(memory_budget::MemoryBudget::new(mib << 20)),
+                Arc::clone(supervisor),
+                Duration::from_millis(self.memory_budget_interval_ms.max(50)),
+            ));
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -144,9 +184,8 @@ struct Args {
     /// Memory kept for the host; the rest is allocatable to VMs.
     #[arg(long, default_value_t = 1024)]
     reserved_memory_mib: u64,
-    /// Merge identical pages written by different clones (KSM).
-    #[arg(long)]
-    ksm: bool,
+    #[command(flatten)]
+    memory: MemoryArgs,
     /// How often placed objects are acted on, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     sync_interval_ms: u64,
@@ -214,6 +253,8 @@ fn vm_mode(args: VmArgs) -> MainResult {
         preload_image: args.preload_image,
         owner,
         cgroup_roots: args.cgroup.roots(),
+        ksm: args.ksm,
+        lazy_prefetch: args.lazy_prefetch,
     })
     .map_err(|e| chain(&e).into())
 }
@@ -221,11 +262,16 @@ fn vm_mode(args: VmArgs) -> MainResult {
 fn new_supervisor(
     state_dir: &std::path::Path,
     cgroup: &CgroupArgs,
+    memory: &MemoryArgs,
 ) -> MainResult<Arc<VmSupervisor>> {
     std::fs::create_dir_all(state_dir)
         .map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
-    let supervisor = Arc::new(VmSupervisor::new(state_dir, exe, cgroup.roots()));
+    let supervisor = Arc::new(
+        VmSupervisor::new(state_dir, exe, cgroup.roots())
+            .with_ksm(memory.ksm)
+            .with_lazy_prefetch(memory.lazy_prefetch),
+    );
     let report = supervisor.adopt_all().map_err(|e| chain(&e))?;
     tracing::info!(
         adopted = report.adopted.len(),
@@ -239,9 +285,10 @@ fn new_supervisor(
 }
 
 fn supervise(args: SuperviseArgs) -> MainResult {
-    let supervisor = new_supervisor(&args.state_dir, &args.cgroup)?;
+    let supervisor = new_supervisor(&args.state_dir, &args.cgroup, &args.memory)?;
     tracing::info!(state_dir = %args.state_dir.display(), "supervising VM processes");
     runtime()?.block_on(async move {
+        args.memory.spawn_budget(&supervisor);
         let reaper = {
             let supervisor = Arc::clone(&supervisor);
             tokio::spawn(async move {
@@ -280,11 +327,13 @@ async fn run(args: Args) -> MainResult {
     let supervisor = {
         let state_dir = args.state_dir.clone();
         let cgroup = args.cgroup.clone();
+        let memory = args.memory.clone();
         tokio::task::spawn_blocking(move || {
-            new_supervisor(&state_dir, &cgroup).map_err(|e| e.to_string())
+            new_supervisor(&state_dir, &cgroup, &memory).map_err(|e| e.to_string())
         })
         .await??
     };
+    args.memory.spawn_budget(&supervisor);
     let client = kube::Client::try_default().await?;
     let capacity = host::capacity()?;
     let allocatable = host::allocatable(&capacity, args.reserved_memory_mib << 20);

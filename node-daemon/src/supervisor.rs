@@ -269,6 +269,7 @@ fn request_timeout(request: &Request) -> Duration {
             Duration::from_millis(*timeout_ms) + Duration::from_secs(5)
         }
         Request::Start { .. } | Request::Capture { .. } => Duration::from_secs(600),
+        Request::Reclaim { .. } => Duration::from_secs(120),
         _ => Duration::from_secs(15),
     }
 }
@@ -281,6 +282,10 @@ pub struct VmSupervisor {
     cgroup_roots: Vec<PathBuf>,
     table: Mutex<BTreeMap<String, VmEntry>>,
     launching: Mutex<BTreeSet<String>>,
+    /// VM processes mark clone RAM mergeable (KSM).
+    ksm: bool,
+    /// Lazy clones prefetch their whole image in the background.
+    lazy_prefetch: bool,
 }
 
 impl VmSupervisor {
@@ -293,7 +298,24 @@ impl VmSupervisor {
             cgroup_roots,
             table: Mutex::new(BTreeMap::new()),
             launching: Mutex::new(BTreeSet::new()),
+            ksm: false,
+            lazy_prefetch: false,
         }
+    }
+
+    /// Lets every VM process it launches mark its clone's guest RAM
+    /// mergeable (`vm --ksm`), so ksmd may merge identical pages of
+    /// different clones.
+    pub fn with_ksm(mut self, ksm: bool) -> Self {
+        self.ksm = ksm;
+        self
+    }
+
+    /// Lets lazy clones it launches copy their whole image in the
+    /// background after the start (`vm --lazy-prefetch`).
+    pub fn with_lazy_prefetch(mut self, prefetch: bool) -> Self {
+        self.lazy_prefetch = prefetch;
+        self
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -384,6 +406,12 @@ impl VmSupervisor {
         }
         if let Some(image) = &launch.preload_image {
             command.arg("--preload-image").arg(image);
+        }
+        if self.ksm {
+            command.arg("--ksm");
+        }
+        if self.lazy_prefetch {
+            command.arg("--lazy-prefetch");
         }
         if let Some(owner) = &launch.owner {
             let json = serde_json::to_string(owner).expect("owner serializes");

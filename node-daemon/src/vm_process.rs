@@ -21,8 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmstream_vmm::capture::capture;
 use vmstream_vmm::devices::mailbox::{ARGS, report, request};
-use vmstream_vmm::machine::{BootOptions, Machine, MachineConfig, MemoryBacking, VmShell};
-use vmstream_vmm::memory::{LazyOptions, range_footprint};
+use vmstream_vmm::machine::{BootOptions, Machine, MachineConfig, VmShell};
+use vmstream_vmm::memory::{
+    LazyOptions, drop_image_equal_pages, merge_identical_pages, range_footprint,
+};
 use vmstream_vmm::restore::{CloneMemory, CloneSource, restore};
 use vmstream_vmm::vstate::run_loop::{VcpuEnd, VcpuStatus};
 use vmstream_vmm::vstate::vm::KvmHost;
@@ -30,8 +32,9 @@ use vmstream_vmm::vstate::vm::KvmHost;
 use crate::cgroup;
 use crate::proc_stats;
 use crate::vm_protocol::{
-    CaptureSummary, CloneBackend, FaultFigures, MAX_FRAME, MemoryFigures, Reply, Request, Response,
-    StartReport, StartSpec, VmPhase, VmStats, parse_request, read_frame, write_frame,
+    CaptureSummary, CloneBackend, FaultFigures, MAX_FRAME, MemoryFigures, ReclaimSummary, Reply,
+    Request, Response, StartReport, StartSpec, VmPhase, VmStats, parse_request, read_frame,
+    write_frame,
 };
 use crate::vm_record::{VmKind, VmOwner, VmPaths, VmRecord, bind_socket, dir_size, validate_id};
 
@@ -51,6 +54,12 @@ pub struct VmProcessConfig {
     pub owner: Option<VmOwner>,
     /// cgroup v2 roots to try; empty: no cgroup.
     pub cgroup_roots: Vec<PathBuf>,
+    /// Mark a clone's guest RAM mergeable (KSM, `MADV_MERGEABLE`) when it
+    /// starts, so ksmd may merge identical pages of different clones.
+    pub ksm: bool,
+    /// Lazy clones copy every page of the image in the background after
+    /// the start (the clone then no longer depends on the image).
+    pub lazy_prefetch: bool,
 }
 
 /// Errors setting up a VM process.
@@ -82,7 +91,7 @@ pub fn admit(phase: &VmPhase, request: &Request) -> Result<(), String> {
         Request::Start { .. } => *phase == Warm,
         Request::Pause | Request::Mailbox { .. } => *phase == Running,
         Request::Resume => *phase == Paused,
-        Request::Capture { .. } => matches!(phase, Running | Paused),
+        Request::Capture { .. } | Request::Reclaim { .. } => matches!(phase, Running | Paused),
     };
     if allowed {
         Ok(())
@@ -116,6 +125,11 @@ struct Core {
     record: VmRecord,
     /// Mailbox responses counted at start (a clone inherits its image's count).
     responses_at_start: u64,
+    /// Pages a reclaim never drops (a clone's startup pages: page tables,
+    /// code, stack, mailbox).
+    keep_pages: Vec<usize>,
+    /// Whether guest RAM was marked mergeable (KSM).
+    ksm_enabled: bool,
 }
 
 /// A started VM.
@@ -124,6 +138,8 @@ struct Started {
     report: StartReport,
     kind: VmKind,
     image: Option<PathBuf>,
+    keep_pages: Vec<usize>,
+    ksm_enabled: bool,
 }
 
 /// A failed start: what remains of the VM (a shell that was not consumed
@@ -150,7 +166,10 @@ struct Vm {
     shell_created_ms: f64,
     core: Mutex<Core>,
     changed: Condvar,
+    /// Held by a capture or a reclaim (both pause and resume the vCPUs).
     capture_lock: Mutex<()>,
+    ksm: bool,
+    lazy_options: LazyOptions,
 }
 
 /// Milliseconds with microsecond resolution (status fields stay readable).
@@ -184,8 +203,12 @@ pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
                 ..
             })
         );
+    let lazy_options = LazyOptions {
+        prefetch: config.lazy_prefetch,
+        ..LazyOptions::default()
+    };
     if lazy_wanted {
-        shell.prepare_lazy(LazyOptions::default())?;
+        shell.prepare_lazy(lazy_options.clone())?;
     }
     let preloaded = match &config.preload_image {
         Some(dir) => Some((
@@ -228,9 +251,13 @@ pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
             failure: None,
             record,
             responses_at_start: 0,
+            keep_pages: Vec::new(),
+            ksm_enabled: false,
         }),
         changed: Condvar::new(),
         capture_lock: Mutex::new(()),
+        ksm: config.ksm,
+        lazy_options,
     });
     {
         let vm = Arc::clone(&vm);
@@ -379,6 +406,7 @@ impl Vm {
             Request::WaitRunning { timeout_ms } => {
                 self.wait_running(Duration::from_millis(timeout_ms))
             }
+            Request::Reclaim { max_bytes } => self.reclaim(max_bytes).map(Reply::Reclaimed),
         };
         match result {
             Ok(reply) => Response::ok(reply),
@@ -405,8 +433,12 @@ impl Vm {
                 report,
                 kind,
                 image,
+                keep_pages,
+                ksm_enabled,
             }) => {
                 core.responses_at_start = responses(&machine);
+                core.keep_pages = keep_pages;
+                core.ksm_enabled = ksm_enabled;
                 core.machine = Some(machine);
                 core.start = Some(report.clone());
                 core.record.kind = kind;
@@ -494,6 +526,8 @@ impl Vm {
                     report,
                     kind: VmKind::Boot,
                     image: None,
+                    keep_pages: Vec::new(),
+                    ksm_enabled: false,
                 })
             }
             StartSpec::Clone { image, backend } => {
@@ -524,7 +558,7 @@ impl Vm {
                 }
                 let memory = match backend {
                     CloneBackend::CopyOnWrite => CloneMemory::CopyOnWrite,
-                    CloneBackend::Lazy => CloneMemory::Lazy(LazyOptions::default()),
+                    CloneBackend::Lazy => CloneMemory::Lazy(self.lazy_options.clone()),
                 };
                 let restored = restore(shell, &source, &memory).map_err(|e| {
                     StartFailure::boxed(
@@ -534,6 +568,11 @@ impl Vm {
                     )
                 })?;
                 report.start_ms = ms(requested.elapsed());
+                // After the start is timed: marking is not on the start path.
+                let ksm_enabled = self.ksm
+                    && merge_identical_pages(restored.machine.guest_ram())
+                        .inspect_err(|e| tracing::warn!(error = %chain(e), "KSM not enabled"))
+                        .is_ok();
                 report.first_exit_ms = restored.first_exit(Duration::from_secs(10)).map(|_| {
                     restored.machine.vcpus()[0]
                         .first_exit()
@@ -588,6 +627,29 @@ impl Vm {
         })
     }
 
+    fn reclaim(&self, max_bytes: u64) -> Result<ReclaimSummary, String> {
+        let _one_at_a_time = self.capture_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let machine = self.machine()?;
+        let (was_paused, keep) = {
+            let core = self.lock();
+            (core.phase == VmPhase::Paused, core.keep_pages.clone())
+        };
+        let report = drop_image_equal_pages(&machine, &keep, max_bytes, !was_paused)
+            .map_err(|e| format!("reclaiming guest memory: {}", chain(&e)))?;
+        let ram = machine.guest_ram();
+        let private_after = range_footprint(None, ram.host_addr() as usize, ram.len())
+            .map_or(0, |f| f.owned());
+        Ok(ReclaimSummary {
+            scanned_pages: report.scanned_pages,
+            image_equal_pages: report.image_equal_pages,
+            dropped_bytes: report.dropped_bytes(),
+            clean_left_bytes: report.clean_left_bytes(),
+            guest_private_after: private_after,
+            paused_ms: ms(report.paused),
+            took_ms: ms(report.took),
+        })
+    }
+
     fn ask(&self, n: u64, timeout: Duration) -> Result<Reply, String> {
         let machine = self.machine()?;
         let mut args = [0u64; ARGS];
@@ -631,7 +693,7 @@ impl Vm {
     }
 
     fn stats(&self) -> VmStats {
-        let (phase, machine, start, record, base) = {
+        let (phase, machine, start, record, base, ksm_enabled) = {
             let mut core = self.lock();
             let phase = self.phase(&mut core);
             (
@@ -640,6 +702,7 @@ impl Vm {
                 core.start.clone(),
                 core.record.clone(),
                 core.responses_at_start,
+                core.ksm_enabled,
             )
         };
         let pid = record.pid;
@@ -657,6 +720,7 @@ impl Vm {
                 pss: rollup.pss,
                 private: rollup.private,
                 shared: rollup.shared,
+                ksm_enabled,
                 ..MemoryFigures::default()
             },
             start,
@@ -672,10 +736,11 @@ impl Vm {
         let ram = machine.guest_ram();
         if let Ok(f) = range_footprint(None, ram.host_addr() as usize, ram.len()) {
             stats.memory.guest_resident = f.resident;
-            stats.memory.guest_private = f.private;
-            stats.memory.guest_shared = f.shared;
+            stats.memory.guest_private = f.owned();
+            stats.memory.guest_shared = f.shared_with_node();
+            stats.memory.guest_ksm = f.ksm;
         }
-        if let MemoryBacking::Lazy { memory, .. } = machine.backing() {
+        if let Some(memory) = machine.backing().lazy_memory() {
             let f = memory.stats();
             stats.faults = FaultFigures {
                 faults: f.faults,
@@ -791,6 +856,13 @@ mod tests {
         assert!(admit(&VmPhase::Paused, &Request::Resume).is_ok());
         assert!(admit(&VmPhase::Warm, &Request::Capture { dir: "/d".into() }).is_err());
         assert!(admit(&VmPhase::Paused, &Request::Capture { dir: "/d".into() }).is_ok());
+        let reclaim = Request::Reclaim { max_bytes: 1 };
+        assert!(admit(&VmPhase::Running, &reclaim).is_ok());
+        assert!(admit(&VmPhase::Paused, &reclaim).is_ok());
+        assert_eq!(
+            admit(&VmPhase::Warm, &reclaim).unwrap_err(),
+            "reclaim refused: the VM is warm (not started)"
+        );
         let ask = Request::Mailbox {
             request: 1,
             timeout_ms: None,

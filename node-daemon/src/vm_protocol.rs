@@ -78,6 +78,10 @@ pub enum Request {
     },
     /// Wait until the VM is running (booted guests: READY reported).
     WaitRunning { timeout_ms: u64 },
+    /// Give back up to `max_bytes` of resident guest pages that still equal
+    /// the clone's image (they are brought back from the image on the next
+    /// touch); 0 only counts them. Pages the guest wrote are never dropped.
+    Reclaim { max_bytes: u64 },
 }
 
 impl Request {
@@ -93,6 +97,7 @@ impl Request {
             Request::Stats => "stats",
             Request::Mailbox { .. } => "mailbox",
             Request::WaitRunning { .. } => "wait_running",
+            Request::Reclaim { .. } => "reclaim",
         }
     }
 }
@@ -136,10 +141,40 @@ pub struct MemoryFigures {
     pub pss: u64,
     pub private: u64,
     pub shared: u64,
-    /// Guest RAM mapping only (`smaps` of its range).
+    /// Guest RAM mapping only (`smaps` of its range): resident bytes.
     pub guest_resident: u64,
+    /// Resident guest bytes only this clone holds: anonymous pages not
+    /// merged by KSM (pages it wrote; for lazy clones also the image pages
+    /// copied in). Image pages mapped from the page cache are not private
+    /// even when no other clone maps them.
     pub guest_private: u64,
+    /// Resident guest bytes shared with the node: image pages in the page
+    /// cache, KSM-merged pages (`guest_resident - guest_private`).
     pub guest_shared: u64,
+    /// Resident guest bytes merged by KSM (part of `guest_shared`).
+    #[serde(default)]
+    pub guest_ksm: u64,
+    /// Whether guest RAM is marked mergeable for KSM.
+    #[serde(default)]
+    pub ksm_enabled: bool,
+}
+
+/// Result of a reclaim.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReclaimSummary {
+    /// Resident guest pages compared with the image.
+    pub scanned_pages: u64,
+    /// Of those, pages equal to the image.
+    pub image_equal_pages: u64,
+    /// Bytes given back.
+    pub dropped_bytes: u64,
+    /// Image-equal bytes found but not dropped (over `max_bytes`).
+    pub clean_left_bytes: u64,
+    /// Guest-private bytes right after the reclaim.
+    pub guest_private_after: u64,
+    /// How long the vCPUs were paused.
+    pub paused_ms: f64,
+    pub took_ms: f64,
 }
 
 /// Lazy-memory fault counters and the service-time histogram.
@@ -211,6 +246,7 @@ pub enum Reply {
         round_trip_us: u64,
     },
     Running,
+    Reclaimed(ReclaimSummary),
 }
 
 /// One response line.
@@ -356,6 +392,7 @@ mod tests {
                 },
             },
             Request::Capture { dir: "/img".into() },
+            Request::Reclaim { max_bytes: 4096 },
             Request::Mailbox {
                 request: 7,
                 timeout_ms: None,
