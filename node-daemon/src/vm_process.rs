@@ -583,6 +583,8 @@ impl Vm {
                     report,
                     kind: VmKind::Clone,
                     image: Some(image.clone()),
+                    keep_pages: source.startup_pages().to_vec(),
+                    ksm_enabled,
                 })
             }
         }
@@ -637,8 +639,8 @@ impl Vm {
         let report = drop_image_equal_pages(&machine, &keep, max_bytes, !was_paused)
             .map_err(|e| format!("reclaiming guest memory: {}", chain(&e)))?;
         let ram = machine.guest_ram();
-        let private_after = range_footprint(None, ram.host_addr() as usize, ram.len())
-            .map_or(0, |f| f.owned());
+        let private_after =
+            range_footprint(None, ram.host_addr() as usize, ram.len()).map_or(0, |f| f.owned());
         Ok(ReclaimSummary {
             scanned_pages: report.scanned_pages,
             image_equal_pages: report.image_equal_pages,
