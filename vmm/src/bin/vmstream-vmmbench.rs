@@ -29,6 +29,8 @@ mod clones;
 mod error;
 #[path = "vmmbench/figures.rs"]
 mod figures;
+#[path = "vmmbench/fill.rs"]
+mod fill;
 #[path = "vmmbench/guest.rs"]
 mod guest;
 #[path = "vmmbench/start.rs"]
@@ -189,6 +191,16 @@ fn config(vcpus: u8, mib: usize) -> MachineConfig {
     }
 }
 
+/// The check run on every timed clone: 16 pages from the first page of the
+/// data area that holds data.
+fn data_check(config: MachineConfig, fill: &fill::ClusteredFill) -> CheckedTouch {
+    let pages = config.memory_bytes as u64 / 4096;
+    let first = fill
+        .first_data_page(guest::DATA_FIRST_PAGE, pages - 16)
+        .unwrap_or(guest::DATA_FIRST_PAGE);
+    CheckedTouch::contiguous(first, 16, fill)
+}
+
 fn run(args: &Args) -> Result<Figures, BenchError> {
     let host = open_host()?;
     let work = WorkDir::create(&args.dir, args.keep)?;
@@ -225,7 +237,7 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
             let config = config(args.vcpus, mib);
             let dir = work.path.join(format!("start{suffix}"));
             let made = Instant::now();
-            guest::make_image(&host, config, SPARSE_FILL, &dir)?;
+            guest::make_image(&host, config, &SPARSE_FILL, &dir)?;
             progress!(
                 "{mib} MiB clone-start image made in {:.1} s",
                 made.elapsed().as_secs_f64()
@@ -234,7 +246,7 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
                 suffix,
                 dir,
                 config,
-                check: CheckedTouch::spread(config.memory_bytes, 32, SPARSE_FILL),
+                check: data_check(config, &SPARSE_FILL),
             });
         }
         start::run(&host, &images, args.runs, &mut figures)?;
@@ -246,13 +258,15 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
     if wants("working-set") || wants("clones") {
         let ws = config(args.vcpus, 1024);
         let dir = work.path.join("working-set-1gib");
-        guest::make_image(&host, ws, DENSE_FILL, &dir)?;
-        let spread = CheckedTouch::spread(ws.memory_bytes, 4096, DENSE_FILL);
+        guest::make_image(&host, ws, &DENSE_FILL, &dir)?;
+        let spread = CheckedTouch::spread(ws.memory_bytes, 4096, &DENSE_FILL);
         if wants("working-set") {
             working_set::run(&host, &dir, ws, &spread, args.ws_runs, &mut figures)?;
         }
         if wants("clones") {
-            let contiguous = CheckedTouch::contiguous(4096, DENSE_FILL);
+            // 16 contiguous MiB, 4 MiB into the data area.
+            let contiguous =
+                CheckedTouch::contiguous(guest::DATA_FIRST_PAGE + 1024, 4096, &DENSE_FILL);
             clones::run(&dir, &contiguous, &spread, args.clones, &mut figures)?;
         }
         work.discard(&dir)?;

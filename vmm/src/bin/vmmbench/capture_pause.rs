@@ -4,7 +4,8 @@
 //! how long until the image is complete (`CaptureTimings::total`: writer
 //! prepared, page store written and fsynced by the child, state file
 //! written). The source is the memory guest with its RAM filled by the host
-//! (60 % random, 30 % zero, 10 % duplicate pages), running (polling its
+//! (60 % random, 30 % zero, 10 % duplicate pages, in clusters of 64
+//! pages: see `fill.rs`), running (polling its
 //! mailbox) throughout. Captures run one after the other, never two at
 //! once; each image but the last is deleted before the next capture.
 
@@ -39,7 +40,7 @@ pub fn run(
 ) -> Result<PathBuf, BenchError> {
     let complete_runs = complete_runs.clamp(1, runs);
     let booted = Instant::now();
-    let machine = boot_memory_guest(host, config, REALISTIC_FILL)?;
+    let machine = boot_memory_guest(host, config, &REALISTIC_FILL)?;
     progress!(
         "{} MiB source booted and filled in {:.1} s",
         config.memory_bytes >> 20,
@@ -49,6 +50,7 @@ pub fn run(
     let mut totals = Vec::with_capacity(complete_runs);
     let mut forks = Vec::with_capacity(runs);
     let mut saves = Vec::with_capacity(runs);
+    let mut stops = Vec::with_capacity(runs);
     let mut kept: Option<PathBuf> = None;
     let mut nonzero_pages = 0;
     for i in 0..runs {
@@ -59,13 +61,20 @@ pub fn run(
             dir: dir.clone(),
             source,
         };
+        let t = Instant::now();
         let pending = start_capture(&machine, &dir).map_err(capture_error)?;
         let timings = pending.timings();
         paused.push(ms(timings.source_paused));
         forks.push(ms(timings.fork));
         saves.push(ms(timings.save_state));
+        stops.push(ms(timings.pause));
         if i < complete_runs {
             let report = pending.wait().map_err(capture_error)?;
+            progress!(
+                "capture {i}: {:.3} s, report total {:?}",
+                t.elapsed().as_secs_f64(),
+                report.timings.total
+            );
             totals.push(ms(report.timings.total));
             nonzero_pages = report.pages.nonzero_pages;
             if let Some(previous) = kept.replace(dir) {
@@ -95,6 +104,7 @@ pub fn run(
     figures.put_summary("capture_total_ms", suffix, &totals);
     figures.put_median("capture_fork_ms", suffix, &forks);
     figures.put_median("capture_save_state_ms", suffix, &saves);
+    figures.put_median("capture_stop_vcpus_ms", suffix, &stops);
     figures.put(
         format!("capture_nonzero_mib{suffix}"),
         nonzero_pages as f64 / 256.0,
@@ -109,5 +119,12 @@ pub fn run(
 }
 
 fn remove(dir: &Path) -> Result<(), BenchError> {
-    std::fs::remove_dir_all(dir).map_err(BenchError::io(format!("removing {}", dir.display())))
+    let t = Instant::now();
+    std::fs::remove_dir_all(dir).map_err(BenchError::io(format!("removing {}", dir.display())))?;
+    progress!(
+        "removed {} in {:.3} s",
+        dir.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

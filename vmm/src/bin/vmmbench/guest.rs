@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use vmstream_vmm::capture::{CaptureReport, capture};
 use vmstream_vmm::devices::mailbox::{Report, report, request};
-use vmstream_vmm::guests::{FillSpec, GuestProgram, TouchCommand, TouchPattern, TouchResult};
+use vmstream_vmm::guests::{GuestProgram, TouchCommand, TouchPattern, TouchResult};
 use vmstream_vmm::machine::{BootOptions, Machine, MachineConfig, VmShell};
 use vmstream_vmm::memory::{LazyOptions, PAGE_SIZE};
 use vmstream_vmm::restore::CloneMemory;
 use vmstream_vmm::vstate::vm::KvmHost;
 
 use super::error::BenchError;
+use super::fill::ClusteredFill;
 
 /// Generous: guest instructions are emulated (~1 µs each) and 50 clones
 /// share two cores in the clones benchmark.
@@ -24,29 +25,30 @@ pub const REPORT_TIMEOUT: Duration = Duration::from_secs(300);
 /// First RAM page the host fill and the guest's touches may use.
 pub const DATA_FIRST_PAGE: u64 = vmstream_vmm::arch::x86_64::layout::DATA_START / PAGE_SIZE as u64;
 
-/// The capture benchmark's fill: 60 % random, 30 % zero, 10 % duplicates.
-pub const REALISTIC_FILL: FillSpec = FillSpec {
+/// The capture benchmark's fill: 60 % random, 30 % zero, 10 % duplicate
+/// pages (in clusters of 64 pages).
+pub const REALISTIC_FILL: ClusteredFill = ClusteredFill {
     zero_percent: 30,
     duplicate_percent: 10,
-    templates: 64,
+    cluster_pages: 64,
     seed: 0x5eed_0001,
 };
 
 /// The working-set image's fill: no zero pages, so every page a clone
 /// touches is a real 4 KiB of data (90 % random, 10 % duplicates).
-pub const DENSE_FILL: FillSpec = FillSpec {
+pub const DENSE_FILL: ClusteredFill = ClusteredFill {
     zero_percent: 0,
     duplicate_percent: 10,
-    templates: 64,
+    cluster_pages: 64,
     seed: 0x5eed_0002,
 };
 
 /// The clone-start images' fill: 90 % zero pages, so a 4 GiB image is
-/// written in seconds.
-pub const SPARSE_FILL: FillSpec = FillSpec {
+/// written (and deleted) in seconds.
+pub const SPARSE_FILL: ClusteredFill = ClusteredFill {
     zero_percent: 90,
     duplicate_percent: 2,
-    templates: 16,
+    cluster_pages: 64,
     seed: 0x5eed_0003,
 };
 
@@ -118,22 +120,21 @@ pub fn prepare_shell(
     Ok((shell, start.elapsed()))
 }
 
-/// Boots the memory guest over `fill` and waits for its READY report.
+/// Boots the memory guest, waits for its READY report and fills its data
+/// area with `fill` (the guest never touches the data area by itself).
 pub fn boot_memory_guest(
     host: &Arc<KvmHost>,
     config: MachineConfig,
-    fill: FillSpec,
+    fill: &ClusteredFill,
 ) -> Result<Machine, BenchError> {
     let (shell, _) = prepare_shell(host, config, Backing::CopyOnWrite)?;
-    let options = BootOptions {
-        params: Vec::new(),
-        fill: Some(fill),
-    };
-    let machine = Machine::boot(shell, GuestProgram::Memory, &options)?;
+    let machine = Machine::boot(shell, GuestProgram::Memory, &BootOptions::default())?;
     machine
         .mailbox()
         .wait_report(0, REPORT_TIMEOUT, |r| r.kind == report::READY)
         .ok_or_else(|| BenchError::Guest("the memory guest did not report READY".into()))?;
+    let pages = config.memory_bytes as u64 / PAGE_SIZE as u64;
+    fill.fill(&machine.ram(), DATA_FIRST_PAGE, pages);
     Ok(machine)
 }
 
@@ -142,7 +143,7 @@ pub fn boot_memory_guest(
 pub fn make_image(
     host: &Arc<KvmHost>,
     config: MachineConfig,
-    fill: FillSpec,
+    fill: &ClusteredFill,
     dir: &Path,
 ) -> Result<CaptureReport, BenchError> {
     let machine = boot_memory_guest(host, config, fill)?;
@@ -165,7 +166,7 @@ pub struct CheckedTouch {
 impl CheckedTouch {
     /// Reads (no marker) `count` pages spread over the whole data area of a
     /// `memory_bytes` guest filled with `fill`.
-    pub fn spread(memory_bytes: usize, count: u64, fill: FillSpec) -> Self {
+    pub fn spread(memory_bytes: usize, count: u64, fill: &ClusteredFill) -> Self {
         let region = memory_bytes as u64 / PAGE_SIZE as u64 - DATA_FIRST_PAGE;
         let command = TouchCommand {
             base_page: DATA_FIRST_PAGE,
@@ -179,10 +180,10 @@ impl CheckedTouch {
         Self::of(command, fill)
     }
 
-    /// Reads `count` consecutive pages starting 4 MiB into the data area.
-    pub fn contiguous(count: u64, fill: FillSpec) -> Self {
+    /// Reads `count` consecutive pages from `first`.
+    pub fn contiguous(first: u64, count: u64, fill: &ClusteredFill) -> Self {
         let command = TouchCommand {
-            base_page: DATA_FIRST_PAGE + 1024,
+            base_page: first,
             count,
             pattern: TouchPattern::Sequential,
             region_pages: count,
@@ -194,7 +195,7 @@ impl CheckedTouch {
     }
 
     /// `command` checked against `fill`.
-    pub fn of(command: TouchCommand, fill: FillSpec) -> Self {
+    pub fn of(command: TouchCommand, fill: &ClusteredFill) -> Self {
         Self {
             command,
             expected: command.expected(|page| fill.first_qword(page)),
