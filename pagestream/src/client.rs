@@ -51,8 +51,12 @@ pub struct RemoteConfig {
     /// First and longest wait between retries.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// Bulk requests in flight at once.
+    /// Bulk requests in flight at once, per bulk connection.
     pub bulk_window: usize,
+    /// Bulk connections (each with its own thread) a prefetch opens. They
+    /// share the work through the cache's claims; two let the receiving,
+    /// checking and writing of one batch overlap another's on both ends.
+    pub bulk_connections: usize,
 }
 
 impl RemoteConfig {
@@ -68,6 +72,7 @@ impl RemoteConfig {
             backoff_initial: Duration::from_millis(20),
             backoff_max: Duration::from_secs(1),
             bulk_window: 8,
+            bulk_connections: 2,
         }
     }
 }
@@ -499,7 +504,8 @@ struct Inner {
     fault: Mutex<FaultLane>,
     counters: Counters,
     stop: AtomicBool,
-    /// Ranges the bulk prefetcher requested, in order (diagnostics).
+    /// Ranges the bulk prefetcher planned, in order (diagnostics); its lock
+    /// also serializes the planning of the bulk connections.
     bulk_log: Mutex<Vec<(usize, usize)>>,
 }
 
@@ -623,7 +629,19 @@ impl RemotePages {
         let spawned = std::thread::Builder::new()
             .name("pagestream-bulk".into())
             .spawn(move || {
-                inner.bulk_loop(&first);
+                let lanes = inner.config.bulk_connections.max(1);
+                std::thread::scope(|scope| {
+                    for lane in 1..lanes {
+                        let (inner, first) = (&inner, &first);
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("pagestream-bulk{lane}"))
+                            .spawn_scoped(scope, move || inner.bulk_loop(first, lane));
+                        if let Err(e) = spawned {
+                            tracing::warn!(error = %e, "cannot start another bulk connection thread");
+                        }
+                    }
+                    inner.bulk_loop(&first, 0);
+                });
                 inner.cache.prefetching.store(false, Ordering::Release);
                 if let Err(e) = inner.cache.flush() {
                     tracing::warn!(error = %e, "cannot flush the node image cache");
@@ -641,8 +659,9 @@ impl RemotePages {
         }
     }
 
-    /// The page ranges the background prefetcher requested so far, in
-    /// order (diagnostics: shows the working set going first).
+    /// The page ranges the background prefetcher planned (and then
+    /// requested) so far, in order over all its bulk connections
+    /// (diagnostics: shows the working set going first).
     pub fn bulk_ranges(&self) -> Vec<(usize, usize)> {
         self.inner
             .bulk_log
@@ -793,12 +812,16 @@ impl Inner {
         }
     }
 
-    fn bulk_loop(&self, working_set: &[u64]) {
+    /// One bulk connection's prefetch (`lane` numbers the connections of
+    /// one prefetch); runs until every page is present, the prefetch is
+    /// stopped, or the retry budget is spent.
+    fn bulk_loop(&self, working_set: &[u64], lane: usize) {
         let cache = &self.cache;
         let pages = cache.pages();
         let max = MAX_BATCH_PAGES as usize;
         let mut conn: Option<PeerConnection> = None;
         let mut cursor = 0;
+        tracing::debug!(image = %self.config.image_id, lane, "bulk connection starts");
         let mut inflight: VecDeque<(u64, usize, usize)> = VecDeque::new();
         let mut ws_pos = 0;
         let mut seq_pos = 0;
@@ -835,13 +858,21 @@ impl Inner {
             let c = conn.as_mut().expect("connected above");
             let mut send_failed = false;
             while inflight.len() < self.config.bulk_window.max(1) {
-                let run = if ws_pos < working_set.len() {
-                    next_working_set_run(cache, working_set, &mut ws_pos, max)
-                } else {
-                    plan_run(seq_pos, pages, max, |p| cache.claim(p)).map(|(run, next)| {
-                        seq_pos = next;
-                        run
-                    })
+                // Planned and logged under the log's lock: with several bulk
+                // connections, none plans a page outside the working set
+                // before every working-set page is planned and logged.
+                let run = {
+                    let mut log = self.bulk_log.lock().unwrap_or_else(|e| e.into_inner());
+                    let run = if ws_pos < working_set.len() {
+                        next_working_set_run(cache, working_set, &mut ws_pos, max)
+                    } else {
+                        plan_run(seq_pos, pages, max, |p| cache.claim(p)).map(|(run, next)| {
+                            seq_pos = next;
+                            run
+                        })
+                    };
+                    log.extend(run);
+                    run
                 };
                 let Some((a, b)) = run else {
                     if ws_pos < working_set.len() {
@@ -850,13 +881,7 @@ impl Inner {
                     break;
                 };
                 match c.send(Command::ReadPages, a, b) {
-                    Ok(id) => {
-                        inflight.push_back((id, a, b));
-                        self.bulk_log
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push((a, b));
-                    }
+                    Ok(id) => inflight.push_back((id, a, b)),
                     Err(_) => {
                         cache.release(a, b);
                         send_failed = true;

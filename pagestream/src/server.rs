@@ -45,6 +45,12 @@ pub trait ServedImage: Send + Sync {
     /// Reads pages `first..end` (all held) into `buf` (`pread`: no page
     /// faults on the serving side).
     fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()>;
+    /// The bytes of pages `first..end` (all held) in a read-only mapping
+    /// whose held pages never change, if the image has one: answers are
+    /// then sent straight from it instead of through [`Self::read_run`].
+    fn mapped_run(&self, _first: usize, _end: usize) -> Option<&[u8]> {
+        None
+    }
     /// The image's state file (`state.bin`), if this server has it.
     fn state_file(&self) -> Option<io::Result<Vec<u8>>> {
         None
@@ -82,6 +88,9 @@ impl ServedImage for ImageDir {
     fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()> {
         self.store.read_pages(first, end - first, buf)
     }
+    fn mapped_run(&self, first: usize, end: usize) -> Option<&[u8]> {
+        store_run(&self.store, first, end)
+    }
     fn state_file(&self) -> Option<io::Result<Vec<u8>>> {
         Some(std::fs::read(
             self.dir.join(vmstream_vmm::image::STATE_FILE),
@@ -102,6 +111,9 @@ impl ServedImage for PageStore {
     fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()> {
         self.read_pages(first, end - first, buf)
     }
+    fn mapped_run(&self, first: usize, end: usize) -> Option<&[u8]> {
+        store_run(self, first, end)
+    }
 }
 
 impl ServedImage for NodeImageCache {
@@ -117,10 +129,50 @@ impl ServedImage for NodeImageCache {
     fn read_run(&self, first: usize, end: usize, buf: &mut [u8]) -> io::Result<()> {
         self.read_raw(first, end, buf)
     }
+    fn mapped_run(&self, first: usize, end: usize) -> Option<&[u8]> {
+        (first <= end && end <= NodeImageCache::pages(self)).then(|| {
+            let bytes = self.bytes(first, end);
+            populate_read(bytes);
+            bytes
+        })
+    }
     fn state_file(&self) -> Option<io::Result<Vec<u8>>> {
         let path = self.dir().join(vmstream_vmm::image::STATE_FILE);
         path.is_file().then(|| std::fs::read(path))
     }
+}
+
+/// Pages `first..end` of a page store's read-only mapping (the store's
+/// files are immutable once written), mapped in ahead of use.
+fn store_run(store: &PageStore, first: usize, end: usize) -> Option<&[u8]> {
+    let mapping = store.as_mapping();
+    let (a, b) = (first.checked_mul(PAGE_SIZE)?, end.checked_mul(PAGE_SIZE)?);
+    if a > b || b > mapping.len() {
+        return None;
+    }
+    // SAFETY: `a..b` lies inside the mapping, which lives as long as
+    // `store`; the store's data file is never modified in place.
+    let bytes = unsafe { std::slice::from_raw_parts(mapping.as_ptr().add(a), b - a) };
+    populate_read(bytes);
+    Some(bytes)
+}
+
+/// Maps `bytes` (part of a file mapping) in with one call rather than a
+/// page fault per few pages when the CRC first reads them. Best effort: an
+/// error only means the pages fault in one by one.
+fn populate_read(bytes: &[u8]) {
+    let start = bytes.as_ptr() as usize;
+    let aligned = start & !(PAGE_SIZE - 1);
+    // SAFETY: advice on pages of a live read-only mapping (rounded down to
+    // its page boundary, which is inside the same mapping); no memory is
+    // changed.
+    unsafe {
+        libc::madvise(
+            aligned as *mut libc::c_void,
+            bytes.len() + (start - aligned),
+            libc::MADV_POPULATE_READ,
+        )
+    };
 }
 
 /// How a server behaves.
@@ -639,19 +691,26 @@ fn answer_pages(
     }
     let runs = nonzero_runs(image.nonzero(), first, end);
     let sent: usize = runs.iter().map(|(a, b)| b - a).sum();
-    out.resize(sent * PAGE_SIZE, 0);
-    let mut at = 0;
-    for &(a, b) in &runs {
-        let len = (b - a) * PAGE_SIZE;
-        image.read_run(a, b, &mut out[at..at + len]).map_err(|e| {
-            AnswerError::Refused(Refusal::new(
-                ReasonCode::ReadFailed,
-                "read_failed",
-                format!("reading pages {a}..{b} failed: {e}"),
-            ))
-        })?;
-        at += len;
+    // Straight from the image's mapping when it has one (no copy into a
+    // buffer: the CRC reads the pages, `writev` copies them into the
+    // socket), else `pread` into `out`.
+    let mapped: Option<Vec<&[u8]>> = runs.iter().map(|&(a, b)| image.mapped_run(a, b)).collect();
+    if mapped.is_none() {
+        out.resize(sent * PAGE_SIZE, 0);
+        let mut at = 0;
+        for &(a, b) in &runs {
+            let len = (b - a) * PAGE_SIZE;
+            image.read_run(a, b, &mut out[at..at + len]).map_err(|e| {
+                AnswerError::Refused(Refusal::new(
+                    ReasonCode::ReadFailed,
+                    "read_failed",
+                    format!("reading pages {a}..{b} failed: {e}"),
+                ))
+            })?;
+            at += len;
+        }
     }
+    let parts = mapped.unwrap_or_else(|| vec![&out[..]]);
     let h = Header::new(Command::Pages)
         .with_version(session.version)
         .with_request(header.request_id)
@@ -663,7 +722,7 @@ fn answer_pages(
         Role::Bulk => c.bulk_requests.fetch_add(1, Ordering::Relaxed),
     };
     c.pages_sent.fetch_add(sent as u64, Ordering::Relaxed);
-    write_frame(&mut stream, &h, &[out]).map_err(|_| AnswerError::Io)?;
+    write_frame(&mut stream, &h, &parts).map_err(|_| AnswerError::Io)?;
     Ok(())
 }
 

@@ -29,6 +29,13 @@ struct Args {
     /// Bytes of raw TCP to send, in MiB.
     #[arg(long, default_value_t = 1024)]
     raw_mib: usize,
+    /// Timed repetitions of the stream and raw TCP measurements (after one
+    /// untimed warm-up round); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Bulk connections of the stream (`RemoteConfig::bulk_connections`).
+    #[arg(long, default_value_t = 2)]
+    bulk_connections: usize,
 }
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -62,38 +69,89 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e9
 }
 
-/// Sends `total` bytes from namespace A to a receiver in B; returns the
-/// receiver's time from connect to the last byte.
-fn raw_tcp(ns_a: &str, a: SocketAddr, total: usize) -> BenchResult<Duration> {
-    let listener = spawn_in(ns_a, move || TcpListener::bind(a))?
-        .join()
-        .map_err(|_| "listener thread panicked")???;
+/// Sends `total` bytes from namespace A to receivers in B over
+/// `connections` parallel connections (an equal share each, one sending
+/// and one receiving thread per connection); returns the time from the
+/// first connect to the last byte received.
+fn raw_tcp(listener: &TcpListener, connections: usize, total: usize) -> BenchResult<Duration> {
     let addr = listener.local_addr()?;
-    let sender = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        let chunk = vec![0xa5u8; 1 << 20];
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            s.write_all(&chunk[..n])?;
-            left -= n;
-        }
-        Ok(())
-    });
+    let share = total / connections;
+    let mut senders = Vec::new();
+    for _ in 0..connections {
+        let listener = listener.try_clone()?;
+        senders.push(std::thread::spawn(move || -> std::io::Result<()> {
+            let (mut s, _) = listener.accept()?;
+            let chunk = vec![0xa5u8; 1 << 20];
+            let mut left = share;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                s.write_all(&chunk[..n])?;
+                left -= n;
+            }
+            Ok(())
+        }));
+    }
     let start = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut got = 0;
-    while got < total {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Err("raw sender closed early".into());
-        }
-        got += n;
+    let receivers: Vec<_> = (0..connections)
+        .map(|_| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut s = TcpStream::connect(addr)?;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0;
+                while got < share {
+                    let n = s.read(&mut buf)?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    got += n;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for r in receivers {
+        r.join().map_err(|_| "receiver panicked")??;
     }
     let elapsed = start.elapsed();
-    sender.join().map_err(|_| "sender panicked")??;
+    for s in senders {
+        s.join().map_err(|_| "sender panicked")??;
+    }
     Ok(elapsed)
+}
+
+/// Streams the whole image through the bulk path into a fresh node cache
+/// in `cache_dir`; returns the time until every page is present (readable
+/// by clones) and the time until the cache is also flushed to disk.
+fn stream_once(
+    config: &RemoteConfig,
+    cache_dir: &std::path::Path,
+) -> BenchResult<(Duration, Duration, vmstream_pagestream::RemoteStats)> {
+    if cache_dir.exists() {
+        std::fs::remove_dir_all(cache_dir)?;
+    }
+    let bulk = RemotePages::open(config.clone(), cache_dir)?;
+    let cache = Arc::clone(bulk.cache());
+    let start = Instant::now();
+    bulk.start_prefetch(Vec::new())?;
+    while !cache.is_complete() {
+        let seen = cache.generation();
+        if cache.is_complete() {
+            break;
+        }
+        cache.wait_change(seen, Duration::from_millis(20));
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err("the bulk stream did not complete within 600 s".into());
+        }
+    }
+    let present = start.elapsed();
+    bulk.wait_prefetch();
+    let flushed = start.elapsed();
+    Ok((present, flushed, bulk.stats()))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
@@ -122,16 +180,14 @@ fn run(args: &Args) -> BenchResult<serde_json::Value> {
     .map_err(|_| "server thread panicked")???;
     server.add_image(IMAGE, store);
 
+    let raw_addr = SocketAddr::V4(SocketAddrV4::new(link.a, 7071));
+    let raw_listener = spawn_in(&ns_a, move || TcpListener::bind(raw_addr))?
+        .join()
+        .map_err(|_| "listener thread panicked")???;
     let _in_b = enter(&ns_b)?;
-    // 1. Raw TCP over the hop.
     let raw_bytes = args.raw_mib << 20;
-    let raw = raw_tcp(
-        &ns_a,
-        SocketAddr::V4(SocketAddrV4::new(link.a, 7071)),
-        raw_bytes,
-    )?;
 
-    // 2. First-touch faults through userfaultfd lazy memory, each one a
+    // 1. First-touch faults through userfaultfd lazy memory, each one a
     //    request on the fault connection.
     let config = RemoteConfig::new(IMAGE, vec![server.local_addr()], token);
     let faults_src = Arc::new(RemotePages::open(
@@ -160,37 +216,66 @@ fn run(args: &Args) -> BenchResult<serde_json::Value> {
     drop(faults_src);
     lat.sort();
 
-    // 3. The whole image through the bulk path into a fresh node cache.
-    let bulk = RemotePages::open(config, &dir.path().join("bulk-cache"))?;
-    let start = Instant::now();
-    bulk.start_prefetch(Vec::new())?;
-    bulk.wait_prefetch();
-    let stream = start.elapsed();
-    if !bulk.cache().is_complete() {
-        return Err("the bulk stream did not complete".into());
+    // 2. Rounds of: raw TCP over the hop (one connection, then as many as
+    //    the stream uses), then the whole image through the bulk path into
+    //    a fresh node cache. Round 0 warms up and is not counted.
+    let mut config = config;
+    config.bulk_connections = args.bulk_connections.max(1);
+    let cache_dir = dir.path().join("bulk-cache");
+    let (mut stream_v, mut flushed_v, mut raw_v, mut raw_n_v) = (vec![], vec![], vec![], vec![]);
+    let (mut bulk_requests, mut bulk_failures) = (0, 0);
+    let mut warmup = (0.0, 0.0);
+    for round in 0..=args.reps.max(1) {
+        let raw = raw_tcp(&raw_listener, 1, raw_bytes)?;
+        let raw_n = raw_tcp(&raw_listener, config.bulk_connections, raw_bytes)?;
+        let (present, flushed, stats) = stream_once(&config, &cache_dir)?;
+        bulk_requests += stats.bulk_requests;
+        bulk_failures += stats.bulk_failures;
+        if round == 0 {
+            warmup = (
+                gbps(image_bytes as u64, present),
+                gbps(raw_bytes as u64, raw),
+            );
+        } else {
+            raw_v.push(gbps(raw_bytes as u64, raw));
+            raw_n_v.push(gbps(raw_bytes as u64, raw_n));
+            stream_v.push(gbps(image_bytes as u64, present));
+            flushed_v.push(gbps(image_bytes as u64, flushed));
+        }
     }
-    let bulk_stats = bulk.stats();
-    drop(bulk);
     let server_stats = server.stats();
     server.shutdown();
 
-    let stream_gbps = gbps(image_bytes as u64, stream);
-    let raw_gbps = gbps(raw_bytes as u64, raw);
+    let rounded = |v: &[f64]| {
+        v.iter()
+            .map(|x| (x * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    };
+    let (stream_all, raw_all) = (rounded(&stream_v), rounded(&raw_v));
+    let stream_gbps = median(&mut stream_v);
+    let raw_gbps = median(&mut raw_v);
     Ok(serde_json::json!({
         "remote_fault_us_p50": percentile(&lat, 0.5),
         "remote_fault_us_p99": percentile(&lat, 0.99),
         "faults_timed": lat.len(),
         "fault_errors": fault_stats.errors,
         "stream_gbps": stream_gbps,
+        "stream_flushed_gbps": median(&mut flushed_v),
         "raw_tcp_gbps": raw_gbps,
+        "raw_tcp_parallel_gbps": median(&mut raw_n_v),
         "stream_to_raw": stream_gbps / raw_gbps,
-        "stream_seconds": stream.as_secs_f64(),
+        "stream_gbps_all": stream_all,
+        "raw_tcp_gbps_all": raw_all,
+        "reps": stream_v.len(),
+        "warmup_stream_gbps": warmup.0,
+        "warmup_raw_tcp_gbps": warmup.1,
+        "bulk_connections": config.bulk_connections,
         "image_bytes": image_bytes,
         "raw_bytes": raw_bytes,
-        "bulk_requests": bulk_stats.bulk_requests,
-        "bulk_failures": bulk_stats.bulk_failures,
+        "bulk_requests": bulk_requests,
+        "bulk_failures": bulk_failures,
         "server_pages_sent": server_stats.pages_sent,
-        "units": "gbps = 1e9 bits/s; latencies in microseconds, touch to return",
+        "units": "gbps = 1e9 bits/s, medians of the timed rounds (stream: until every page is present in the node cache; stream_flushed: until also synced to disk; raw_tcp_parallel: as many connections as the stream); latencies in microseconds, touch to return",
     }))
 }
 
