@@ -27,6 +27,10 @@ pub const API_VERSION: &str = "vmstream.io/v1alpha1";
 /// Label naming the node an object (LiveImage, VMClone, VMMigration) is placed on;
 /// node daemons watch only objects carrying their own node name here.
 pub const NODE_LABEL: &str = "vmstream.io/node";
+/// Label on a VMMigration naming the node the VM migrates from (set by the
+/// operator when it schedules the migration), so the source node's daemon
+/// can watch the migrations of its VMs with a label selector.
+pub const SOURCE_NODE_LABEL: &str = "vmstream.io/source-node";
 /// Label naming the ClonePool a VMClone belongs to.
 pub const POOL_LABEL: &str = "vmstream.io/pool";
 /// Label naming the LiveImage a VMClone is started from.

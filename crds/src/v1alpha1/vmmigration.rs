@@ -104,6 +104,11 @@ pub struct VMMigrationStatus {
     pub source_node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_node: Option<String>,
+    /// `host:port` where the target node's VM process listens for this
+    /// migration (written by the target's daemon; the source's daemon
+    /// migrates the VM there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_address: Option<String>,
     /// Milliseconds the VM ran on neither node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,

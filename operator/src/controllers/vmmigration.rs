@@ -1,7 +1,8 @@
 //! VMMigration reconciler: validates the request (clone exists and is
 //! Running, target differs from source), picks a target node when none is
 //! given (placement without the source), then writes phase Scheduled with
-//! source/target in status and label `vmstream.io/node` = target. The two
+//! source/target in status and labels `vmstream.io/node` = target and
+//! `vmstream.io/source-node` = source (each daemon watches its own). The two
 //! node daemons carry the migration out and report Running/Succeeded; the
 //! operator fails it on timeout or when a node's heartbeat goes stale.
 
@@ -13,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{LiveImage, VMClone, VMMigration, VMMigrationPhase};
-use vmstream_api::{NODE_LABEL, condition, set_condition};
+use vmstream_api::{NODE_LABEL, SOURCE_NODE_LABEL, condition, set_condition};
 
 use super::clonepool::clone_phase;
 use super::{Context, now_time, patch_labels, patch_status};
@@ -236,7 +237,12 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
             Action::await_change()
         }
         MigrationStep::Schedule { source, target } => {
-            let labelled = patch_labels(&api, mig.as_ref(), json!({ NODE_LABEL: target })).await?;
+            let labelled = patch_labels(
+                &api,
+                mig.as_ref(),
+                json!({ NODE_LABEL: target, SOURCE_NODE_LABEL: source }),
+            )
+            .await?;
             let message = format!("migrating from {source} to {target}");
             set_condition(
                 &mut conditions,
