@@ -12,6 +12,8 @@
 #   hot-cold:   x = xorshift64(x); if (x & 0xff) < 230: idx = (x >> 8) mod hot
 #               else idx = (x >> 8) mod region, where hot = max(region >> 3, 1)
 #   page = base + idx; RAM pages from 3 GiB on live 1 GiB higher (MMIO hole).
+# A sequential read-only touch that does not wrap and stays below the hole
+# takes a 6-instruction loop (instructions are emulated at ~1 us each here).
 # Other vCPUs halt.
 .include "common.inc"
 .section .text.start, "ax"
@@ -43,6 +45,36 @@ poll:
     xor ebx, ebx                    # sum
     xor ebp, ebp                    # xor
     xor r15d, r15d                  # sequential position
+    # Fast path (same pages, same result, 6 instructions a page instead of
+    # ~19): sequential, read-only, no wrap, region below the MMIO hole.
+    test r10, r10
+    jnz touch
+    test r13, r13
+    jnz touch
+    test r9, r9
+    jz touch
+    mov rax, r8
+    add rax, r11
+    cmp rax, MMIO_HOLE_PAGE
+    ja touch
+    mov rax, r9
+    dec rax
+    imul rax, r12
+    cmp rax, r11
+    jae touch
+    mov rax, r8
+    shl rax, 12
+    mov r15, r12
+    shl r15, 12
+    mov rcx, r9
+stream:
+    mov rdx, qword ptr [rax]
+    add rbx, rdx
+    xor rbp, rdx
+    add rax, r15
+    dec rcx
+    jnz stream
+    jmp done
 touch:
     cmp rcx, r9
     jae done
