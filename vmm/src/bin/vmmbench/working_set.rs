@@ -8,9 +8,13 @@
 //!
 //! Backings, interleaved in every round: lazy (userfaultfd MISSING faults
 //! served by the handler thread), lazy in SIGBUS mode (the vCPU thread
-//! fills the page on the exit PVM reports) and CoW (`MAP_PRIVATE` of the
+//! fills the page on the exit PVM reports), CoW (`MAP_PRIVATE` of the
 //! page store, whose pages are in the page cache: the image was just
-//! written).
+//! written), and lazy with record-and-prefetch as in REAP
+//! (`working_set_recorded_ms_*`): the pages a first lazy clone brought in
+//! (its populated bitmap, recorded once before the timed rounds) are
+//! filled by a prefetch thread from the moment the clone is restored,
+//! while the guest runs; pages the guest reaches first still fault.
 //!
 //! The pages are spread over the whole 1 GiB data area (one every 63
 //! pages) and none is a zero page, so every lazy fault copies 4 KiB and
@@ -35,6 +39,23 @@ use super::error::BenchError;
 use super::figures::{Figures, ms};
 use super::guest::{Backing, CheckedTouch, prepare_shell};
 
+/// A measured variant: a plain backing, or lazy with a recorded working set
+/// prefetched from clone start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Plain(Backing),
+    Recorded,
+}
+
+impl Variant {
+    fn backing(self) -> Backing {
+        match self {
+            Variant::Plain(b) => b,
+            Variant::Recorded => Backing::Lazy,
+        }
+    }
+}
+
 /// One measured clone.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sample {
@@ -48,8 +69,10 @@ fn once(
     dir: &Path,
     config: MachineConfig,
     touch: &CheckedTouch,
-    backing: Backing,
+    variant: Variant,
+    recorded: &Arc<Vec<usize>>,
 ) -> Result<Sample, BenchError> {
+    let backing = variant.backing();
     let (shell, _) = prepare_shell(host, config, backing)?;
     std::thread::sleep(Duration::from_millis(2));
     let request = Instant::now();
@@ -62,8 +85,25 @@ fn once(
             dir: dir.to_path_buf(),
             source,
         })?;
+    let prefetch = match (variant, restored.machine.backing().lazy_memory()) {
+        (Variant::Recorded, Some(memory)) => {
+            let memory = Arc::clone(memory);
+            let pages = Arc::clone(recorded);
+            Some(std::thread::spawn(move || {
+                for &page in pages.iter() {
+                    if memory.fill_page(page).is_err() {
+                        break;
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
     touch.run(&restored.machine)?;
     let total = ms(request.elapsed());
+    if let Some(prefetch) = prefetch {
+        let _ = prefetch.join();
+    }
     let faults = match restored.machine.backing() {
         MemoryBacking::Lazy { memory, .. } => {
             let _settled = memory.quiesce();
@@ -94,15 +134,22 @@ pub fn run(
     runs: usize,
     figures: &mut Figures,
 ) -> Result<(), BenchError> {
-    let backings = [Backing::Lazy, Backing::LazySigbus, Backing::CopyOnWrite];
+    let backings = [
+        Variant::Plain(Backing::Lazy),
+        Variant::Plain(Backing::LazySigbus),
+        Variant::Plain(Backing::CopyOnWrite),
+        Variant::Recorded,
+    ];
     let mut samples = vec![Vec::<Sample>::with_capacity(runs); backings.len()];
+    let recorded = Arc::new(record_working_set(host, dir, config, touch)?);
+    figures.put_count("working_set_recorded_pages", recorded.len() as u64);
     for backing in backings {
-        once(host, dir, config, touch, backing)?;
+        once(host, dir, config, touch, backing, &recorded)?;
     }
     let started = Instant::now();
     for round in 0..runs {
         for (i, backing) in backings.iter().enumerate() {
-            samples[i].push(once(host, dir, config, touch, *backing)?);
+            samples[i].push(once(host, dir, config, touch, *backing, &recorded)?);
         }
         if (round + 1) % 10 == 0 {
             progress!(
@@ -118,9 +165,10 @@ pub fn run(
     let mut medians = Vec::new();
     for (i, backing) in backings.iter().enumerate() {
         let name = match backing {
-            Backing::Lazy => "working_set_ms",
-            Backing::LazySigbus => "working_set_sigbus_ms",
-            Backing::CopyOnWrite => "working_set_cow_ms",
+            Variant::Plain(Backing::Lazy) => "working_set_ms",
+            Variant::Plain(Backing::LazySigbus) => "working_set_sigbus_ms",
+            Variant::Plain(Backing::CopyOnWrite) => "working_set_cow_ms",
+            Variant::Recorded => "working_set_recorded_ms",
         };
         let totals: Vec<f64> = samples[i].iter().map(|s| s.total).collect();
         medians.push(figures.put_summary(name, "_16mib", &totals).map(|s| s.p50));
@@ -132,21 +180,50 @@ pub fn run(
             .iter()
             .filter_map(|s| s.faults.map(|f| f as f64))
             .collect();
-        if !faults.is_empty() && *backing == Backing::Lazy {
+        if !faults.is_empty() && *backing == Variant::Plain(Backing::Lazy) {
             figures.put_median("working_set_uffd_faults", "_16mib", &faults);
         }
     }
     // What streaming adds per page over the guest's own loop on present
     // pages (medians of the same run).
     let present = figures.get("working_set_present_ms_p50_16mib");
-    for (backing, median) in backings.iter().zip(medians) {
+    for (variant, median) in backings.iter().zip(medians) {
         if let (Some(total), Some(present)) = (median, present) {
             let per_page_us = (total - present) * 1e3 / touch.command.count as f64;
-            figures.put(
-                format!("working_set_{}_added_us_per_page", backing.name()),
-                per_page_us,
-            );
+            let name = match variant {
+                Variant::Plain(b) => b.name(),
+                Variant::Recorded => "recorded",
+            };
+            figures.put(format!("working_set_{name}_added_us_per_page"), per_page_us);
         }
     }
     Ok(())
+}
+
+/// The working set as a first lazy clone records it: the pages its
+/// userfaultfd memory brought in while it ran the touch (REAP's record step).
+fn record_working_set(
+    host: &Arc<KvmHost>,
+    dir: &Path,
+    config: MachineConfig,
+    touch: &CheckedTouch,
+) -> Result<Vec<usize>, BenchError> {
+    let (shell, _) = prepare_shell(host, config, Backing::Lazy)?;
+    let source = CloneSource::open(dir).map_err(|source| BenchError::Open {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let restored = restore(shell, &source, &Backing::Lazy.clone_memory()).map_err(|source| {
+        BenchError::Restore {
+            dir: dir.to_path_buf(),
+            source,
+        }
+    })?;
+    touch.run(&restored.machine)?;
+    let Some(memory) = restored.machine.backing().lazy_memory() else {
+        return Ok(Vec::new());
+    };
+    let _settled = memory.quiesce();
+    let populated = memory.populated();
+    Ok((0..populated.len()).filter(|&p| populated.get(p)).collect())
 }
