@@ -3,7 +3,8 @@
 //! first-touch remote fault latency through real userfaultfd lazy memory
 //! (p50/p99 in µs), the bulk stream rate of a whole image into B's node
 //! cache, and raw TCP throughput over the same hop in the same run (both in
-//! Gbit/s). Needs root and `ip`; removes its namespaces at the end.
+//! Gbit/s, medians of interleaved rounds after a warm-up round). Needs root
+//! and `ip`; removes its namespaces at the end.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
