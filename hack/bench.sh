@@ -30,5 +30,6 @@ run membench "$target/vmstream-membench"
 run vmmbench "$target/vmstream-vmmbench"
 run streambench "$target/vmstream-streambench"
 run migratebench "$target/vmstream-migratebench"
+run sharebench "$target/vmstream-sharebench"
 
 python3 hack/bench_report.py "$out" docs/bench/results.json docs/BENCHMARKS.md
