@@ -53,6 +53,9 @@ pub struct SourceOptions {
     /// Most bytes per second the background push may use (fault answers
     /// are never held back).
     pub bandwidth_limit: Option<u64>,
+    /// Whether the target holds the VM's live image; when false every page
+    /// crosses (zero pages as Zero) and the session names no image.
+    pub target_has_image: bool,
 }
 
 impl SourceOptions {
@@ -67,6 +70,7 @@ impl SourceOptions {
             link_timeout: Duration::from_millis(1500),
             recovery_timeout: Duration::from_secs(60),
             bandwidth_limit: None,
+            target_has_image: true,
         }
     }
 }
@@ -282,6 +286,9 @@ pub fn migrate(
         ..MigrationReport::default()
     };
     let mut memory = SourceMemory::of(machine)?;
+    if !options.target_has_image {
+        memory = memory.without_image();
+    }
     let connector = Connector {
         target,
         options,

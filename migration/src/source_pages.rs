@@ -42,6 +42,8 @@ pub struct SourceMemory {
     /// Whether touched pages may still equal the image (compare them).
     compare: bool,
     touched: Vec<u64>,
+    /// Made [`SourceMemory::without_image`].
+    ignore_image: bool,
 }
 
 // SAFETY: the pointer is the paused (or running, for precopy) VM's guest
@@ -90,13 +92,32 @@ impl SourceMemory {
             image,
             compare,
             touched,
+            ignore_image: false,
         })
     }
 
-    /// Re-reads the touched set (it grows while the VM runs).
+    /// Re-reads the touched set (it grows while the VM runs). A source
+    /// made [`SourceMemory::without_image`] stays so.
     pub fn refresh(&mut self, machine: &Machine) -> Result<(), TouchedPagesError> {
-        *self = Self::of(machine)?;
+        let fresh = Self::of(machine)?;
+        *self = if self.ignore_image {
+            fresh.without_image()
+        } else {
+            fresh
+        };
         Ok(())
+    }
+
+    /// Ignores the live image (the target does not hold it): every page is
+    /// a candidate, zero pages are announced as zero, the rest crosses as
+    /// data. Pages a lazy clone never populated are read through its
+    /// mapping (its fault handler brings them in from the image).
+    pub fn without_image(mut self) -> Self {
+        self.image = None;
+        self.ignore_image = true;
+        self.compare = false;
+        self.touched = all_pages(self.pages);
+        self
     }
 
     /// Treats every page as touched (compared with the image if there is

@@ -178,7 +178,9 @@ fn accept_session(
             ));
         };
         let ours = image_fingerprint(options.image.as_deref());
-        if hello.image_fingerprint != ours {
+        // Fingerprint 0: the source sends every page (it names no image),
+        // so this node's image is never read and need not match.
+        if hello.image_fingerprint != 0 && hello.image_fingerprint != ours {
             return Err(refuse(
                 &mut s,
                 format!(

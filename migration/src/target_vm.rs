@@ -252,6 +252,16 @@ impl MigratedVm {
         self.vcpus.shared.iter().map(|v| v.status()).collect()
     }
 
+    /// Guest RAM (its host range, for memory figures).
+    pub fn guest_ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Per-vCPU counters (CPU time among them).
+    pub fn vcpu_stats(&self) -> Vec<vmstream_vmm::vstate::run_loop::VcpuStats> {
+        self.vcpus.shared.iter().map(|v| v.stats()).collect()
+    }
+
     /// When the vCPUs were started.
     pub fn started_at(&self) -> Instant {
         self.started_at

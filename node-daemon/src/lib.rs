@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod heartbeat;
 pub mod host;
 pub mod memory_budget;
+pub mod migration_actions;
 pub mod node_actions;
 pub mod node_status;
 pub mod placed;

@@ -22,7 +22,9 @@ use vmstream_node::supervisor::VmSupervisor;
 use vmstream_node::vm_process::{VmProcessConfig, chain};
 use vmstream_node::vm_protocol::StartSpec;
 use vmstream_node::vm_record::VmOwner;
-use vmstream_node::{cgroup, host, memory_budget, node_actions, placed, supervisor_api};
+use vmstream_node::{
+    cgroup, host, memory_budget, migration_actions, node_actions, placed, supervisor_api,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -371,6 +373,28 @@ async fn run(args: Args) -> MainResult {
         report.clone(),
     );
     tokio::spawn(actions.run(Duration::from_millis(args.sync_interval_ms.max(50))));
+    match migration_actions::listen_ip(args.stream_addr.as_deref()) {
+        Some(ip) => {
+            // --stream-token-file comes with the page service.
+            let token_file = migration_actions::write_token_file(&args.state_dir, None)
+                .map_err(|e| format!("cannot write the migration token file: {e}"))?;
+            let migrations = migration_actions::MigrationActions::new(
+                client.clone(),
+                node_name.clone(),
+                args.state_dir.clone(),
+                Arc::clone(&supervisor),
+                placed.migrations.clone(),
+                placed::watch_source_migrations(&client, &node_name),
+                placed.clones.clone(),
+                ip,
+                token_file,
+            );
+            tokio::spawn(migrations.run(Duration::from_millis(args.sync_interval_ms.max(50))));
+        }
+        None => tracing::warn!(
+            "no --stream-addr with an IP address: this node takes no part in migrations"
+        ),
+    }
     let mut registry = Registry::default();
     let placed_gauge = Gauge::<i64>::default();
     registry.register(

@@ -1,6 +1,7 @@
 //! Watches of the objects the operator placed on this node: LiveImages,
-//! VMClones and VMMigrations labelled `vmstream.io/node=<node>`. The daemon
-//! never lists or watches objects of other nodes.
+//! VMClones and VMMigrations labelled `vmstream.io/node=<node>`, and the
+//! VMMigrations of VMs leaving it (`vmstream.io/source-node=<node>`). The
+//! daemon never lists or watches objects of other nodes.
 
 use futures::StreamExt;
 use kube::Api;
@@ -29,6 +30,17 @@ pub fn watch(client: &kube::Client, node: &str) -> PlacedObjects {
         clones: spawn_reflector(Api::<VMClone>::all(client.clone()), config.clone()),
         migrations: spawn_reflector(Api::<VMMigration>::all(client.clone()), config),
     }
+}
+
+/// The label selector selecting the migrations of VMs leaving `node`.
+pub fn source_selector(node: &str) -> String {
+    format!("{}={node}", vmstream_api::SOURCE_NODE_LABEL)
+}
+
+/// Watches the VMMigrations whose VM leaves this node.
+pub fn watch_source_migrations(client: &kube::Client, node: &str) -> Store<VMMigration> {
+    let config = watcher::Config::default().labels(&source_selector(node));
+    spawn_reflector(Api::<VMMigration>::all(client.clone()), config)
 }
 
 fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>

@@ -268,7 +268,9 @@ fn request_timeout(request: &Request) -> Duration {
         Request::WaitRunning { timeout_ms } => {
             Duration::from_millis(*timeout_ms) + Duration::from_secs(5)
         }
-        Request::Start { .. } | Request::Capture { .. } => Duration::from_secs(600),
+        Request::Start { .. } | Request::Capture { .. } | Request::Migrate { .. } => {
+            Duration::from_secs(600)
+        }
         Request::Reclaim { .. } => Duration::from_secs(120),
         _ => Duration::from_secs(15),
     }

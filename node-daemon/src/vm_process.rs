@@ -30,6 +30,8 @@ use vmstream_vmm::vstate::run_loop::{VcpuEnd, VcpuStatus};
 use vmstream_vmm::vstate::vm::KvmHost;
 
 use crate::cgroup;
+
+mod migration;
 use crate::proc_stats;
 use crate::vm_protocol::{
     CaptureSummary, CloneBackend, FaultFigures, MAX_FRAME, MemoryFigures, ReclaimSummary, Reply,
@@ -92,6 +94,8 @@ pub fn admit(phase: &VmPhase, request: &Request) -> Result<(), String> {
         Request::Pause | Request::Mailbox { .. } => *phase == Running,
         Request::Resume => *phase == Paused,
         Request::Capture { .. } | Request::Reclaim { .. } => matches!(phase, Running | Paused),
+        Request::Receive { .. } => *phase == Warm,
+        Request::Migrate { .. } => *phase == Running,
     };
     if allowed {
         Ok(())
@@ -119,6 +123,8 @@ struct Core {
     phase: VmPhase,
     shell: Option<VmShell>,
     machine: Option<Arc<Machine>>,
+    /// A VM received by live migration (not a vmm `Machine`).
+    migrated: Option<Arc<vmstream_migration::MigratedVm>>,
     preloaded: Option<(PathBuf, CloneSource)>,
     start: Option<StartReport>,
     failure: Option<String>,
@@ -246,6 +252,7 @@ pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
             phase: VmPhase::Warm,
             shell: Some(shell),
             machine: None,
+            migrated: None,
             preloaded,
             start: None,
             failure: None,
@@ -338,7 +345,7 @@ impl Vm {
             .ok_or_else(|| "the VM has no machine".to_string())
     }
 
-    fn serve(&self, stream: UnixStream) {
+    fn serve(self: &Arc<Self>, stream: UnixStream) {
         let Ok(read_half) = stream.try_clone() else {
             return;
         };
@@ -366,7 +373,7 @@ impl Vm {
         }
     }
 
-    fn handle(&self, request: Request) -> Response {
+    fn handle(self: &Arc<Self>, request: Request) -> Response {
         {
             let mut core = self.lock();
             let phase = self.phase(&mut core);
@@ -407,6 +414,26 @@ impl Vm {
                 self.wait_running(Duration::from_millis(timeout_ms))
             }
             Request::Reclaim { max_bytes } => self.reclaim(max_bytes).map(Reply::Reclaimed),
+            Request::Receive {
+                listen,
+                image,
+                token_file,
+            } => self.receive(listen, image, &token_file),
+            Request::Migrate {
+                target,
+                mode,
+                token_file,
+                precopy_rounds,
+                bandwidth_bytes_per_s,
+                target_has_image,
+            } => self.migrate(
+                target,
+                mode,
+                &token_file,
+                precopy_rounds,
+                bandwidth_bytes_per_s,
+                target_has_image,
+            ),
         };
         match result {
             Ok(reply) => Response::ok(reply),
@@ -653,12 +680,11 @@ impl Vm {
     }
 
     fn ask(&self, n: u64, timeout: Duration) -> Result<Reply, String> {
-        let machine = self.machine()?;
+        let mailbox = self.mailbox()?;
         let mut args = [0u64; ARGS];
         args[0] = n;
         let sent = Instant::now();
-        let answer = machine
-            .mailbox()
+        let answer = mailbox
             .call(request::ANSWER, args, report::RESPONSE, timeout)
             .map_err(|e| format!("{e} (does the guest answer requests?)"))?;
         Ok(Reply::Answer {
@@ -730,7 +756,7 @@ impl Vm {
             ..VmStats::default()
         };
         let Some(machine) = machine else {
-            return stats;
+            return self.migrated_stats(stats, base);
         };
         let m = machine.stats();
         stats.vcpu_cpu_ms = m.vcpus.iter().map(|v| ms(v.cpu_time)).sum();
@@ -765,7 +791,11 @@ impl Vm {
     }
 
     fn exit_after_stop(&self) -> ! {
-        let machine = self.lock().machine.take();
+        let (machine, migrated) = {
+            let mut core = self.lock();
+            (core.machine.take(), core.migrated.take())
+        };
+        drop(migrated);
         if let Some(machine) = machine {
             match Arc::try_unwrap(machine) {
                 Ok(machine) => machine.stop(),

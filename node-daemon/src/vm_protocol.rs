@@ -82,6 +82,45 @@ pub enum Request {
     /// the clone's image (they are brought back from the image on the next
     /// touch); 0 only counts them. Pages the guest wrote are never dropped.
     Reclaim { max_bytes: u64 },
+    /// Become a live-migration target: drop the warm shell, listen on
+    /// `listen` (port 0: any), and receive the VM in the background (phase
+    /// `starting` until it runs here). `image`: this node's copy of the
+    /// VM's live image (pages the source did not change come from it).
+    Receive {
+        listen: std::net::SocketAddr,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<PathBuf>,
+        token_file: PathBuf,
+    },
+    /// Live-migrate the running VM to the target at `target`. On success
+    /// the VM runs there: this process stops its copy and stays in phase
+    /// `stopping` until it is stopped. On failure before the switch-over
+    /// the VM runs here again.
+    Migrate {
+        target: std::net::SocketAddr,
+        mode: MigrateMode,
+        token_file: PathBuf,
+        /// Precopy rounds (precopy: most rounds; hybrid: rounds before
+        /// postcopy); 0 keeps the defaults.
+        #[serde(default)]
+        precopy_rounds: u32,
+        /// Most bytes per second the background push may use.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bandwidth_bytes_per_s: Option<u64>,
+        /// Whether the target holds the VM's live image (else every page
+        /// crosses).
+        #[serde(default)]
+        target_has_image: bool,
+    },
+}
+
+/// How a VM is migrated (the VMMigration's `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrateMode {
+    Postcopy,
+    Precopy,
+    Hybrid,
 }
 
 impl Request {
@@ -98,6 +137,8 @@ impl Request {
             Request::Mailbox { .. } => "mailbox",
             Request::WaitRunning { .. } => "wait_running",
             Request::Reclaim { .. } => "reclaim",
+            Request::Receive { .. } => "receive",
+            Request::Migrate { .. } => "migrate",
         }
     }
 }
@@ -247,6 +288,12 @@ pub enum Reply {
     },
     Running,
     Reclaimed(ReclaimSummary),
+    /// A migration target listens here.
+    Receiving {
+        addr: std::net::SocketAddr,
+    },
+    /// The VM runs on the target now.
+    Migrated(Box<vmstream_migration::MigrationReport>),
 }
 
 /// One response line.
@@ -393,6 +440,19 @@ mod tests {
             },
             Request::Capture { dir: "/img".into() },
             Request::Reclaim { max_bytes: 4096 },
+            Request::Receive {
+                listen: "10.0.0.1:0".parse().unwrap(),
+                image: Some("/img".into()),
+                token_file: "/t".into(),
+            },
+            Request::Migrate {
+                target: "10.0.0.2:4000".parse().unwrap(),
+                mode: MigrateMode::Hybrid,
+                token_file: "/t".into(),
+                precopy_rounds: 2,
+                bandwidth_bytes_per_s: None,
+                target_has_image: true,
+            },
             Request::Mailbox {
                 request: 7,
                 timeout_ms: None,

@@ -1,0 +1,186 @@
+//! End to end: a VMMigration moves a running request clone between two node
+//! daemons in network namespaces. The clone runs on node A and answers; the
+//! VMMigration reaches Succeeded with downtime, total time and bytes in its
+//! status; the clone is Running on node B, which answers requests with the
+//! guest's served counter continuing from A (state preserved), and no VM
+//! process for it remains on A.
+
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+use vmstream_api::v1alpha1::{
+    LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMMigration, VMMigrationPhase,
+};
+use vmstream_e2e::{Cluster, ClusterOptions, eventually};
+use vmstream_test_support::{Need, require};
+
+const TEST: &str = "e2e::vmmigration_moves_a_running_clone_between_nodes";
+
+fn node_index(cluster: &Cluster, node: &str) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.name == node)
+        .expect("known node")
+}
+
+/// The request guest answers `n·1000003 + served`: the served counter.
+fn served(cluster: &Cluster, node: usize, id: &str, n: u64) -> u64 {
+    let reply = cluster
+        .ctl(node, &["request", id, &n.to_string()])
+        .unwrap_or_else(|e| panic!("{id} on node {node} did not answer: {e}"));
+    let answer = reply["reply"]["answer"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("answer from {id}: {reply}"));
+    answer - n * 1_000_003
+}
+
+fn vm_ids(cluster: &Cluster, node: usize) -> Vec<String> {
+    std::fs::read_dir(cluster.nodes[node].state_dir.join("vms"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("vm.json").is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmmigration_moves_a_running_clone_between_nodes() {
+    if !require(
+        TEST,
+        &[
+            Need::Kvm,
+            Need::Root,
+            Need::Userfaultfd,
+            Need::NetworkNamespaces,
+        ],
+    ) {
+        return;
+    }
+    if let Some(why) = vmstream_testenv::unavailable() {
+        vmstream_testenv::record_skip(TEST, &why);
+        return;
+    }
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 2,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("start the cluster");
+    let cp = cluster.control_plane();
+    let ns = cp.namespace("mig").await.unwrap();
+    let client = ns.client();
+    let images: Api<LiveImage> = Api::namespaced(client.clone(), ns.name());
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), ns.name());
+    let migrations: Api<VMMigration> = Api::namespaced(client.clone(), ns.name());
+    let apply = PatchParams::apply("e2e").force();
+
+    images
+        .patch(
+            "req",
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
+                "metadata": {"name": "req"},
+                "spec": {"source": {"boot": {"guest": "Request", "vcpus": 1, "memoryMiB": 16}}}
+            })),
+        )
+        .await
+        .unwrap();
+    eventually("LiveImage Ready", 90, || async {
+        let i = images.get("req").await.ok()?;
+        assert_ne!(i.phase(), LiveImagePhase::Failed, "{:?}", i.status);
+        (i.phase() == LiveImagePhase::Ready).then_some(())
+    })
+    .await;
+    clones
+        .patch(
+            "c",
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
+                "metadata": {"name": "c"},
+                "spec": {"liveImage": "req"}
+            })),
+        )
+        .await
+        .unwrap();
+    let clone = eventually("VMClone Running", 90, || async {
+        let c = clones.get("c").await.ok()?;
+        (c.phase() == VMClonePhase::Running).then_some(c)
+    })
+    .await;
+    let source = clone.status.unwrap().node.unwrap();
+    let a = node_index(&cluster, &source);
+    let id = format!("vmc.{}.c", ns.name());
+    // A few requests on A: the served counter grows by one each.
+    let first = served(&cluster, a, &id, 1);
+    for k in 2..=4 {
+        assert_eq!(served(&cluster, a, &id, k), first + k - 1);
+    }
+    let before = first + 3;
+
+    migrations
+        .patch(
+            "move",
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMMigration",
+                "metadata": {"name": "move"},
+                "spec": {"vmClone": "c"}
+            })),
+        )
+        .await
+        .unwrap();
+    let done = eventually("VMMigration Succeeded", 90, || async {
+        let m = migrations.get("move").await.ok()?;
+        assert_ne!(
+            m.phase(),
+            VMMigrationPhase::Failed,
+            "migration failed: {:?}",
+            m.status
+        );
+        (m.phase() == VMMigrationPhase::Succeeded).then_some(m)
+    })
+    .await;
+    let status = done.status.unwrap();
+    eprintln!("migration status: {status:?}");
+    assert_eq!(status.source_node.as_deref(), Some(source.as_str()));
+    let target = status.target_node.clone().expect("target node");
+    assert_ne!(target, source);
+    assert!(status.target_address.is_some());
+    assert!(status.downtime_ms.is_some_and(|d| d > 0.0), "{status:?}");
+    assert!(
+        status.total_time_ms.unwrap_or(0.0) >= status.downtime_ms.unwrap(),
+        "{status:?}"
+    );
+    assert!(status.bytes_sent.is_some_and(|b| b > 0), "{status:?}");
+    assert!(status.pages_sent.is_some());
+    assert!(status.completion_time.is_some());
+    let b = node_index(&cluster, &target);
+
+    // The clone is handed to B and stays Running there.
+    eventually("clone labelled and Running on the target", 60, || async {
+        let c = clones.get("c").await.ok()?;
+        let on_target = c.metadata.labels.as_ref()?.get(vmstream_api::NODE_LABEL)? == &target
+            && c.status.as_ref()?.node.as_deref() == Some(target.as_str());
+        (on_target && c.phase() == VMClonePhase::Running).then_some(())
+    })
+    .await;
+    // The guest's state came along: the served counter continues.
+    assert_eq!(served(&cluster, b, &id, 5), before + 1);
+    assert_eq!(served(&cluster, b, &id, 6), before + 2);
+    // Its process on A is gone; B runs exactly this VM.
+    eventually("no VM process for the clone on the source", 60, || async {
+        (!vm_ids(&cluster, a).contains(&id)).then_some(())
+    })
+    .await;
+    assert!(vm_ids(&cluster, b).contains(&id));
+    // Still Running on B a little later (no daemon reports it lost/failed).
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let c = clones.get("c").await.unwrap();
+    assert_eq!(c.phase(), VMClonePhase::Running, "{:?}", c.status);
+    assert_eq!(served(&cluster, b, &id, 7), before + 3);
+}

@@ -1,0 +1,709 @@
+//! The daemon carrying out VMMigrations, level-triggered like
+//! [`crate::node_actions`]: every sync interval each migration this node
+//! takes part in is compared with local facts and the pure
+//! [`migration_action`] decides:
+//!
+//! * **target** (migration labelled `vmstream.io/node=<me>`): phase
+//!   Scheduled → start the clone's VM process (`vmc.<ns>.<name>`) as a
+//!   migration target listening on an ephemeral port of the node's stream
+//!   address, write `status.targetAddress` and phase Running. A failed
+//!   migration's target VM that never ran is stopped.
+//! * **source** (label `vmstream.io/source-node=<me>`): once
+//!   `targetAddress` is set, ask the clone's VM process to migrate there;
+//!   on success write the clone's `status.node` (the target) and the
+//!   migration's figures with phase Succeeded; the source VM process stays
+//!   (phase `stopping`, memory released) until the operator moved the
+//!   clone's node label, then it is stopped. On failure the migration is
+//!   Failed with the reason (before the switch-over the VM keeps running
+//!   here).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use vmstream_api::v1alpha1::{
+    LiveImage, MigrationMode, VMClone, VMMigration, VMMigrationPhase, VMNode,
+};
+use vmstream_api::{NODE_LABEL, condition, set_condition};
+
+use crate::heartbeat::FIELD_MANAGER;
+use crate::node_actions::image_dir;
+use crate::supervisor::{VmLaunch, VmSupervisor};
+use crate::vm_process::chain;
+use crate::vm_protocol::{MigrateMode, Reply, Request, VmPhase};
+use crate::vm_record::{VmOwner, owner_id};
+
+/// This node's part in a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Target,
+}
+
+/// What the daemon knows locally about one migration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MigrationFacts {
+    /// Phase of the clone's VM process on this node, if one runs.
+    pub local_vm: Option<VmPhase>,
+    /// The clone is labelled for this node (it is in the placed store).
+    pub clone_here: bool,
+    /// Work on this migration is in flight.
+    pub busy: bool,
+}
+
+/// What to do about a migration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigrationAction {
+    Nothing,
+    /// Target: start the VM process as a migration target, publish its
+    /// address, phase Running.
+    PrepareTarget,
+    /// Source: migrate the clone's VM to this address.
+    Migrate(SocketAddr),
+    /// Stop the clone's VM process on this node (a target VM of a failed
+    /// migration, or the source's stopped copy after the hand-over).
+    StopVm,
+    /// The migration cannot go on: write phase Failed with this reason.
+    Fail(String),
+}
+
+/// Decides about a migration this node takes part in as `role`.
+pub fn migration_action(
+    role: Role,
+    migration: &VMMigration,
+    facts: &MigrationFacts,
+) -> MigrationAction {
+    use MigrationAction::*;
+    if facts.busy || migration.meta().deletion_timestamp.is_some() {
+        return Nothing;
+    }
+    let status = migration.status.as_ref();
+    let address = status.and_then(|s| s.target_address.as_deref());
+    match (role, migration.phase()) {
+        (Role::Target, VMMigrationPhase::Scheduled) => match (&facts.local_vm, address) {
+            (None, None) => PrepareTarget,
+            _ => Nothing,
+        },
+        (Role::Target, VMMigrationPhase::Failed) => match &facts.local_vm {
+            // A target VM that never ran (or failed) and does not own the clone.
+            Some(VmPhase::Warm | VmPhase::Starting | VmPhase::Failed) if !facts.clone_here => {
+                StopVm
+            }
+            _ => Nothing,
+        },
+        (Role::Source, VMMigrationPhase::Running) => match (&facts.local_vm, address) {
+            (Some(VmPhase::Running), Some(address)) => match address.parse() {
+                Ok(addr) => Migrate(addr),
+                Err(_) => Fail(format!("targetAddress {address:?} is not host:port")),
+            },
+            (None, Some(_)) => Fail("the clone's VM process is not on the source node".into()),
+            _ => Nothing,
+        },
+        // The VM runs on the target; once the clone's label moved there,
+        // the source's stopped copy goes.
+        (Role::Source, VMMigrationPhase::Succeeded) => match &facts.local_vm {
+            Some(VmPhase::Stopping) if !facts.clone_here => StopVm,
+            _ => Nothing,
+        },
+        _ => Nothing,
+    }
+}
+
+/// The protocol mode of an API mode.
+pub fn protocol_mode(mode: MigrationMode) -> MigrateMode {
+    match mode {
+        MigrationMode::Postcopy => MigrateMode::Postcopy,
+        MigrationMode::Precopy => MigrateMode::Precopy,
+        MigrationMode::Hybrid => MigrateMode::Hybrid,
+    }
+}
+
+/// Where migration targets listen: the host of the node's stream address.
+pub fn listen_ip(stream_addr: Option<&str>) -> Option<IpAddr> {
+    let addr = stream_addr?;
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    addr.rsplit_once(':')
+        .map_or(addr, |(host, _)| host)
+        .parse()
+        .ok()
+}
+
+/// Errors carrying out a migration action.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationActionError {
+    #[error("reading or writing {kind} {namespace}/{name}")]
+    Api {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("{0}")]
+    Local(String),
+}
+
+/// The daemon's migration work.
+pub struct MigrationActions {
+    pub client: kube::Client,
+    pub node: String,
+    pub state_dir: PathBuf,
+    pub supervisor: Arc<VmSupervisor>,
+    /// Migrations to this node.
+    pub incoming: Store<VMMigration>,
+    /// Migrations from this node.
+    pub outgoing: Store<VMMigration>,
+    /// Clones labelled for this node.
+    pub clones: Store<VMClone>,
+    /// Address migration targets listen on (port chosen per migration).
+    pub listen_ip: IpAddr,
+    /// The cluster token both sides authenticate with.
+    pub token_file: PathBuf,
+    busy: Mutex<BTreeSet<String>>,
+}
+
+/// Writes the migration token file (`<state>/migration-token`, mode 0600)
+/// from `token` (else env `VMSTREAM_STREAM_TOKEN`, else the development
+/// token) and returns its path.
+pub fn write_token_file(state_dir: &Path, token: Option<&Path>) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(path) = token {
+        return Ok(path.to_path_buf());
+    }
+    let bytes = std::env::var("VMSTREAM_STREAM_TOKEN")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.trim().as_bytes().to_vec())
+        .unwrap_or_else(|| {
+            tracing::warn!("no cluster token configured: migrations use the development token");
+            b"vmstream-development-migration-token".to_vec()
+        });
+    let path = state_dir.join("migration-token");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::io::Write::write_all(&mut file, &bytes)?;
+    Ok(path)
+}
+
+fn ms_time(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+impl MigrationActions {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: kube::Client,
+        node: String,
+        state_dir: PathBuf,
+        supervisor: Arc<VmSupervisor>,
+        incoming: Store<VMMigration>,
+        outgoing: Store<VMMigration>,
+        clones: Store<VMClone>,
+        listen_ip: IpAddr,
+        token_file: PathBuf,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            node,
+            state_dir,
+            supervisor,
+            incoming,
+            outgoing,
+            clones,
+            listen_ip,
+            token_file,
+            busy: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the sync loop every `interval`.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let this = Arc::clone(&self);
+            let Ok(vms) = tokio::task::spawn_blocking(move || this.supervisor.list()).await else {
+                continue;
+            };
+            let phases: std::collections::BTreeMap<String, VmPhase> = vms
+                .into_iter()
+                .filter_map(|v| Some((v.record.id.clone(), v.phase?)))
+                .collect();
+            let work = self
+                .incoming
+                .state()
+                .into_iter()
+                .map(|m| (Role::Target, m))
+                .chain(self.outgoing.state().into_iter().map(|m| (Role::Source, m)));
+            for (role, migration) in work {
+                let (Some(ns), name) = (migration.namespace(), migration.name_any()) else {
+                    continue;
+                };
+                let clone_name = migration.spec.vm_clone.clone();
+                let owner = VmOwner {
+                    kind: "VMClone".into(),
+                    namespace: ns.clone(),
+                    name: clone_name.clone(),
+                };
+                let key = format!("{role:?}/{ns}/{name}");
+                let facts = MigrationFacts {
+                    local_vm: phases.get(&owner_id(&owner)).cloned(),
+                    clone_here: self.clones.state().iter().any(|c| {
+                        c.namespace().as_deref() == Some(&ns)
+                            && c.name_any() == clone_name
+                            && c.labels().get(NODE_LABEL) == Some(&self.node)
+                    }),
+                    busy: self.busy().contains(&key),
+                };
+                let action = migration_action(role, &migration, &facts);
+                if action == MigrationAction::Nothing || !self.busy().insert(key.clone()) {
+                    continue;
+                }
+                tracing::info!(migration = %key, ?action, "acting on VMMigration");
+                let this = Arc::clone(&self);
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || {
+                    let result = handle.block_on(this.act(&migration, &owner, action));
+                    if let Err(e) = result {
+                        tracing::warn!(migration = %key, error = %chain(&e), "VMMigration action failed");
+                    }
+                    this.busy().remove(&key);
+                });
+            }
+        }
+    }
+
+    async fn act(
+        &self,
+        migration: &VMMigration,
+        owner: &VmOwner,
+        action: MigrationAction,
+    ) -> Result<(), MigrationActionError> {
+        let id = owner_id(owner);
+        match action {
+            MigrationAction::Nothing => Ok(()),
+            MigrationAction::StopVm => {
+                self.supervisor
+                    .stop(&id)
+                    .map_err(|e| MigrationActionError::Local(chain(&e)))?;
+                tracing::info!(vm = %id, "migration: VM process stopped");
+                Ok(())
+            }
+            MigrationAction::Fail(message) => self.fail(migration, &message).await,
+            MigrationAction::PrepareTarget => match self.prepare_target(owner, &id).await {
+                Ok(addr) => {
+                    self.patch(
+                        migration,
+                        json!({
+                            "phase": VMMigrationPhase::Running,
+                            "targetAddress": addr.to_string(),
+                            "message": format!("target listening on {addr}"),
+                        }),
+                    )
+                    .await
+                }
+                Err(e) => {
+                    let message = format!("preparing the target on {}: {}", self.node, chain(&e));
+                    if self.supervisor.get(&id).is_some() {
+                        let _ = self.supervisor.stop(&id);
+                    }
+                    self.fail(migration, &message).await
+                }
+            },
+            MigrationAction::Migrate(addr) => self.migrate(migration, owner, &id, addr).await,
+        }
+    }
+
+    /// Starts the clone's VM process as a migration target; its address.
+    async fn prepare_target(
+        &self,
+        owner: &VmOwner,
+        id: &str,
+    ) -> Result<SocketAddr, MigrationActionError> {
+        let ns = &owner.namespace;
+        let clone = Api::<VMClone>::namespaced(self.client.clone(), ns)
+            .get(&owner.name)
+            .await
+            .map_err(|e| self.api_error("VMClone", ns, &owner.name, e))?;
+        let image_name = clone.spec.live_image.clone();
+        let image = Api::<LiveImage>::namespaced(self.client.clone(), ns)
+            .get(&image_name)
+            .await
+            .map_err(|e| self.api_error("LiveImage", ns, &image_name, e))?;
+        let memory_bytes = image
+            .status
+            .as_ref()
+            .and_then(|s| s.memory_bytes)
+            .or_else(|| {
+                image
+                    .spec
+                    .source
+                    .boot
+                    .as_ref()
+                    .map(|b| u64::from(b.memory_mib) << 20)
+            })
+            .ok_or_else(|| {
+                MigrationActionError::Local(format!(
+                    "LiveImage {ns}/{image_name} has no memory size"
+                ))
+            })?;
+        let vcpus = image
+            .spec
+            .source
+            .boot
+            .as_ref()
+            .map_or(1, |b| u8::try_from(b.vcpus).unwrap_or(1));
+        let dir = image_dir(&self.state_dir, ns, &image_name);
+        let local = dir
+            .join(vmstream_vmm::image::STATE_FILE)
+            .is_file()
+            .then_some(dir);
+        let launch = VmLaunch {
+            id: id.to_string(),
+            owner: Some(owner.clone()),
+            vcpus,
+            memory_bytes,
+            start: None,
+            prepare_lazy: false,
+            preload_image: None,
+        };
+        let request = Request::Receive {
+            listen: SocketAddr::new(self.listen_ip, 0),
+            image: local,
+            token_file: self.token_file.clone(),
+        };
+        let supervisor = Arc::clone(&self.supervisor);
+        let id = id.to_string();
+        let reply = tokio::task::spawn_blocking(move || {
+            supervisor.launch(&launch)?;
+            supervisor.call(&id, &request)
+        })
+        .await
+        .map_err(|e| MigrationActionError::Local(e.to_string()))?
+        .map_err(|e| MigrationActionError::Local(chain(&e)))?;
+        match reply {
+            Reply::Receiving { addr } => Ok(addr),
+            other => Err(MigrationActionError::Local(format!(
+                "unexpected reply to receive: {other:?}"
+            ))),
+        }
+    }
+
+    async fn migrate(
+        &self,
+        migration: &VMMigration,
+        owner: &VmOwner,
+        id: &str,
+        addr: SocketAddr,
+    ) -> Result<(), MigrationActionError> {
+        let ns = &owner.namespace;
+        let target = migration
+            .status
+            .as_ref()
+            .and_then(|s| s.target_node.clone())
+            .unwrap_or_default();
+        let clone = Api::<VMClone>::namespaced(self.client.clone(), ns)
+            .get(&owner.name)
+            .await
+            .map_err(|e| self.api_error("VMClone", ns, &owner.name, e))?;
+        let image_key = format!("{ns}/{}", clone.spec.live_image);
+        let target_has_image = Api::<VMNode>::all(self.client.clone())
+            .get_opt(&target)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.status)
+            .is_some_and(|s| s.images.contains(&image_key));
+        let request = Request::Migrate {
+            target: addr,
+            mode: protocol_mode(migration.spec.mode),
+            token_file: self.token_file.clone(),
+            precopy_rounds: migration.spec.precopy_rounds.unwrap_or(0),
+            bandwidth_bytes_per_s: migration.spec.bandwidth_mibps.map(|m| u64::from(m) << 20),
+            target_has_image,
+        };
+        tracing::info!(vm = %id, %addr, target_has_image, "migrating");
+        let supervisor = Arc::clone(&self.supervisor);
+        let vm = id.to_string();
+        let result = tokio::task::spawn_blocking(move || supervisor.call(&vm, &request))
+            .await
+            .map_err(|e| MigrationActionError::Local(e.to_string()))?;
+        match result {
+            Ok(Reply::Migrated(report)) => {
+                // The clone now runs on the target: say so before the
+                // operator moves its label there.
+                Api::<VMClone>::namespaced(self.client.clone(), ns)
+                    .patch_status(
+                        &owner.name,
+                        &self.params(),
+                        &Patch::Merge(json!({ "status": { "node": target } })),
+                    )
+                    .await
+                    .map_err(|e| self.api_error("VMClone", ns, &owner.name, e))?;
+                let mut conditions = migration
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                let message = format!(
+                    "migrated to {target} in {:.1} ms (downtime {:.3} ms)",
+                    report.total_ms, report.downtime_ms
+                );
+                set_condition(
+                    &mut conditions,
+                    condition(
+                        "Succeeded",
+                        true,
+                        "Migrated",
+                        &message,
+                        migration.meta().generation,
+                    ),
+                );
+                self.patch(
+                    migration,
+                    json!({
+                        "phase": VMMigrationPhase::Succeeded,
+                        "downtimeMs": ms_time(report.downtime_ms),
+                        "totalTimeMs": ms_time(report.total_ms),
+                        "bytesSent": report.bytes_sent,
+                        "pagesSent": report.pages_sent,
+                        "pagesFaulted": report.target.pages_requested_by_faults,
+                        "faultWaitMs": ms_time(report.target.fault_wait_ms),
+                        "completionTime": Time(Timestamp::now()),
+                        "message": message,
+                        "conditions": conditions,
+                    }),
+                )
+                .await
+            }
+            Ok(other) => {
+                self.fail(
+                    migration,
+                    &format!("unexpected reply to migrate: {other:?}"),
+                )
+                .await
+            }
+            Err(e) => self.fail(migration, &chain(&e)).await,
+        }
+    }
+
+    async fn fail(
+        &self,
+        migration: &VMMigration,
+        message: &str,
+    ) -> Result<(), MigrationActionError> {
+        let mut conditions = migration
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        set_condition(
+            &mut conditions,
+            condition(
+                "Succeeded",
+                false,
+                "Failed",
+                message,
+                migration.meta().generation,
+            ),
+        );
+        self.patch(
+            migration,
+            json!({
+                "phase": VMMigrationPhase::Failed,
+                "message": message,
+                "completionTime": Time(Timestamp::now()),
+                "conditions": conditions,
+            }),
+        )
+        .await
+    }
+
+    fn params(&self) -> PatchParams {
+        PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        }
+    }
+
+    fn api_error(
+        &self,
+        kind: &'static str,
+        ns: &str,
+        name: &str,
+        e: kube::Error,
+    ) -> MigrationActionError {
+        MigrationActionError::Api {
+            kind,
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            source: Box::new(e),
+        }
+    }
+
+    async fn patch(
+        &self,
+        migration: &VMMigration,
+        status: serde_json::Value,
+    ) -> Result<(), MigrationActionError> {
+        let ns = migration.namespace().unwrap_or_default();
+        Api::<VMMigration>::namespaced(self.client.clone(), &ns)
+            .patch_status(
+                &migration.name_any(),
+                &self.params(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await
+            .map_err(|e| self.api_error("VMMigration", &ns, &migration.name_any(), e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmstream_api::v1alpha1::{VMMigrationSpec, VMMigrationStatus};
+
+    fn migration(phase: VMMigrationPhase, address: Option<&str>) -> VMMigration {
+        let mut m = VMMigration::new(
+            "m",
+            serde_json::from_value::<VMMigrationSpec>(json!({ "vmClone": "c" })).unwrap(),
+        );
+        m.status = Some(VMMigrationStatus {
+            phase: Some(phase),
+            target_address: address.map(str::to_string),
+            ..VMMigrationStatus::default()
+        });
+        m
+    }
+
+    fn facts(vm: Option<VmPhase>, clone_here: bool) -> MigrationFacts {
+        MigrationFacts {
+            local_vm: vm,
+            clone_here,
+            busy: false,
+        }
+    }
+
+    #[test]
+    fn target_prepares_once_and_cleans_up_failures() {
+        let scheduled = migration(VMMigrationPhase::Scheduled, None);
+        assert_eq!(
+            migration_action(Role::Target, &scheduled, &facts(None, false)),
+            MigrationAction::PrepareTarget
+        );
+        // Already started (daemon restarted before writing the address).
+        assert_eq!(
+            migration_action(
+                Role::Target,
+                &scheduled,
+                &facts(Some(VmPhase::Starting), false)
+            ),
+            MigrationAction::Nothing
+        );
+        let mut busy = facts(None, false);
+        busy.busy = true;
+        assert_eq!(
+            migration_action(Role::Target, &scheduled, &busy),
+            MigrationAction::Nothing
+        );
+        let failed = migration(VMMigrationPhase::Failed, Some("10.0.0.2:4000"));
+        assert_eq!(
+            migration_action(
+                Role::Target,
+                &failed,
+                &facts(Some(VmPhase::Starting), false)
+            ),
+            MigrationAction::StopVm
+        );
+        // A VM that runs here is never stopped by a failed migration.
+        assert_eq!(
+            migration_action(Role::Target, &failed, &facts(Some(VmPhase::Running), false)),
+            MigrationAction::Nothing
+        );
+        // The target does not act on a Running migration (the source does).
+        let running = migration(VMMigrationPhase::Running, Some("10.0.0.2:4000"));
+        assert_eq!(
+            migration_action(
+                Role::Target,
+                &running,
+                &facts(Some(VmPhase::Starting), false)
+            ),
+            MigrationAction::Nothing
+        );
+    }
+
+    #[test]
+    fn source_migrates_when_the_target_listens() {
+        let waiting = migration(VMMigrationPhase::Scheduled, None);
+        assert_eq!(
+            migration_action(Role::Source, &waiting, &facts(Some(VmPhase::Running), true)),
+            MigrationAction::Nothing
+        );
+        let running = migration(VMMigrationPhase::Running, Some("10.0.0.2:4000"));
+        assert_eq!(
+            migration_action(Role::Source, &running, &facts(Some(VmPhase::Running), true)),
+            MigrationAction::Migrate("10.0.0.2:4000".parse().unwrap())
+        );
+        assert!(matches!(
+            migration_action(Role::Source, &running, &facts(None, true)),
+            MigrationAction::Fail(m) if m.contains("not on the source")
+        ));
+        let bad = migration(VMMigrationPhase::Running, Some("nowhere"));
+        assert!(matches!(
+            migration_action(Role::Source, &bad, &facts(Some(VmPhase::Running), true)),
+            MigrationAction::Fail(m) if m.contains("host:port")
+        ));
+    }
+
+    #[test]
+    fn source_copy_goes_after_the_hand_over() {
+        let done = migration(VMMigrationPhase::Succeeded, Some("10.0.0.2:4000"));
+        assert_eq!(
+            migration_action(Role::Source, &done, &facts(Some(VmPhase::Stopping), true)),
+            MigrationAction::Nothing
+        );
+        assert_eq!(
+            migration_action(Role::Source, &done, &facts(Some(VmPhase::Stopping), false)),
+            MigrationAction::StopVm
+        );
+        // A VM back on this node later (another migration) is left alone.
+        assert_eq!(
+            migration_action(Role::Source, &done, &facts(Some(VmPhase::Running), false)),
+            MigrationAction::Nothing
+        );
+    }
+
+    #[test]
+    fn listen_ip_is_the_stream_host() {
+        assert_eq!(
+            listen_ip(Some("10.1.0.2:7480")),
+            Some("10.1.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            listen_ip(Some("10.1.0.3")),
+            Some("10.1.0.3".parse().unwrap())
+        );
+        assert_eq!(listen_ip(None), None);
+        assert_eq!(listen_ip(Some("node-a:7480")), None);
+    }
+}

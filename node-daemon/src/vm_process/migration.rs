@@ -1,0 +1,277 @@
+//! Live migration in a VM process: the source side (`migrate`: the running
+//! VM moves to a target and this process stops its copy) and the target
+//! side (`receive`: the warm shell is traded for a migration target shell,
+//! the process listens on a TCP port and runs the received VM, which is a
+//! [`MigratedVm`] rather than a vmm `Machine`: it answers ping, stats,
+//! mailbox requests and stop, not capture, pause or a further migration).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vmstream_migration::{
+    MigrateError, MigratedVm, MigrationMode, SourceOptions, TargetOptions, TargetShell,
+};
+use vmstream_pagestream::ClusterToken;
+use vmstream_vmm::devices::mailbox::{Mailbox, report};
+use vmstream_vmm::memory::{PageSource, range_footprint};
+use vmstream_vmm::restore::CloneSource;
+use vmstream_vmm::vstate::vm::KvmHost;
+
+use super::{Vm, chain, ms};
+use crate::vm_protocol::{MigrateMode, Reply, StartReport, VmPhase, VmStats};
+use crate::vm_record::VmKind;
+
+/// The migration library's mode for a protocol mode.
+pub fn migration_mode(mode: MigrateMode) -> MigrationMode {
+    match mode {
+        MigrateMode::Postcopy => MigrationMode::Postcopy,
+        MigrateMode::Precopy => MigrationMode::Precopy,
+        MigrateMode::Hybrid => MigrationMode::Hybrid,
+    }
+}
+
+/// Source options for a Migrate request (pure).
+pub fn source_options(
+    mode: MigrateMode,
+    token: ClusterToken,
+    precopy_rounds: u32,
+    bandwidth_bytes_per_s: Option<u64>,
+    target_has_image: bool,
+) -> SourceOptions {
+    let mut options = SourceOptions::new(migration_mode(mode), token);
+    if precopy_rounds > 0 {
+        options.limits.max_rounds = precopy_rounds;
+        options.limits.hybrid_rounds = precopy_rounds;
+    }
+    options.bandwidth_limit = bandwidth_bytes_per_s;
+    options.target_has_image = target_has_image;
+    options
+}
+
+/// Whether the VM runs on this node again after `error` (the migration
+/// failed before the switch-over).
+pub fn runs_here_after(error: &MigrateError) -> bool {
+    matches!(
+        error,
+        MigrateError::BeforeSwitchover(_) | MigrateError::SaveState(_)
+    )
+}
+
+fn mailbox_responses(mailbox: &Mailbox) -> u64 {
+    mailbox
+        .save()
+        .reports_by_kind
+        .get(&report::RESPONSE)
+        .copied()
+        .unwrap_or(0)
+}
+
+impl Vm {
+    /// The mailbox of the running VM (started here or received).
+    pub(super) fn mailbox(&self) -> Result<Arc<Mailbox>, String> {
+        let core = self.lock();
+        if let Some(machine) = &core.machine {
+            return Ok(Arc::clone(machine.mailbox()));
+        }
+        if let Some(vm) = &core.migrated {
+            return Ok(Arc::clone(vm.mailbox()));
+        }
+        Err("the VM has no machine".to_string())
+    }
+
+    /// Stats of a received VM (`stats` without a vmm machine).
+    pub(super) fn migrated_stats(&self, mut stats: VmStats, base: u64) -> VmStats {
+        let Some(vm) = self.lock().migrated.clone() else {
+            return stats;
+        };
+        stats.vcpu_cpu_ms = vm.vcpu_stats().iter().map(|v| ms(v.cpu_time)).sum();
+        stats.requests_served = mailbox_responses(vm.mailbox()).saturating_sub(base);
+        let ram = vm.guest_ram();
+        if let Ok(f) = range_footprint(None, ram.host_addr() as usize, ram.len()) {
+            stats.memory.guest_resident = f.resident;
+            stats.memory.guest_private = f.owned();
+            stats.memory.guest_shared = f.shared_with_node();
+            stats.memory.guest_ksm = f.ksm;
+        }
+        let m = vm.memory().stats();
+        stats.faults.faults = m.faults;
+        stats.faults.pages_copied = m.pages_received + m.pages_from_image;
+        stats.faults.errors = m.errors;
+        stats
+    }
+
+    /// Becomes a migration target listening on `listen`; the VM arrives in
+    /// the background.
+    pub(super) fn receive(
+        self: &Arc<Self>,
+        listen: SocketAddr,
+        image: Option<PathBuf>,
+        token_file: &Path,
+    ) -> Result<Reply, String> {
+        let token = ClusterToken::from_file(token_file).map_err(|e| {
+            format!(
+                "reading the migration token {}: {}",
+                token_file.display(),
+                chain(&e)
+            )
+        })?;
+        let pages = match &image {
+            Some(dir) => Some(Arc::clone(
+                CloneSource::open(dir)
+                    .map_err(|e| format!("opening live image {}: {}", dir.display(), chain(&e)))?
+                    .pages(),
+            )),
+            None => None,
+        };
+        let host = KvmHost::open().map_err(|e| chain(&e))?;
+        let listener =
+            TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("no local address: {e}"))?;
+        let warm = {
+            let mut core = self.lock();
+            let phase = self.phase(&mut core);
+            if phase != VmPhase::Warm {
+                return Err(format!("receive refused: the VM is {phase:?}"));
+            }
+            self.set_phase(&mut core, VmPhase::Starting);
+            core.shell.take()
+        };
+        // The target shell replaces the warm one (its RAM is registered
+        // with the migration's own userfaultfd).
+        drop(warm);
+        let shell = match TargetShell::create(
+            &host,
+            self.config,
+            pages.clone().map(|p| p as Arc<dyn PageSource>),
+        ) {
+            Ok(shell) => shell,
+            Err(e) => {
+                let message = format!("creating the migration target shell: {}", chain(&e));
+                let mut core = self.lock();
+                core.failure = Some(message.clone());
+                self.set_phase(&mut core, VmPhase::Failed);
+                return Err(message);
+            }
+        };
+        let shell_created_ms = ms(shell.created_in());
+        let options = TargetOptions::new(token, host, pages);
+        let vm = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("migration-target".into())
+            .spawn(move || {
+                let received = vmstream_migration::receive(&listener, &options, Some(shell));
+                let mut core = vm.lock();
+                match received {
+                    Ok(received) => {
+                        tracing::info!(mode = ?received.mode, side = ?received.side, "migrated VM runs here");
+                        let migrated: Arc<MigratedVm> = Arc::new(received.vm);
+                        core.responses_at_start = mailbox_responses(migrated.mailbox());
+                        core.migrated = Some(migrated);
+                        core.start = Some(StartReport {
+                            shell_created_ms,
+                            start_ms: received.side.start_ms,
+                            first_exit_ms: None,
+                            warm: true,
+                        });
+                        core.record.kind = VmKind::Clone;
+                        core.record.image = image;
+                        if let Err(e) = core.record.write(&vm.paths.record) {
+                            tracing::warn!(error = %e, "VM record not updated");
+                        }
+                        vm.set_phase(&mut core, VmPhase::Running);
+                    }
+                    Err(e) => {
+                        let message = format!("receiving the migration: {}", chain(&e));
+                        tracing::warn!(error = %message, "migration target failed");
+                        core.failure = Some(message);
+                        vm.set_phase(&mut core, VmPhase::Failed);
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        Ok(Reply::Receiving { addr })
+    }
+
+    /// Migrates the running VM to `target`. On success this process's copy
+    /// is stopped and the process stays in phase `stopping` until stopped.
+    pub(super) fn migrate(
+        &self,
+        target: SocketAddr,
+        mode: MigrateMode,
+        token_file: &Path,
+        precopy_rounds: u32,
+        bandwidth_bytes_per_s: Option<u64>,
+        target_has_image: bool,
+    ) -> Result<Reply, String> {
+        let _one_at_a_time = self.capture_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let token = ClusterToken::from_file(token_file).map_err(|e| {
+            format!(
+                "reading the migration token {}: {}",
+                token_file.display(),
+                chain(&e)
+            )
+        })?;
+        let machine = self.machine()?;
+        let options = source_options(
+            mode,
+            token,
+            precopy_rounds,
+            bandwidth_bytes_per_s,
+            target_has_image,
+        );
+        match vmstream_migration::migrate(&machine, target, &options) {
+            Ok(report) => {
+                let taken = {
+                    let mut core = self.lock();
+                    core.failure = Some(format!("migrated to {target}"));
+                    self.set_phase(&mut core, VmPhase::Stopping);
+                    core.machine.take()
+                };
+                drop(machine);
+                if let Some(machine) = taken {
+                    match Arc::try_unwrap(machine) {
+                        Ok(machine) => machine.stop(),
+                        Err(shared) => drop(shared),
+                    }
+                }
+                tracing::info!(%target, downtime_ms = report.downtime_ms, total_ms = report.total_ms, "VM migrated away");
+                Ok(Reply::Migrated(Box::new(report)))
+            }
+            Err(e) if runs_here_after(&e) => Err(format!(
+                "migration to {target} failed before the switch-over (the VM runs here again): {}",
+                chain(&e)
+            )),
+            Err(e) => {
+                let message = format!(
+                    "migration to {target} failed after the switch-over (the VM stays paused here): {}",
+                    chain(&e)
+                );
+                let mut core = self.lock();
+                core.failure = Some(message.clone());
+                self.set_phase(&mut core, VmPhase::Failed);
+                Err(message)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_follow_the_request() {
+        let token = ClusterToken::new(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap();
+        let o = source_options(MigrateMode::Hybrid, token.clone(), 3, Some(1 << 20), false);
+        assert_eq!(o.mode, MigrationMode::Hybrid);
+        assert_eq!(o.limits.hybrid_rounds, 3);
+        assert_eq!(o.bandwidth_limit, Some(1 << 20));
+        assert!(!o.target_has_image);
+        let d = source_options(MigrateMode::Postcopy, token, 0, None, true);
+        assert_eq!(d.limits, vmstream_migration::PrecopyLimits::default());
+        assert!(d.target_has_image);
+    }
+}
