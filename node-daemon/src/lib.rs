@@ -13,6 +13,7 @@ pub mod memory_budget;
 pub mod migration_actions;
 pub mod node_actions;
 pub mod node_status;
+pub mod page_service;
 pub mod placed;
 pub mod proc_stats;
 pub mod supervisor;

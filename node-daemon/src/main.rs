@@ -23,7 +23,8 @@ use vmstream_node::vm_process::{VmProcessConfig, chain};
 use vmstream_node::vm_protocol::StartSpec;
 use vmstream_node::vm_record::VmOwner;
 use vmstream_node::{
-    cgroup, host, memory_budget, migration_actions, node_actions, placed, supervisor_api,
+    cgroup, host, memory_budget, migration_actions, node_actions, page_service, placed,
+    supervisor_api,
 };
 
 #[derive(Parser, Debug)]
@@ -171,9 +172,18 @@ struct Args {
     /// Directory for live images, the page cache and per-VM state.
     #[arg(long, default_value = "/var/lib/vmstream")]
     state_dir: PathBuf,
-    /// Address other daemons reach this node's page-streaming server at.
+    /// Address other daemons reach this node's page-streaming server at
+    /// (the server binds it).
     #[arg(long)]
     stream_addr: Option<String>,
+    /// File with the cluster's page-streaming token (else env
+    /// VMSTREAM_STREAM_TOKEN, else a fixed development token).
+    #[arg(long)]
+    stream_token_file: Option<PathBuf>,
+    /// Loopback address of the relay serving remote images to this node's
+    /// VM processes (fixed, so VMs keep it across daemon restarts).
+    #[arg(long, default_value = "127.0.0.1:7482")]
+    relay_addr: String,
     /// Address for /metrics and /healthz.
     #[arg(long, default_value = "127.0.0.1:7481")]
     metrics_addr: SocketAddr,
@@ -372,12 +382,33 @@ async fn run(args: Args) -> MainResult {
         placed.clone(),
         report.clone(),
     );
+    {
+        let state_dir = args.state_dir.clone();
+        let token_file = args.stream_token_file.clone();
+        let stream_addr = args.stream_addr.clone();
+        let relay_addr = args.relay_addr.clone();
+        let service = tokio::task::spawn_blocking(move || {
+            let token = page_service::load_token(token_file.as_deref())?;
+            page_service::PageService::start(
+                &state_dir,
+                &token,
+                stream_addr.as_deref(),
+                &relay_addr,
+            )
+        })
+        .await?
+        .map_err(|e| chain(&e))?;
+        tracing::info!(public = ?service.public_addr(), relay = %service.relay_addr(), "page streaming ready");
+        actions.set_page_service(service);
+    }
     tokio::spawn(actions.run(Duration::from_millis(args.sync_interval_ms.max(50))));
     match migration_actions::listen_ip(args.stream_addr.as_deref()) {
         Some(ip) => {
-            // --stream-token-file comes with the page service.
-            let token_file = migration_actions::write_token_file(&args.state_dir, None)
-                .map_err(|e| format!("cannot write the migration token file: {e}"))?;
+            let token_file = migration_actions::write_token_file(
+                &args.state_dir,
+                args.stream_token_file.as_deref(),
+            )
+            .map_err(|e| format!("cannot write the migration token file: {e}"))?;
             let migrations = migration_actions::MigrationActions::new(
                 client.clone(),
                 node_name.clone(),

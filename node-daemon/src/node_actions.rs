@@ -28,7 +28,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{
-    BootSource, Guest, LiveImage, LiveImagePhase, MemoryBackend, VMClone, VMClonePhase,
+    BootSource, Guest, LiveImage, LiveImagePhase, MemoryBackend, VMClone, VMClonePhase, VMNode,
 };
 use vmstream_api::{condition, set_condition};
 use vmstream_vmm::guests::{FillSpec, GuestProgram};
@@ -36,11 +36,16 @@ use vmstream_vmm::image::LiveImage as ImageFiles;
 
 use crate::heartbeat::FIELD_MANAGER;
 use crate::node_status::SharedReport;
+use crate::page_service::PageService;
 use crate::placed::PlacedObjects;
 use crate::supervisor::{SupervisorError, VmLaunch, VmSupervisor};
 use crate::vm_process::chain;
 use crate::vm_protocol::{CaptureSummary, CloneBackend, Reply, Request, StartSpec, VmPhase};
 use crate::vm_record::{VmOwner, dir_size, owner_id};
+
+/// Why a remote clone cannot start yet (said in its status message).
+#[derive(Debug)]
+struct RemoteWait(String);
 
 /// Figures of a local image, kept next to its files.
 pub const CAPTURE_FILE: &str = "vmstream-capture.json";
@@ -118,6 +123,9 @@ pub struct CloneFacts {
     pub vm: Option<VmPhase>,
     /// The clone's image is on this node (complete), here.
     pub image_dir: Option<PathBuf>,
+    /// This node can stream images held by other nodes (its page service
+    /// runs).
+    pub can_stream: bool,
     pub busy: bool,
 }
 
@@ -128,6 +136,8 @@ pub enum CloneAction {
     Start {
         image_dir: PathBuf,
     },
+    /// The image is not here: stream it from the nodes that hold it.
+    StartRemote,
     /// The VM runs but the status does not say Running.
     ReportRunning,
     /// Stop the VM (the clone is being deleted), then report Stopped.
@@ -166,6 +176,7 @@ pub fn clone_action(clone: &VMClone, facts: &CloneFacts) -> CloneAction {
             Some(dir) => CloneAction::Start {
                 image_dir: dir.clone(),
             },
+            None if facts.can_stream => CloneAction::StartRemote,
             None => CloneAction::Wait(format!(
                 "LiveImage {} is not on this node",
                 clone.spec.live_image
@@ -290,6 +301,7 @@ pub struct NodeActions {
     pub placed: PlacedObjects,
     pub report: SharedReport,
     busy: Mutex<BTreeSet<String>>,
+    page_service: std::sync::OnceLock<Arc<PageService>>,
 }
 
 fn key(kind: &str, ns: &str, name: &str) -> String {
@@ -313,7 +325,14 @@ impl NodeActions {
             placed,
             report,
             busy: Mutex::new(BTreeSet::new()),
+            page_service: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Serves local images to other nodes and streams remote images for
+    /// clones placed here (without it such clones wait).
+    pub fn set_page_service(&self, service: Arc<PageService>) {
+        let _ = self.page_service.set(service);
     }
 
     fn is_busy(&self, key: &str) -> bool {
@@ -367,6 +386,9 @@ impl NodeActions {
             let refreshed = tokio::task::spawn_blocking(move || {
                 let usage = this.supervisor.sample_usage();
                 let images = local_images(&this.state_dir);
+                if let Some(service) = this.page_service.get() {
+                    service.serve_local_images(&images);
+                }
                 if let Ok(mut report) = this.report.write() {
                     report.vms = usage;
                     report.images = images;
@@ -445,6 +467,7 @@ impl NodeActions {
                     .join(vmstream_vmm::image::STATE_FILE)
                     .is_file()
                     .then_some(dir),
+                can_stream: self.page_service.get().is_some(),
                 busy: self.is_busy(&k),
             };
             let action = clone_action(&clone, &facts);
@@ -719,6 +742,43 @@ impl NodeActions {
                     .await
             }
             CloneAction::ReportRunning => self.report_clone_running(clone, &id).await,
+            CloneAction::StartRemote => {
+                let started = match self.remote_holders(clone).await {
+                    Ok(holders) => {
+                        self.patch_clone(
+                            clone,
+                            VMClonePhase::Starting,
+                            json!({ "message": format!("streaming from {}", holders.join(", ")) }),
+                        )
+                        .await?;
+                        self.start_remote_clone(owner, clone, &holders)
+                    }
+                    Err(RemoteWait(message)) => {
+                        if clone.status.as_ref().and_then(|s| s.message.as_deref())
+                            != Some(message.as_str())
+                        {
+                            self.patch_clone(clone, clone.phase(), json!({ "message": message }))
+                                .await?;
+                        }
+                        return Ok(());
+                    }
+                };
+                match started {
+                    Ok(()) => self.report_clone_running(clone, &id).await,
+                    Err(e) => {
+                        if self.supervisor.get(&id).is_some() {
+                            let _ = self.supervisor.stop(&id);
+                        }
+                        self.patch_clone(
+                            clone,
+                            VMClonePhase::Failed,
+                            json!({ "message": chain(&e) }),
+                        )
+                        .await?;
+                        Err(e)
+                    }
+                }
+            }
             CloneAction::Start { image_dir } => {
                 self.patch_clone(
                     clone,
@@ -769,6 +829,89 @@ impl NodeActions {
                 backend,
             }),
             prepare_lazy: backend == CloneBackend::Lazy,
+            preload_image: None,
+        })?;
+        self.supervisor
+            .call(&id, &Request::WaitRunning { timeout_ms: 60_000 })?;
+        Ok(())
+    }
+
+    /// Where the clone's image can be streamed from: its home node's page
+    /// server first, then nodes listing it as cached. Not found yet (image
+    /// not Ready, no address) is a reason to wait, not a failure.
+    async fn remote_holders(&self, clone: &VMClone) -> Result<Vec<String>, RemoteWait> {
+        let ns = clone.namespace().unwrap_or_default();
+        let name = &clone.spec.live_image;
+        let images: Api<LiveImage> = Api::namespaced(self.client.clone(), &ns);
+        let image = images
+            .get(name)
+            .await
+            .map_err(|e| RemoteWait(format!("LiveImage {name} not readable: {e}")))?;
+        if image.phase() != LiveImagePhase::Ready {
+            return Err(RemoteWait(format!("LiveImage {name} is not Ready")));
+        }
+        let home = image.status.as_ref().and_then(|s| s.node.clone());
+        let nodes: Api<VMNode> = Api::all(self.client.clone());
+        let nodes = nodes
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| RemoteWait(format!("VMNodes not readable: {e}")))?;
+        let facts: Vec<(String, Option<String>, Vec<String>)> = nodes
+            .items
+            .iter()
+            .map(|n| {
+                let status = n.status.clone().unwrap_or_default();
+                (n.name_any(), status.address, status.images)
+            })
+            .collect();
+        let holders = crate::page_service::holders_of(
+            &crate::page_service::image_id(&ns, name),
+            home.as_deref(),
+            &self.node,
+            &facts,
+        );
+        if holders.is_empty() {
+            return Err(RemoteWait(format!(
+                "LiveImage {name} is not on this node and no node serving it has an address"
+            )));
+        }
+        Ok(holders)
+    }
+
+    fn start_remote_clone(
+        &self,
+        owner: &VmOwner,
+        clone: &VMClone,
+        holders: &[String],
+    ) -> Result<(), ActionError> {
+        let service = self
+            .page_service
+            .get()
+            .ok_or_else(|| ActionError::Local("no page service on this node".into()))?;
+        let ns = clone.namespace().unwrap_or_default();
+        let relayed = service
+            .relay_remote(&ns, &clone.spec.live_image, holders)
+            .map_err(|e| ActionError::Local(chain(&e)))?;
+        let header = vmstream_vmm::image::StateFile::read(&relayed.state_dir).map_err(|e| {
+            ActionError::Local(format!(
+                "reading the fetched state file in {}: {}",
+                relayed.state_dir.display(),
+                chain(&e)
+            ))
+        })?;
+        let id = owner_id(owner);
+        self.supervisor.launch(&VmLaunch {
+            id: id.clone(),
+            owner: Some(owner.clone()),
+            vcpus: u8::try_from(header.vcpu_count).unwrap_or(u8::MAX),
+            memory_bytes: header.memory_size,
+            start: Some(StartSpec::RemoteClone {
+                state_dir: relayed.state_dir,
+                image_id: relayed.image_id,
+                relay: relayed.relay,
+                token_file: relayed.token_file,
+            }),
+            prepare_lazy: true,
             preload_image: None,
         })?;
         self.supervisor

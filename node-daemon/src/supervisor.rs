@@ -361,7 +361,7 @@ impl VmSupervisor {
                 StartSpec::Boot {
                     ready_timeout_ms, ..
                 } => *ready_timeout_ms,
-                StartSpec::Clone { .. } => 60_000,
+                StartSpec::Clone { .. } | StartSpec::RemoteClone { .. } => 60_000,
             };
             if let Err(e) = self.call(&id, &Request::WaitRunning { timeout_ms }) {
                 let log = tail(&VmPaths::new(&self.state_dir, &id).log, 20);

@@ -108,6 +108,43 @@ pub fn admit(phase: &VmPhase, request: &Request) -> Result<(), String> {
     }
 }
 
+/// Opens a remote image for a clone: pages through the daemon's relay
+/// (no cache in this process: guest memory keeps what it touched, the
+/// daemon's node cache keeps everything for the node), state from
+/// `state_dir`. The error is a message for the start failure.
+fn open_remote(
+    state_dir: &std::path::Path,
+    image_id: &str,
+    relay: std::net::SocketAddr,
+    token_file: &std::path::Path,
+    shell: MachineConfig,
+) -> Result<(CloneSource, Arc<dyn vmstream_vmm::memory::PageSource>), String> {
+    use vmstream_pagestream::{ClusterToken, DirectPages, RemoteConfig};
+    let token = ClusterToken::from_file(token_file).map_err(|e| chain(&e))?;
+    let pages = DirectPages::open(RemoteConfig::new(image_id, vec![relay], token))
+        .map_err(|e| chain(&e))?;
+    let source = CloneSource::open_state(state_dir, &pages).map_err(|e| {
+        format!(
+            "opening remote image {image_id} (state in {}): {}",
+            state_dir.display(),
+            chain(&e)
+        )
+    })?;
+    let state = source.state();
+    if state.vcpus.len() != usize::from(shell.vcpus)
+        || state.memory_bytes != shell.memory_bytes as u64
+    {
+        return Err(format!(
+            "remote image {image_id} has {} vCPUs and {} bytes of memory, this VM shell {} and {}",
+            state.vcpus.len(),
+            state.memory_bytes,
+            shell.vcpus,
+            shell.memory_bytes
+        ));
+    }
+    Ok((source, Arc::new(pages)))
+}
+
 fn phase_name(phase: &VmPhase) -> &'static str {
     match phase {
         VmPhase::Warm => "warm (not started)",
@@ -204,10 +241,12 @@ pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
     let lazy_wanted = config.prepare_lazy
         || matches!(
             &config.start,
-            Some(StartSpec::Clone {
-                backend: CloneBackend::Lazy,
-                ..
-            })
+            Some(
+                StartSpec::Clone {
+                    backend: CloneBackend::Lazy,
+                    ..
+                } | StartSpec::RemoteClone { .. }
+            )
         );
     let lazy_options = LazyOptions {
         prefetch: config.lazy_prefetch,
@@ -612,6 +651,45 @@ impl Vm {
                     image: Some(image.clone()),
                     keep_pages: source.startup_pages().to_vec(),
                     ksm_enabled,
+                })
+            }
+            StartSpec::RemoteClone {
+                state_dir,
+                image_id,
+                relay,
+                token_file,
+            } => {
+                let (source, pages) =
+                    match open_remote(state_dir, image_id, *relay, token_file, self.config) {
+                        Ok(x) => x,
+                        Err(message) => {
+                            return Err(StartFailure::boxed(message, None, Some(shell)));
+                        }
+                    };
+                let memory = CloneMemory::LazyFrom {
+                    options: self.lazy_options.clone(),
+                    source: pages,
+                };
+                let restored = restore(shell, &source, &memory).map_err(|e| {
+                    StartFailure::boxed(
+                        format!("starting a clone of remote image {image_id}: {}", chain(&e)),
+                        None,
+                        None,
+                    )
+                })?;
+                report.start_ms = ms(requested.elapsed());
+                report.first_exit_ms = restored.first_exit(Duration::from_secs(10)).map(|_| {
+                    restored.machine.vcpus()[0]
+                        .first_exit()
+                        .map_or(0.0, |t| ms(t - requested))
+                });
+                Ok(Started {
+                    machine: Arc::new(restored.machine),
+                    report,
+                    kind: VmKind::Clone,
+                    image: Some(state_dir.clone()),
+                    keep_pages: source.startup_pages().to_vec(),
+                    ksm_enabled: false,
                 })
             }
         }

@@ -45,6 +45,16 @@ pub enum StartSpec {
         image: PathBuf,
         backend: CloneBackend,
     },
+    /// Start a clone of an image held by other nodes: the state file is in
+    /// `state_dir`, the pages are streamed lazily from the daemon's relay
+    /// server (`relay`, image `image_id`, token in `token_file`), which
+    /// reads through the node cache.
+    RemoteClone {
+        state_dir: PathBuf,
+        image_id: String,
+        relay: std::net::SocketAddr,
+        token_file: PathBuf,
+    },
 }
 
 fn default_ready_timeout_ms() -> u64 {
