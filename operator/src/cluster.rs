@@ -107,11 +107,14 @@ pub fn key(namespace: &str, name: &str) -> String {
 
 /// True when the node takes no new work.
 pub fn unschedulable(node: &VMNode) -> bool {
-    node.spec.unschedulable
-        || node
-            .annotations()
-            .get(MAINTENANCE_ANNOTATION)
-            .is_some_and(|v| v != "false")
+    node.spec.unschedulable || in_maintenance(node)
+}
+
+/// True when the node is marked for maintenance: its VMs are moved away.
+pub fn in_maintenance(node: &VMNode) -> bool {
+    node.annotations()
+        .get(MAINTENANCE_ANNOTATION)
+        .is_some_and(|v| v != "false")
 }
 
 /// Facts about every VMNode for placement: heartbeat, labels, capacity, and

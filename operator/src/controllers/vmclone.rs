@@ -11,12 +11,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMClonePhase};
+use vmstream_api::v1alpha1::{
+    LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMMigration, VMMigrationPhase, VMNode,
+};
 use vmstream_api::{NODE_LABEL, VM_STOPPED_FINALIZER, condition, set_condition};
 
 use super::clonepool::clone_phase;
 use super::{Context, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
 use crate::cluster::{clone_node, image_memory_bytes, key, node_alive, node_facts};
+use crate::decide::drain::{DrainFacts, DrainStep, drain_step};
 use crate::decide::phase::{CloneFacts, CloneStep, clone_step};
 use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
 use crate::error::ReconcileError;
@@ -77,6 +80,9 @@ pub async fn reconcile(clone: Arc<VMClone>, ctx: Arc<Context>) -> Result<Action,
                 && matches!(clone.phase(), VMClonePhase::Pending)
             {
                 write_phase(&api, &clone, VMClonePhase::Scheduled, Some(n), "", "Placed").await?;
+            }
+            if alive && clone.phase() == VMClonePhase::Running && !deleting {
+                drain_if_needed(&ctx, &clone, &ns, node.as_deref()).await?;
             }
             if clone.phase().is_terminal() {
                 Action::await_change()
@@ -205,4 +211,84 @@ async fn place_clone(
             wait(message).await
         }
     }
+}
+
+/// Node drain: a Running clone on a VMNode marked for maintenance gets a
+/// VMMigration that moves it elsewhere (the operator picks the target).
+async fn drain_if_needed(
+    ctx: &Context,
+    clone: &VMClone,
+    ns: &str,
+    node: Option<&str>,
+) -> Result<(), ReconcileError> {
+    let Some(node) = node else { return Ok(()) };
+    let vmnode = Api::<VMNode>::all(ctx.client.clone())
+        .get_opt(node)
+        .await
+        .map_err(|source| ReconcileError::Get {
+            kind: "VMNode",
+            name: node.to_string(),
+            source,
+        })?;
+    let in_maintenance = vmnode.as_ref().is_some_and(crate::cluster::in_maintenance);
+    if !in_maintenance {
+        return Ok(());
+    }
+    let migrations: Api<VMMigration> = Api::namespaced(ctx.client.clone(), ns);
+    let list = migrations
+        .list(&kube::api::ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List {
+            kind: "VMMigration",
+            source,
+        })?;
+    let name = clone.name_any();
+    let drain_name = crate::decide::drain::drain_migration_name(&name, node);
+    let facts = DrainFacts {
+        running: true,
+        node: Some(node.to_string()),
+        node_in_maintenance: true,
+        deleting: false,
+        migration_in_flight: list.items.iter().any(|m| {
+            m.spec.vm_clone == name
+                && !matches!(
+                    m.phase(),
+                    VMMigrationPhase::Succeeded | VMMigrationPhase::Failed
+                )
+        }),
+        drain_migration_exists: list.items.iter().any(|m| m.name_any() == drain_name),
+    };
+    if let DrainStep::Migrate {
+        name: migration,
+        from,
+    } = drain_step(&name, &facts)
+    {
+        let body: VMMigration = serde_json::from_value(json!({
+            "apiVersion": vmstream_api::API_VERSION,
+            "kind": "VMMigration",
+            "metadata": { "name": migration, "namespace": ns },
+            "spec": { "vmClone": name, "sourceNode": from },
+        }))
+        .expect("a VMMigration built from valid fields always deserializes");
+        match migrations.create(&Default::default(), &body).await {
+            Ok(_) => {
+                ctx.event(
+                    clone,
+                    false,
+                    "Draining",
+                    format!("node {from} is in maintenance: migrating"),
+                )
+                .await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(source) => {
+                return Err(ReconcileError::Create {
+                    kind: "VMMigration",
+                    owner: name,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,145 @@
+//! End to end: draining a node. Marking a node's VMNode with the
+//! `vmstream.io/maintenance` annotation makes the operator migrate every
+//! Running clone off it; none is stopped, each keeps its state (the request
+//! guest's served counter continues) and answers from its new node.
+
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMNode};
+use vmstream_e2e::{Cluster, ClusterOptions, eventually};
+use vmstream_test_support::{Need, require};
+
+const TEST: &str = "e2e::draining_a_node_moves_its_clones_with_their_state";
+
+fn node_index(cluster: &Cluster, node: &str) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.name == node)
+        .expect("known node")
+}
+
+/// The request guest answers `n·1000003 + served`: returns `served`.
+fn served(cluster: &Cluster, node: usize, id: &str, n: u64) -> u64 {
+    let reply = cluster
+        .ctl(node, &["request", id, &n.to_string()])
+        .unwrap_or_else(|e| panic!("{id} on node {node} did not answer: {e}"));
+    let answer = reply["reply"]["answer"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{reply}"));
+    answer - n * 1_000_003
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_moves_its_clones_with_their_state() {
+    if !require(
+        TEST,
+        &[
+            Need::Kvm,
+            Need::Root,
+            Need::Userfaultfd,
+            Need::NetworkNamespaces,
+        ],
+    ) {
+        return;
+    }
+    if let Some(why) = vmstream_testenv::unavailable() {
+        vmstream_testenv::record_skip(TEST, &why);
+        return;
+    }
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 2,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("start the cluster");
+    let cp = cluster.control_plane();
+    let ns = cp.namespace("drain").await.unwrap();
+    let client = ns.client();
+    let images: Api<LiveImage> = Api::namespaced(client.clone(), ns.name());
+    let clones: Api<VMClone> = Api::namespaced(client.clone(), ns.name());
+    let apply = PatchParams::apply("e2e").force();
+    images
+        .patch(
+            "req",
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
+                "metadata": {"name": "req"},
+                "spec": {"source": {"boot": {"guest": "Request", "vcpus": 1, "memoryMiB": 16}}}
+            })),
+        )
+        .await
+        .unwrap();
+    let image = eventually("LiveImage Ready", 90, || async {
+        let i = images.get("req").await.ok()?;
+        assert_ne!(i.phase(), LiveImagePhase::Failed, "{:?}", i.status);
+        (i.phase() == LiveImagePhase::Ready).then_some(i)
+    })
+    .await;
+    // Two clones on the image's node.
+    let home = image.status.unwrap().node.unwrap();
+    for name in ["c1", "c2"] {
+        clones
+            .patch(
+                name,
+                &apply,
+                &Patch::Apply(json!({
+                    "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
+                    "metadata": {"name": name},
+                    "spec": {"liveImage": "req", "placement": {"nodeName": home}}
+                })),
+            )
+            .await
+            .unwrap();
+    }
+    let a = node_index(&cluster, &home);
+    let mut before = Vec::new();
+    for name in ["c1", "c2"] {
+        eventually(&format!("{name} Running on {home}"), 90, || async {
+            let c = clones.get(name).await.ok()?;
+            (c.phase() == VMClonePhase::Running).then_some(())
+        })
+        .await;
+        let id = format!("vmc.{}.{name}", ns.name());
+        served(&cluster, a, &id, 1);
+        before.push(served(&cluster, a, &id, 2));
+    }
+
+    // Maintenance: the operator migrates both clones away; none stops.
+    let nodes: Api<VMNode> = Api::all(client.clone());
+    nodes
+        .patch(
+            &home,
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"annotations": {vmstream_api::MAINTENANCE_ANNOTATION: "true"}}
+            })),
+        )
+        .await
+        .unwrap();
+    for (name, served_before) in ["c1", "c2"].into_iter().zip(before) {
+        let moved = eventually(&format!("{name} Running on another node"), 120, || async {
+            let c = clones.get(name).await.ok()?;
+            assert!(!c.phase().is_terminal(), "{name} stopped: {:?}", c.status);
+            let node = c.status.as_ref()?.node.clone()?;
+            (node != home && c.phase() == VMClonePhase::Running).then_some(node)
+        })
+        .await;
+        let id = format!("vmc.{}.{name}", ns.name());
+        let b = node_index(&cluster, &moved);
+        let now = eventually(&format!("{name} answers on {moved}"), 30, || async {
+            cluster
+                .ctl(b, &["request", &id, "3"])
+                .ok()
+                .and_then(|r| r["reply"]["answer"].as_u64())
+        })
+        .await;
+        assert_eq!(
+            now - 3 * 1_000_003,
+            served_before + 1,
+            "{name} kept its state"
+        );
+    }
+}
