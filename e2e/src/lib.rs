@@ -349,6 +349,19 @@ impl Cluster {
         }
     }
 
+    /// Stops node `index` entirely: SIGKILLs its daemon and every VM process
+    /// (a machine that died). Its state directory stays, as a dead disk would.
+    pub fn stop_node(&mut self, index: usize) {
+        self.kill_node_daemon(index);
+        for pid in self.nodes[index].vm_pids() {
+            // SAFETY: kill(2) on a pid read from this node's VM records; at worst ESRCH.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        let _ = self.net.set_link(index, false);
+    }
+
     /// SIGKILLs the operator.
     pub fn kill_operator(&mut self) {
         if let Some(mut child) = self.operator.take() {
