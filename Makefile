@@ -9,7 +9,7 @@ export VMSTREAM_HELM ?= $(VMSTREAM_CACHE)/helm-$(HELM_VERSION)/helm
 export HELM_VERSION
 STATE := .vmstream
 
-.PHONY: all deps controlplane build crds crds-check fmt-check lint test e2e bench up down help
+.PHONY: all deps controlplane build crds crds-check fmt-check lint test e2e bench up down load help
 
 all: build
 
@@ -64,3 +64,7 @@ up: deps build
 
 down:
 	@hack/down.sh
+
+## load: drive requests at the demo pool (after `make up`); the autoscaler reacts
+load:
+	@hack/load.sh

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# `make down`: stops what `make up` started (node daemon and its VM processes,
-# operator, control plane) and removes the local state in .vmstream/.
+# `make down`: stops what `make up` started (node daemons and their VM
+# processes, operator, control plane), removes the node network (namespace,
+# veth, bridge) and the local state in .vmstream/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 state="$PWD/.vmstream"
-for name in node operator controlplane; do
+for name in node-2 node-1 node operator controlplane load; do
     if [[ -f "$state/$name.pid" ]]; then
         pid="$(cat "$state/$name.pid")"
         kill "$pid" 2>/dev/null && echo "stopped $name (pid $pid)"
@@ -13,10 +14,12 @@ for name in node operator controlplane; do
         rm -f "$state/$name.pid"
     fi
 done
-# VM processes outlive the daemon by design; stop the ones of this state directory.
-for vm in "$state"/node/vms/*/vm.json; do
+# VM processes outlive their daemon by design; stop the ones of this state directory.
+for vm in "$state"/node*/vms/*/vm.json; do
     [[ -f "$vm" ]] || continue
     pid="$(sed -nE 's/.*"pid": *([0-9]+).*/\1/p' "$vm")"
     [[ -n "$pid" ]] && kill -9 "$pid" 2>/dev/null && echo "stopped VM process $pid"
 done
+ip netns del vmstup-node2 2>/dev/null && echo "removed network namespace vmstup-node2"
+ip link del vmstup0 2>/dev/null && echo "removed bridge vmstup0"
 rm -rf "$state"

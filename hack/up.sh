@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# `make up`: a local vmstream on this machine — a real etcd + kube-apiserver on
-# loopback, the CRDs, the operator, one node daemon (this host, real KVM), and
-# examples/ applied in namespace vmstream-demo. Ends with `kubectl get` of the
-# resources. `make down` stops it all.
+# `make up`: a local vmstream on this machine, telling the whole story:
+#   - a real etcd + kube-apiserver, listening on a Linux bridge (10.214.0.1),
+#   - the CRDs and the operator,
+#   - two node daemons with real KVM: node-1 in the root network namespace and
+#     node-2 in its own network namespace behind a veth on the bridge,
+#   - examples/ applied in namespace vmstream-demo: a LiveImage captured from
+#     the request guest, a ClonePool of 3 clones with a VMAutoscaler, and a
+#     VMMigration that moves one clone to the other node.
+# Ends with `kubectl get` of the resources. `make load` drives requests at the
+# pool (the autoscaler grows it, then shrinks it after); `make down` stops all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -13,6 +19,7 @@ bin_dir="$(hack/controlplane/build.sh)"
 kubectl="$bin_dir/kubectl"
 export KUBECONFIG="$state/controlplane/kubeconfig"
 target="${CARGO_TARGET_DIR:-$root/target}/debug"
+bridge=vmstup0 host_ip=10.214.0.1 netns=vmstup-node2 node2_ip=10.214.0.2
 
 alive() { [[ -f "$state/$1.pid" ]] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null; }
 start() { # name command...
@@ -23,7 +30,22 @@ start() { # name command...
     echo "started $name (pid $!, log $logs/$name.log)"
 }
 
-start controlplane "$target/vmstream-controlplane" --dir "$state/controlplane"
+# The node network: a bridge in the root namespace, node-2 in a namespace.
+if ! ip link show "$bridge" >/dev/null 2>&1; then
+    ip link add "$bridge" type bridge
+    ip addr add "$host_ip/24" dev "$bridge"
+    ip link set "$bridge" up
+fi
+if ! ip netns list | grep -qw "$netns"; then
+    ip netns add "$netns"
+    ip link add vmstup-h2 type veth peer name eth0 netns "$netns"
+    ip link set vmstup-h2 master "$bridge" up
+    ip -n "$netns" addr add "$node2_ip/24" dev eth0
+    ip -n "$netns" link set eth0 up
+    ip -n "$netns" link set lo up
+fi
+
+start controlplane "$target/vmstream-controlplane" --dir "$state/controlplane" --bind "$host_ip"
 for _ in $(seq 1 240); do
     [[ -f "$KUBECONFIG" ]] && "$kubectl" get --raw /readyz >/dev/null 2>&1 && break
     alive controlplane || { echo "control plane exited; see $logs/controlplane.log" >&2; exit 1; }
@@ -37,22 +59,24 @@ for ns in vmstream-system vmstream-demo; do
     "$kubectl" create namespace "$ns" --dry-run=client -o yaml | "$kubectl" apply -f - >/dev/null
 done
 
-node="$(hostname -s 2>/dev/null || echo node-1)"
 start operator "$target/vmstream-operator" --namespace vmstream-system \
     --metrics-addr 127.0.0.1:18080 --lease-duration 15 --heartbeat-timeout 20 \
     --autoscale-interval 5 --overcommit-ratio 1.5
-start node "$target/vmstream-node" --node-name "$node" --namespace vmstream-system \
-    --state-dir "$state/node" --stream-addr 127.0.0.1:17480 \
-    --metrics-addr 127.0.0.1:17481 --heartbeat-interval 2
+start node-1 "$target/vmstream-node" --node-name node-1 --namespace vmstream-system \
+    --state-dir "$state/node-1" --stream-addr "$host_ip:17480" \
+    --metrics-addr 127.0.0.1:17481 --relay-addr 127.0.0.1:17482 --heartbeat-interval 2
+start node-2 ip netns exec "$netns" "$target/vmstream-node" --node-name node-2 \
+    --namespace vmstream-system --state-dir "$state/node-2" --stream-addr "$node2_ip:7480" \
+    --metrics-addr "$node2_ip:7481" --heartbeat-interval 2
 
 "$kubectl" -n vmstream-demo apply --server-side -f examples/ >/dev/null
-echo "applied examples/ in namespace vmstream-demo; waiting for the LiveImage to become Ready..."
-for _ in $(seq 1 120); do
-    phase="$("$kubectl" -n vmstream-demo get liveimages -o jsonpath='{.items[*].status.phase}' 2>/dev/null || true)"
-    [[ "$phase" == *Ready* || "$phase" == *Failed* ]] && break
+echo "applied examples/ in namespace vmstream-demo; waiting for the LiveImage, the clones and the migration..."
+for _ in $(seq 1 240); do
+    phase="$("$kubectl" -n vmstream-demo get vmmigrations -o jsonpath='{.items[*].status.phase}' 2>/dev/null || true)"
+    [[ "$phase" == *Succeeded* || "$phase" == *Failed* ]] && break
     sleep 0.5
 done
-sleep 2
+sleep 1
 echo
 echo "export KUBECONFIG=$KUBECONFIG"
 echo

@@ -14,12 +14,16 @@ struct Args {
     /// State directory (etcd data, certs, logs, kubeconfig).
     #[arg(long, default_value = ".vmstream/controlplane")]
     dir: PathBuf,
+    /// Address kube-apiserver listens on (e.g. a bridge address that node
+    /// daemons in network namespaces can reach).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: std::net::Ipv4Addr,
 }
 
 fn main() {
     let args = Args::parse();
     let dir = std::path::absolute(&args.dir).unwrap_or(args.dir);
-    let cp = match ControlPlane::start_in(Some(&dir)) {
+    let cp = match ControlPlane::start_with(Some(&dir), args.bind) {
         Ok(cp) => cp,
         Err(e) => {
             eprintln!("vmstream-controlplane: {e}");
