@@ -20,6 +20,11 @@ for vm in "$state"/node*/vms/*/vm.json; do
     pid="$(sed -nE 's/.*"pid": *([0-9]+).*/\1/p' "$vm")"
     [[ -n "$pid" ]] && kill -9 "$pid" 2>/dev/null && echo "stopped VM process $pid"
 done
+# Their (now empty) cgroups.
+sleep 0.2
+for cg in /sys/fs/cgroup/unified/vmstream/vm-*.vmstream-demo.* /sys/fs/cgroup/vmstream/vm-*.vmstream-demo.*; do
+    [[ -d "$cg" ]] && rmdir "$cg" 2>/dev/null
+done
 ip netns del vmstup-node2 2>/dev/null && echo "removed network namespace vmstup-node2"
 ip link del vmstup0 2>/dev/null && echo "removed bridge vmstup0"
 rm -rf "$state"
