@@ -32,4 +32,18 @@ run streambench "$target/vmstream-streambench"
 run migratebench "$target/vmstream-migratebench"
 run sharebench "$target/vmstream-sharebench"
 
+# scale_3_to_30_s is measured by the end-to-end suite (operator + three node
+# daemons in network namespaces + real VMs), built in release like the rest.
+if [[ -z "$only" || " $only " == *" e2e "* ]]; then
+    cmd=(cargo test --release -p vmstream-e2e --test cluster_e2e)
+    echo "bench: e2e: ${cmd[*]}" >&2
+    if VMSTREAM_E2E_FIGURES="$out/e2e.json" "${cmd[@]}" > "$out/e2e.log" 2>&1; then
+        echo "${cmd[*]}" > "$out/e2e.cmd"
+    else
+        echo "bench: e2e failed; last lines of its log:" >&2
+        tail -20 "$out/e2e.log" >&2
+        rm -f "$out/e2e.json"
+    fi
+fi
+
 python3 hack/bench_report.py "$out" docs/bench/results.json docs/BENCHMARKS.md

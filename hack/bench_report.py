@@ -53,12 +53,14 @@ def machine():
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    kvm = "unknown"
-    try:
-        mods = open("/proc/modules").read()
-        kvm = "PVM (kvm_pvm)" if "kvm_pvm" in mods else ("kvm_intel/kvm_amd" if "kvm_" in mods else "none")
-    except OSError:
-        pass
+    if os.path.exists("/sys/module/kvm_pvm"):
+        kvm = "PVM (kvm_pvm, shadow paging, guest code emulated)"
+    elif os.path.exists("/sys/module/kvm_intel") or os.path.exists("/sys/module/kvm_amd"):
+        kvm = "hardware (kvm_intel/kvm_amd)"
+    elif os.path.exists("/dev/kvm"):
+        kvm = "present (module not identified)"
+    else:
+        kvm = "none"
     return f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB, Linux {platform.release()}, KVM: {kvm}"
 
 
@@ -82,7 +84,11 @@ def main():
             if isinstance(value, (dict, list)):
                 continue
             results[key] = value
-            origin[key] = f"{os.path.basename(cmd.split()[0])} ({now})"
+            words = cmd.split()
+            tool = os.path.basename(words[0]) if words else bench
+            if tool == "cargo":
+                tool = " ".join(words[:6])
+            origin[key] = f"`{tool}` ({now})"
     results["machine"] = machine()
     results["date"] = now
     ordered = dict(sorted(results.items()))

@@ -159,16 +159,30 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     all_answer(&cluster, ns.name(), &running);
     assert_eq!(vm_process_count(&cluster), 6);
 
-    // Scale up and back down: VM processes follow.
-    set_replicas(10).await;
-    let running = eventually("10 clones Running", 90, || async {
-        let r = running_clones(&clones).await;
-        (r.len() == 10).then_some(r)
-    })
-    .await;
-    all_answer(&cluster, ns.name(), &running);
+    // Scale 3 → 30 (timed: `scale_3_to_30_s`) and back to 3: VM processes follow.
     set_replicas(3).await;
     eventually("3 clones left and 3 VM processes", 60, || async {
+        let all = clones.list(&ListParams::default()).await.ok()?.items;
+        (all.len() == 3 && vm_process_count(&cluster) == 3).then_some(())
+    })
+    .await;
+    let scale_started = std::time::Instant::now();
+    set_replicas(30).await;
+    let running = eventually("30 clones Running", 180, || async {
+        let r = running_clones(&clones).await;
+        (r.len() == 30).then_some(r)
+    })
+    .await;
+    let scale_3_to_30_s = scale_started.elapsed().as_secs_f64();
+    eprintln!("scale 3 -> 30: {scale_3_to_30_s:.2} s");
+    if let Some(path) = std::env::var_os("VMSTREAM_E2E_FIGURES") {
+        let figures = json!({ "scale_3_to_30_s": (scale_3_to_30_s * 1000.0).round() / 1000.0 });
+        std::fs::write(path, figures.to_string()).expect("write e2e figures");
+    }
+    all_answer(&cluster, ns.name(), &running);
+    assert_eq!(vm_process_count(&cluster), 30);
+    set_replicas(3).await;
+    eventually("3 clones left and 3 VM processes", 90, || async {
         let all = clones.list(&ListParams::default()).await.ok()?.items;
         (all.len() == 3 && vm_process_count(&cluster) == 3).then_some(())
     })
@@ -237,6 +251,21 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     })
     .await;
     let netns: Vec<String> = cluster.nodes.iter().map(|n| n.netns.clone()).collect();
+    let vm_cgroups = |ns: &str| -> Vec<String> {
+        ["/sys/fs/cgroup/unified/vmstream", "/sys/fs/cgroup/vmstream"]
+            .iter()
+            .filter_map(|root| std::fs::read_dir(root).ok())
+            .flat_map(|d| d.flatten())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(&format!(".{ns}.")))
+            .collect()
+    };
+    let ns_name = ns.name().to_string();
+    assert!(
+        vm_cgroups(&ns_name).is_empty(),
+        "cgroups left: {:?}",
+        vm_cgroups(&ns_name)
+    );
     drop(ns);
     drop(cluster);
     let out = std::process::Command::new("ip")

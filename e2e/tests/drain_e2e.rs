@@ -80,7 +80,7 @@ async fn draining_a_node_moves_its_clones_with_their_state() {
     .await;
     // Two clones on the image's node.
     let home = image.status.unwrap().node.unwrap();
-    for name in ["c1", "c2"] {
+    for name in ["c1", "c2", "c3", "c4", "c5"] {
         clones
             .patch(
                 name,
@@ -96,7 +96,7 @@ async fn draining_a_node_moves_its_clones_with_their_state() {
     }
     let a = node_index(&cluster, &home);
     let mut before = Vec::new();
-    for name in ["c1", "c2"] {
+    for name in ["c1", "c2", "c3", "c4", "c5"] {
         eventually(&format!("{name} Running on {home}"), 90, || async {
             let c = clones.get(name).await.ok()?;
             (c.phase() == VMClonePhase::Running).then_some(())
@@ -119,7 +119,7 @@ async fn draining_a_node_moves_its_clones_with_their_state() {
         )
         .await
         .unwrap();
-    for (name, served_before) in ["c1", "c2"].into_iter().zip(before) {
+    for (name, served_before) in ["c1", "c2", "c3", "c4", "c5"].into_iter().zip(before) {
         let moved = eventually(&format!("{name} Running on another node"), 120, || async {
             let c = clones.get(name).await.ok()?;
             assert!(!c.phase().is_terminal(), "{name} stopped: {:?}", c.status);
