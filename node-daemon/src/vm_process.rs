@@ -226,12 +226,29 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A 1-vCPU VM process runs on one CPU: its vCPU thread and its
+/// userfaultfd fault handler (started after this, so they inherit the
+/// affinity) then share that CPU. On these hosts a fault served across CPUs
+/// costs ~75 µs against ~18 µs on the same CPU. VM processes are spread over
+/// the CPUs by process id. Multi-vCPU VMs are left to the scheduler.
+fn pin_single_vcpu_process(config: &VmProcessConfig) {
+    if config.vcpus != 1 {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = std::process::id() as usize % cpus;
+    if let Err(e) = vmstream_vmm::memory::pin_thread(0, cpu) {
+        tracing::warn!(cpu, error = %e, "VM process not pinned to a CPU");
+    }
+}
+
 /// Runs the VM process until a stop request (then exits the process).
 pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
     validate_id(&config.id)?;
     let paths = VmPaths::new(&config.state_dir, &config.id);
     std::fs::create_dir_all(&paths.dir).map_err(|e| VmProcessError::Dir(paths.dir.clone(), e))?;
     let cgroup = join_cgroup(&config);
+    pin_single_vcpu_process(&config);
     let host = KvmHost::open()?;
     let machine_config = MachineConfig {
         vcpus: config.vcpus,

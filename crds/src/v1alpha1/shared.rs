@@ -104,14 +104,16 @@ impl Placement {
 }
 
 string_enum! {
-    /// How a clone's memory is backed: `Lazy` streams pages on first touch
-    /// through userfaultfd (from the node cache or a remote node);
-    /// `CopyOnWrite` maps a complete local copy of the image privately, sharing
-    /// pages through the page cache.
+    /// How a clone's memory is backed: `CopyOnWrite` (the default) maps a
+    /// complete local copy of the image privately, so clones on a node share
+    /// the image's pages through the page cache until they write them (on a
+    /// node that does not hold the image yet, the clone streams lazily until
+    /// the node has cached it); `Lazy` streams pages on first touch through
+    /// userfaultfd into the clone's own memory (no sharing unless KSM merges).
     #[derive(Default)]
     MemoryBackend {
-        #[default]
         Lazy,
+        #[default]
         CopyOnWrite,
     }
 }
@@ -184,7 +186,7 @@ mod tests {
             let json = serde_json::to_string(phase).unwrap();
             assert_eq!(json, format!("\"{phase}\""));
         }
-        assert_eq!(MemoryBackend::default(), MemoryBackend::Lazy);
+        assert_eq!(MemoryBackend::default(), MemoryBackend::CopyOnWrite);
         let err = "Sleeping".parse::<LiveImagePhase>().unwrap_err();
         assert_eq!(err.to_string(), "\"Sleeping\" is not a LiveImagePhase");
     }

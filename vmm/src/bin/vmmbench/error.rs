@@ -14,6 +14,8 @@ use vmstream_vmm::vstate::vm::KvmHostError;
 pub enum BenchError {
     #[error("bad arguments: {0}")]
     Usage(String),
+    #[error("cannot set the CPU affinity of the benchmark thread: {0}")]
+    Pin(#[source] std::io::Error),
     #[error("/dev/kvm is missing or not accessible read-write (needs root or the kvm group)")]
     KvmMissing,
     #[error("KVM is not usable on this host")]
