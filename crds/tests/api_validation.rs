@@ -539,7 +539,7 @@ async fn server_defaults_match_the_rust_defaults() {
         .get("minimal")
         .await
         .unwrap();
-    assert_eq!(clone.spec.memory_backend, MemoryBackend::Lazy);
+    assert_eq!(clone.spec.memory_backend, MemoryBackend::CopyOnWrite);
     let migration = Api::<VMMigration>::namespaced(client.clone(), ns.name())
         .get("minimal")
         .await

@@ -357,12 +357,19 @@ impl NodeActions {
             .remove(key);
     }
 
-    /// Runs the sync loop every `interval`, and refreshes the node report.
+    /// Runs the sync loop every `interval` and whenever a placed object
+    /// changes, and refreshes the node report.
     pub async fn run(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let changed = Arc::clone(&self.placed.changed);
         loop {
-            ticker.tick().await;
+            // Level-triggered: every interval, and at once when a placed
+            // object changes (a burst of changes coalesces into one sync).
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = changed.notified() => {}
+            }
             let this = Arc::clone(&self);
             let vms = match tokio::task::spawn_blocking(move || {
                 this.supervisor.forget_dead();

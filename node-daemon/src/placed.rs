@@ -3,10 +3,13 @@
 //! VMMigrations of VMs leaving it (`vmstream.io/source-node=<node>`). The
 //! daemon never lists or watches objects of other nodes.
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
 use vmstream_api::v1alpha1::{LiveImage, VMClone, VMMigration};
 
 /// The label selector selecting the objects placed on `node`.
@@ -20,15 +23,32 @@ pub struct PlacedObjects {
     pub images: Store<LiveImage>,
     pub clones: Store<VMClone>,
     pub migrations: Store<VMMigration>,
+    /// Notified on every watch event, so the node acts at once instead of
+    /// at its next periodic sync.
+    pub changed: Arc<Notify>,
 }
 
 /// Starts the three label-filtered watches; they run until the runtime stops.
 pub fn watch(client: &kube::Client, node: &str) -> PlacedObjects {
     let config = watcher::Config::default().labels(&node_selector(node));
+    let changed = Arc::new(Notify::new());
     PlacedObjects {
-        images: spawn_reflector(Api::<LiveImage>::all(client.clone()), config.clone()),
-        clones: spawn_reflector(Api::<VMClone>::all(client.clone()), config.clone()),
-        migrations: spawn_reflector(Api::<VMMigration>::all(client.clone()), config),
+        images: spawn_reflector(
+            Api::<LiveImage>::all(client.clone()),
+            config.clone(),
+            changed.clone(),
+        ),
+        clones: spawn_reflector(
+            Api::<VMClone>::all(client.clone()),
+            config.clone(),
+            changed.clone(),
+        ),
+        migrations: spawn_reflector(
+            Api::<VMMigration>::all(client.clone()),
+            config,
+            changed.clone(),
+        ),
+        changed,
     }
 }
 
@@ -40,10 +60,15 @@ pub fn source_selector(node: &str) -> String {
 /// Watches the VMMigrations whose VM leaves this node.
 pub fn watch_source_migrations(client: &kube::Client, node: &str) -> Store<VMMigration> {
     let config = watcher::Config::default().labels(&source_selector(node));
-    spawn_reflector(Api::<VMMigration>::all(client.clone()), config)
+    // Migrations are acted on by their own periodic loop.
+    spawn_reflector(
+        Api::<VMMigration>::all(client.clone()),
+        config,
+        Arc::new(Notify::new()),
+    )
 }
 
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -62,7 +87,8 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(obj) => {
-                    tracing::debug!(kind = %K::kind(&()), name = ?obj.meta().name, "placed object changed")
+                    tracing::debug!(kind = %K::kind(&()), name = ?obj.meta().name, "placed object changed");
+                    changed.notify_one();
                 }
                 Err(e) => tracing::warn!(kind = %K::kind(&()), error = %e, "watch error"),
             }
