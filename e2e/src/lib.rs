@@ -421,6 +421,23 @@ impl Cluster {
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
+    /// Index of the node named `node` in [`Cluster::nodes`].
+    pub fn node_index(&self, node: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.name == node)
+            .unwrap_or_else(|| panic!("unknown node {node}"))
+    }
+
+    /// Sends request `n` to the request-guest VM `vm_id` on node `index`
+    /// (through its supervisor) and returns the guest's answer.
+    pub fn request(&self, index: usize, vm_id: &str, n: u64) -> Result<u64, String> {
+        let reply = self.ctl(index, &["request", vm_id, &n.to_string()])?;
+        reply["reply"]["answer"]
+            .as_u64()
+            .ok_or_else(|| format!("no answer in {reply}"))
+    }
+
     /// Where the logs of the operator and daemons are.
     pub fn log_dir(&self) -> PathBuf {
         self.dir.path().join("logs")
@@ -515,4 +532,48 @@ where
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The VM id the node daemon gives the VMClone `name` in namespace `ns`.
+pub fn clone_vm_id(ns: &str, name: &str) -> String {
+    format!("vmc.{ns}.{name}")
+}
+
+/// The request guest answers `n·1000003 + served`: the number of requests it
+/// has served, including this one.
+pub fn served(n: u64, answer: u64) -> u64 {
+    answer.wrapping_sub(n.wrapping_mul(1_000_003))
+}
+
+/// Applies a LiveImage `name` booted from the request guest (1 vCPU,
+/// `memory_mib` MiB) and waits until it is Ready.
+pub async fn ready_request_image(
+    images: &kube::Api<vmstream_api::v1alpha1::LiveImage>,
+    name: &str,
+    memory_mib: u32,
+) -> vmstream_api::v1alpha1::LiveImage {
+    use vmstream_api::v1alpha1::LiveImagePhase;
+    images
+        .patch(
+            name,
+            &kube::api::PatchParams::apply("e2e").force(),
+            &kube::api::Patch::Apply(serde_json::json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
+                "metadata": {"name": name},
+                "spec": {"source": {"boot": {"guest": "Request", "vcpus": 1, "memoryMiB": memory_mib}}}
+            })),
+        )
+        .await
+        .expect("apply the LiveImage");
+    eventually("LiveImage Ready", 90, || async {
+        let i = images.get(name).await.ok()?;
+        assert_ne!(
+            i.phase(),
+            LiveImagePhase::Failed,
+            "image failed: {:?}",
+            i.status
+        );
+        (i.phase() == LiveImagePhase::Ready).then_some(i)
+    })
+    .await
 }

@@ -12,7 +12,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{ClonePool, LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMNode};
-use vmstream_e2e::{Cluster, ClusterOptions, eventually};
+use vmstream_e2e::{Cluster, ClusterOptions, clone_vm_id, eventually};
 use vmstream_test_support::{Need, require};
 
 const TEST: &str = "e2e::custom_resources_drive_real_vms_across_nodes";
@@ -27,14 +27,6 @@ async fn running_clones(api: &Api<VMClone>) -> Vec<VMClone> {
         .collect()
 }
 
-fn node_index(cluster: &Cluster, node: &str) -> usize {
-    cluster
-        .nodes
-        .iter()
-        .position(|n| n.name == node)
-        .expect("known node")
-}
-
 /// Every running clone answers a request through its node's supervisor.
 fn all_answer(cluster: &Cluster, ns: &str, clones: &[VMClone]) {
     for c in clones {
@@ -43,14 +35,10 @@ fn all_answer(cluster: &Cluster, ns: &str, clones: &[VMClone]) {
             .as_ref()
             .and_then(|s| s.node.clone())
             .expect("clone has a node");
-        let id = format!("vmc.{ns}.{}", c.name_any());
-        let reply = cluster
-            .ctl(node_index(cluster, &node), &["request", &id, "7"])
-            .unwrap_or_else(|e| panic!("clone {id} on {node} did not answer: {e}"));
-        assert!(
-            reply["reply"]["answer"].is_u64(),
-            "answer from {id}: {reply}"
-        );
+        let id = clone_vm_id(ns, &c.name_any());
+        if let Err(e) = cluster.request(cluster.node_index(&node), &id, 7) {
+            panic!("clone {id} on {node} did not answer: {e}");
+        }
     }
 }
 
@@ -191,10 +179,7 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     // SIGKILL the node daemon that runs clones: the VMs keep running and the
     // restarted daemon re-adopts them.
     let running = running_clones(&clones).await;
-    let busy = node_index(
-        &cluster,
-        running[0].status.as_ref().unwrap().node.as_deref().unwrap(),
-    );
+    let busy = cluster.node_index(running[0].status.as_ref().unwrap().node.as_deref().unwrap());
     let pids_before = cluster.nodes[busy].vm_pids();
     assert!(!pids_before.is_empty());
     cluster.kill_node_daemon(busy);

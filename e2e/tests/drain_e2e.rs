@@ -6,29 +6,18 @@
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
-use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMNode};
-use vmstream_e2e::{Cluster, ClusterOptions, eventually};
+use vmstream_api::v1alpha1::{LiveImage, VMClone, VMClonePhase, VMNode};
+use vmstream_e2e::{Cluster, ClusterOptions, clone_vm_id, eventually, ready_request_image, served};
 use vmstream_test_support::{Need, require};
 
 const TEST: &str = "e2e::draining_a_node_moves_its_clones_with_their_state";
 
-fn node_index(cluster: &Cluster, node: &str) -> usize {
-    cluster
-        .nodes
-        .iter()
-        .position(|n| n.name == node)
-        .expect("known node")
-}
-
-/// The request guest answers `n·1000003 + served`: returns `served`.
-fn served(cluster: &Cluster, node: usize, id: &str, n: u64) -> u64 {
-    let reply = cluster
-        .ctl(node, &["request", id, &n.to_string()])
+/// Served-request count of `id` on node `node` after request `n`.
+fn served_by(cluster: &Cluster, node: usize, id: &str, n: u64) -> u64 {
+    let answer = cluster
+        .request(node, id, n)
         .unwrap_or_else(|e| panic!("{id} on node {node} did not answer: {e}"));
-    let answer = reply["reply"]["answer"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{reply}"));
-    answer - n * 1_000_003
+    served(n, answer)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,24 +49,7 @@ async fn draining_a_node_moves_its_clones_with_their_state() {
     let images: Api<LiveImage> = Api::namespaced(client.clone(), ns.name());
     let clones: Api<VMClone> = Api::namespaced(client.clone(), ns.name());
     let apply = PatchParams::apply("e2e").force();
-    images
-        .patch(
-            "req",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
-                "metadata": {"name": "req"},
-                "spec": {"source": {"boot": {"guest": "Request", "vcpus": 1, "memoryMiB": 16}}}
-            })),
-        )
-        .await
-        .unwrap();
-    let image = eventually("LiveImage Ready", 90, || async {
-        let i = images.get("req").await.ok()?;
-        assert_ne!(i.phase(), LiveImagePhase::Failed, "{:?}", i.status);
-        (i.phase() == LiveImagePhase::Ready).then_some(i)
-    })
-    .await;
+    let image = ready_request_image(&images, "req", 16).await;
     // Two clones on the image's node.
     let home = image.status.unwrap().node.unwrap();
     for name in ["c1", "c2", "c3", "c4", "c5"] {
@@ -94,7 +66,7 @@ async fn draining_a_node_moves_its_clones_with_their_state() {
             .await
             .unwrap();
     }
-    let a = node_index(&cluster, &home);
+    let a = cluster.node_index(&home);
     let mut before = Vec::new();
     for name in ["c1", "c2", "c3", "c4", "c5"] {
         eventually(&format!("{name} Running on {home}"), 90, || async {
@@ -102,12 +74,12 @@ async fn draining_a_node_moves_its_clones_with_their_state() {
             (c.phase() == VMClonePhase::Running).then_some(())
         })
         .await;
-        let id = format!("vmc.{}.{name}", ns.name());
-        served(&cluster, a, &id, 1);
-        before.push(served(&cluster, a, &id, 2));
+        let id = clone_vm_id(ns.name(), name);
+        served_by(&cluster, a, &id, 1);
+        before.push(served_by(&cluster, a, &id, 2));
     }
 
-    // Maintenance: the operator migrates both clones away; none stops.
+    // Maintenance: the operator migrates every clone away; none stops.
     let nodes: Api<VMNode> = Api::all(client.clone());
     nodes
         .patch(
@@ -127,19 +99,12 @@ async fn draining_a_node_moves_its_clones_with_their_state() {
             (node != home && c.phase() == VMClonePhase::Running).then_some(node)
         })
         .await;
-        let id = format!("vmc.{}.{name}", ns.name());
-        let b = node_index(&cluster, &moved);
+        let id = clone_vm_id(ns.name(), name);
+        let b = cluster.node_index(&moved);
         let now = eventually(&format!("{name} answers on {moved}"), 30, || async {
-            cluster
-                .ctl(b, &["request", &id, "3"])
-                .ok()
-                .and_then(|r| r["reply"]["answer"].as_u64())
+            cluster.request(b, &id, 3).ok()
         })
         .await;
-        assert_eq!(
-            now - 3 * 1_000_003,
-            served_before + 1,
-            "{name} kept its state"
-        );
+        assert_eq!(served(3, now), served_before + 1, "{name} kept its state");
     }
 }

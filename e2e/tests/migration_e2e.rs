@@ -8,31 +8,18 @@
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
-use vmstream_api::v1alpha1::{
-    LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMMigration, VMMigrationPhase,
-};
-use vmstream_e2e::{Cluster, ClusterOptions, eventually};
+use vmstream_api::v1alpha1::{LiveImage, VMClone, VMClonePhase, VMMigration, VMMigrationPhase};
+use vmstream_e2e::{Cluster, ClusterOptions, clone_vm_id, eventually, ready_request_image, served};
 use vmstream_test_support::{Need, require};
 
 const TEST: &str = "e2e::vmmigration_moves_a_running_clone_between_nodes";
 
-fn node_index(cluster: &Cluster, node: &str) -> usize {
-    cluster
-        .nodes
-        .iter()
-        .position(|n| n.name == node)
-        .expect("known node")
-}
-
-/// The request guest answers `n·1000003 + served`: the served counter.
-fn served(cluster: &Cluster, node: usize, id: &str, n: u64) -> u64 {
-    let reply = cluster
-        .ctl(node, &["request", id, &n.to_string()])
+/// Served-request count of `id` on node `node` after request `n`.
+fn served_by(cluster: &Cluster, node: usize, id: &str, n: u64) -> u64 {
+    let answer = cluster
+        .request(node, id, n)
         .unwrap_or_else(|e| panic!("{id} on node {node} did not answer: {e}"));
-    let answer = reply["reply"]["answer"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("answer from {id}: {reply}"));
-    answer - n * 1_000_003
+    served(n, answer)
 }
 
 fn vm_ids(cluster: &Cluster, node: usize) -> Vec<String> {
@@ -77,24 +64,7 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     let migrations: Api<VMMigration> = Api::namespaced(client.clone(), ns.name());
     let apply = PatchParams::apply("e2e").force();
 
-    images
-        .patch(
-            "req",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
-                "metadata": {"name": "req"},
-                "spec": {"source": {"boot": {"guest": "Request", "vcpus": 1, "memoryMiB": 16}}}
-            })),
-        )
-        .await
-        .unwrap();
-    eventually("LiveImage Ready", 90, || async {
-        let i = images.get("req").await.ok()?;
-        assert_ne!(i.phase(), LiveImagePhase::Failed, "{:?}", i.status);
-        (i.phase() == LiveImagePhase::Ready).then_some(())
-    })
-    .await;
+    ready_request_image(&images, "req", 16).await;
     clones
         .patch(
             "c",
@@ -113,12 +83,12 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     })
     .await;
     let source = clone.status.unwrap().node.unwrap();
-    let a = node_index(&cluster, &source);
-    let id = format!("vmc.{}.c", ns.name());
+    let a = cluster.node_index(&source);
+    let id = clone_vm_id(ns.name(), "c");
     // A few requests on A: the served counter grows by one each.
-    let first = served(&cluster, a, &id, 1);
+    let first = served_by(&cluster, a, &id, 1);
     for k in 2..=4 {
-        assert_eq!(served(&cluster, a, &id, k), first + k - 1);
+        assert_eq!(served_by(&cluster, a, &id, k), first + k - 1);
     }
     let before = first + 3;
 
@@ -159,7 +129,7 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     assert!(status.bytes_sent.is_some_and(|b| b > 0), "{status:?}");
     assert!(status.pages_sent.is_some());
     assert!(status.completion_time.is_some());
-    let b = node_index(&cluster, &target);
+    let b = cluster.node_index(&target);
 
     // The clone is handed to B and stays Running there.
     eventually("clone labelled and Running on the target", 60, || async {
@@ -170,8 +140,8 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     })
     .await;
     // The guest's state came along: the served counter continues.
-    assert_eq!(served(&cluster, b, &id, 5), before + 1);
-    assert_eq!(served(&cluster, b, &id, 6), before + 2);
+    assert_eq!(served_by(&cluster, b, &id, 5), before + 1);
+    assert_eq!(served_by(&cluster, b, &id, 6), before + 2);
     // Its process on A is gone; B runs exactly this VM.
     eventually("no VM process for the clone on the source", 60, || async {
         (!vm_ids(&cluster, a).contains(&id)).then_some(())
@@ -182,5 +152,5 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let c = clones.get("c").await.unwrap();
     assert_eq!(c.phase(), VMClonePhase::Running, "{:?}", c.status);
-    assert_eq!(served(&cluster, b, &id, 7), before + 3);
+    assert_eq!(served_by(&cluster, b, &id, 7), before + 3);
 }

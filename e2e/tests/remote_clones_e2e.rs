@@ -10,25 +10,14 @@ use std::collections::BTreeMap;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, ResourceExt};
 use serde_json::json;
-use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMNode};
-use vmstream_e2e::{Cluster, ClusterOptions, eventually};
+use vmstream_api::v1alpha1::{LiveImage, VMClone, VMClonePhase, VMNode};
+use vmstream_e2e::{Cluster, ClusterOptions, clone_vm_id, eventually, ready_request_image};
 use vmstream_test_support::{Need, require};
 
 const TEST: &str = "e2e::clones_stream_from_other_nodes_and_survive_a_dead_home_node";
 
-fn node_index(cluster: &Cluster, node: &str) -> usize {
-    cluster
-        .nodes
-        .iter()
-        .position(|n| n.name == node)
-        .expect("known node")
-}
-
 fn answers(cluster: &Cluster, node: usize, id: &str) -> bool {
-    cluster
-        .ctl(node, &["request", id, "11"])
-        .ok()
-        .is_some_and(|r| r["reply"]["answer"].is_u64())
+    cluster.request(node, id, 11).is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,24 +48,7 @@ async fn clones_stream_from_other_nodes_and_survive_a_dead_home_node() {
     let clones: Api<VMClone> = Api::namespaced(client.clone(), &nsname);
     let vmnodes: Api<VMNode> = Api::all(client.clone());
     let apply = PatchParams::apply("e2e").force();
-    images
-        .patch(
-            "req",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
-                "metadata": {"name": "req"},
-                "spec": {"source": {"boot": {"guest": "Request", "vcpus": 1, "memoryMiB": 16}}}
-            })),
-        )
-        .await
-        .unwrap();
-    let image = eventually("LiveImage Ready", 90, || async {
-        let i = images.get("req").await.ok()?;
-        assert_ne!(i.phase(), LiveImagePhase::Failed, "{:?}", i.status);
-        (i.phase() == LiveImagePhase::Ready).then_some(i)
-    })
-    .await;
+    let image = ready_request_image(&images, "req", 16).await;
     let home = image.status.unwrap().node.unwrap();
     let far = cluster
         .nodes
@@ -104,9 +76,9 @@ async fn clones_stream_from_other_nodes_and_survive_a_dead_home_node() {
         (c.phase() == VMClonePhase::Running).then_some(())
     })
     .await;
-    let f = node_index(&cluster, &far);
+    let f = cluster.node_index(&far);
     assert!(
-        answers(&cluster, f, &format!("vmc.{nsname}.far")),
+        answers(&cluster, f, &clone_vm_id(&nsname, "far")),
         "far clone answers"
     );
     // Background prefetch completes: the far node now holds the image too.
@@ -148,7 +120,7 @@ async fn clones_stream_from_other_nodes_and_survive_a_dead_home_node() {
         (r.len() == 4).then_some(())
     })
     .await;
-    let h = node_index(&cluster, &home);
+    let h = cluster.node_index(&home);
     cluster.stop_node(h);
     let survivors = eventually("4 pool clones Running off the dead node", 120, || async {
         let r = pool_running().await?;
@@ -156,9 +128,9 @@ async fn clones_stream_from_other_nodes_and_survive_a_dead_home_node() {
     })
     .await;
     for (name, node) in &survivors {
-        let i = node_index(&cluster, node);
+        let i = cluster.node_index(node);
         assert!(
-            answers(&cluster, i, &format!("vmc.{nsname}.{name}")),
+            answers(&cluster, i, &clone_vm_id(&nsname, name)),
             "{name} on {node} answers"
         );
     }
