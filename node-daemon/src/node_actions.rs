@@ -507,76 +507,63 @@ impl NodeActions {
         &self,
         image: &LiveImage,
         phase: LiveImagePhase,
-        mut status: serde_json::Value,
+        status: serde_json::Value,
     ) -> Result<(), ActionError> {
-        let ns = image.namespace().unwrap_or_default();
-        let api: Api<LiveImage> = Api::namespaced(self.client.clone(), &ns);
-        let mut conditions: Vec<Condition> = image
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        let message = status["message"].as_str().unwrap_or("").to_string();
-        set_condition(
-            &mut conditions,
-            condition(
-                "Ready",
-                phase == LiveImagePhase::Ready,
-                phase.as_str(),
-                &message,
-                image.meta().generation,
-            ),
-        );
-        status["phase"] = json!(phase);
-        status["node"] = json!(self.node);
-        status["conditions"] = json!(conditions);
-        api.patch_status(
-            &image.name_any(),
-            &PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..PatchParams::default()
-            },
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-        .map_err(|source| ActionError::Status {
-            kind: "LiveImage",
-            namespace: ns,
-            name: image.name_any(),
-            source: Box::new(source),
-        })?;
-        Ok(())
+        let conditions = image.status.as_ref().map(|s| s.conditions.clone());
+        let ready = ("Ready", phase == LiveImagePhase::Ready, phase.as_str());
+        self.patch_phase("LiveImage", image, conditions, ready, json!(phase), status)
+            .await
     }
 
     async fn patch_clone(
         &self,
         clone: &VMClone,
         phase: VMClonePhase,
-        mut status: serde_json::Value,
+        status: serde_json::Value,
     ) -> Result<(), ActionError> {
-        let ns = clone.namespace().unwrap_or_default();
-        let api: Api<VMClone> = Api::namespaced(self.client.clone(), &ns);
-        let mut conditions: Vec<Condition> = clone
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
+        let conditions = clone.status.as_ref().map(|s| s.conditions.clone());
+        let running = ("Running", phase == VMClonePhase::Running, phase.as_str());
+        self.patch_phase("VMClone", clone, conditions, running, json!(phase), status)
+            .await
+    }
+
+    /// Merge-patches `obj`'s status with `status` plus the phase, this node,
+    /// and the condition `(type, true?, reason)` (its message is the status's
+    /// `message`), keeping the other conditions.
+    async fn patch_phase<K>(
+        &self,
+        kind: &'static str,
+        obj: &K,
+        conditions: Option<Vec<Condition>>,
+        (condition_type, is_true, reason): (&str, bool, &str),
+        phase: serde_json::Value,
+        mut status: serde_json::Value,
+    ) -> Result<(), ActionError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let ns = obj.namespace().unwrap_or_default();
+        let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+        let mut conditions = conditions.unwrap_or_default();
         let message = status["message"].as_str().unwrap_or("").to_string();
         set_condition(
             &mut conditions,
             condition(
-                "Running",
-                phase == VMClonePhase::Running,
-                phase.as_str(),
+                condition_type,
+                is_true,
+                reason,
                 &message,
-                clone.meta().generation,
+                obj.meta().generation,
             ),
         );
-        status["phase"] = json!(phase);
+        status["phase"] = phase;
         status["node"] = json!(self.node);
         status["conditions"] = json!(conditions);
         api.patch_status(
-            &clone.name_any(),
+            &obj.name_any(),
             &PatchParams {
                 field_manager: Some(FIELD_MANAGER.into()),
                 ..PatchParams::default()
@@ -585,9 +572,9 @@ impl NodeActions {
         )
         .await
         .map_err(|source| ActionError::Status {
-            kind: "VMClone",
+            kind,
             namespace: ns,
-            name: clone.name_any(),
+            name: obj.name_any(),
             source: Box::new(source),
         })?;
         Ok(())
