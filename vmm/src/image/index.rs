@@ -8,7 +8,8 @@
 use std::path::Path;
 
 use super::bitmap::Bitmap;
-use super::error::{ImageOpenError, describe_magic};
+use super::error::ImageOpenError;
+use super::preamble::{Preamble, u32_at, u64_at};
 use super::version::{FORMAT_VERSION, FormatVersion};
 use crate::memory::PAGE_SIZE;
 
@@ -63,16 +64,6 @@ pub(crate) struct PageIndex {
     pub present_count: u64,
 }
 
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes(b[off..off + 2].try_into().expect("2 bytes"))
-}
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-
 /// Validates and decodes the bytes of a page index.
 pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<PageIndex, ImageOpenError> {
     let p = || path.to_path_buf();
@@ -81,41 +72,13 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<PageIndex, ImageOpenEr
         reason,
     };
     let file_len = bytes.len() as u64;
-    if bytes.len() < INDEX_HEADER_LEN {
-        return Err(ImageOpenError::Truncated {
-            path: p(),
-            offset: 0,
-            expected: INDEX_HEADER_LEN as u64,
-            file_len,
-        });
+    Preamble {
+        magic: &INDEX_MAGIC,
+        magic_name: "VMSTPIDX",
+        header_len: INDEX_HEADER_LEN,
+        supported: FORMAT_VERSION,
     }
-    if bytes[..8] != INDEX_MAGIC {
-        return Err(ImageOpenError::BadMagic {
-            path: p(),
-            found: describe_magic(&bytes[..8]),
-            expected: "VMSTPIDX",
-        });
-    }
-    let found = FormatVersion {
-        major: u16_at(bytes, 8),
-        minor: u16_at(bytes, 10),
-        patch: u16_at(bytes, 12),
-    };
-    if !found.is_readable_by(FORMAT_VERSION) {
-        return Err(ImageOpenError::UnsupportedVersion {
-            path: p(),
-            found,
-            supported: FORMAT_VERSION,
-        });
-    }
-    let header_len = u16_at(bytes, 14) as u64;
-    if header_len != INDEX_HEADER_LEN as u64 {
-        return Err(ImageOpenError::BadHeaderLength {
-            path: p(),
-            found: header_len,
-            expected: INDEX_HEADER_LEN as u64,
-        });
-    }
+    .check(path, bytes)?;
     let pages = u64_at(bytes, 24);
     let bitmap_len = pages.div_ceil(64).saturating_mul(8);
     let end = (INDEX_HEADER_LEN as u64).saturating_add(bitmap_len);

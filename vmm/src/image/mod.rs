@@ -10,6 +10,7 @@ mod bitmap;
 mod error;
 mod index;
 mod live;
+mod preamble;
 mod runs;
 mod state;
 mod store;

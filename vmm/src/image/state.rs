@@ -7,7 +7,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::error::{ImageOpenError, describe_magic};
+use super::error::ImageOpenError;
+use super::preamble::{Preamble, u32_at, u64_at};
 use super::version::{FORMAT_VERSION, FormatVersion};
 use crate::memory::PAGE_SIZE;
 
@@ -111,16 +112,6 @@ pub(crate) fn encode(contents: &StateContents, version: FormatVersion) -> Vec<u8
     out
 }
 
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes(b[off..off + 2].try_into().expect("2 bytes"))
-}
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-
 /// Validates and decodes the bytes of a state file. Checks run in the order
 /// that keeps every message meaningful: length of the fixed header, magic,
 /// version (its position never changes), header length, full length, CRC,
@@ -130,43 +121,15 @@ pub(crate) fn decode(
     bytes: &[u8],
     supported: FormatVersion,
 ) -> Result<StateContents, ImageOpenError> {
+    Preamble {
+        magic: &STATE_MAGIC,
+        magic_name: "VMSTRIMG",
+        header_len: STATE_HEADER_LEN,
+        supported,
+    }
+    .check(path, bytes)?;
     let path = || path.to_path_buf();
     let file_len = bytes.len() as u64;
-    if bytes.len() < STATE_HEADER_LEN {
-        return Err(ImageOpenError::Truncated {
-            path: path(),
-            offset: 0,
-            expected: STATE_HEADER_LEN as u64,
-            file_len,
-        });
-    }
-    if bytes[..8] != STATE_MAGIC {
-        return Err(ImageOpenError::BadMagic {
-            path: path(),
-            found: describe_magic(&bytes[..8]),
-            expected: "VMSTRIMG",
-        });
-    }
-    let found = FormatVersion {
-        major: u16_at(bytes, 8),
-        minor: u16_at(bytes, 10),
-        patch: u16_at(bytes, 12),
-    };
-    if !found.is_readable_by(supported) {
-        return Err(ImageOpenError::UnsupportedVersion {
-            path: path(),
-            found,
-            supported,
-        });
-    }
-    let header_len = u16_at(bytes, 14) as u64;
-    if header_len != STATE_HEADER_LEN as u64 {
-        return Err(ImageOpenError::BadHeaderLength {
-            path: path(),
-            found: header_len,
-            expected: STATE_HEADER_LEN as u64,
-        });
-    }
     let payload_len = u64_at(bytes, 32);
     let payload_end = (STATE_HEADER_LEN as u64).saturating_add(payload_len);
     if file_len < payload_end {
