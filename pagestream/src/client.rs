@@ -177,6 +177,101 @@ struct Counters {
     bulk_failures: AtomicU64,
 }
 
+/// An authenticated connection, right after the handshake.
+pub(crate) struct Handshaken {
+    pub stream: TcpStream,
+    /// The protocol version the server chose.
+    pub version: u16,
+    /// The server's Accept (page counts of the image).
+    pub accept: Accept,
+    /// A frame buffer to keep using on this connection.
+    pub buf: Vec<u8>,
+}
+
+/// Connects to `addr` and completes the mutual handshake for
+/// `config.image_id` in `role` (shared by the cached [`RemotePages`] and the
+/// cache-less `direct` client).
+pub(crate) fn handshake(
+    addr: SocketAddr,
+    role: Role,
+    config: &RemoteConfig,
+) -> Result<Handshaken, ConnectError> {
+    let mut stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
+        .map_err(|source| ConnectError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(config.request_timeout));
+    let _ = stream.set_write_timeout(Some(config.request_timeout));
+    let client_nonce = nonce();
+    let hello = Hello {
+        min_version: MIN_VERSION,
+        max_version: MAX_VERSION,
+        role,
+        client_nonce,
+        image_id: config.image_id.clone(),
+    };
+    let write_err = |source| ConnectError::Write { addr, source };
+    write_frame(
+        &mut stream,
+        &Header::new(Command::Hello).with_version(HANDSHAKE_VERSION),
+        &[&hello.encode()],
+    )
+    .map_err(write_err)?;
+    let mut buf = Vec::new();
+    let read_err = |source| ConnectError::Read { addr, source };
+    let bad = |command, source| ConnectError::BadFrame {
+        addr,
+        command,
+        source,
+    };
+    let h = read_frame(&mut stream, &mut buf).map_err(read_err)?;
+    let challenge = match h.command {
+        Command::Challenge => Challenge::decode(&buf).map_err(|e| bad(Command::Challenge, e))?,
+        Command::Reject => {
+            let reason =
+                Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
+            return Err(ConnectError::Rejected { addr, reason });
+        }
+        command => return Err(ConnectError::Unexpected { addr, command }),
+    };
+    if !(MIN_VERSION..=MAX_VERSION).contains(&challenge.version) {
+        return Err(ConnectError::Version {
+            addr,
+            version: challenge.version,
+        });
+    }
+    if !config
+        .token
+        .verify_server_proof(&client_nonce, &config.image_id, &challenge.server_proof)
+    {
+        return Err(ConnectError::ServerNotAuthenticated { addr });
+    }
+    let tag = config
+        .token
+        .client_tag(&challenge.server_nonce, &config.image_id);
+    write_frame(
+        &mut stream,
+        &Header::new(Command::Auth).with_version(challenge.version),
+        &[&tag],
+    )
+    .map_err(write_err)?;
+    let h = read_frame(&mut stream, &mut buf).map_err(read_err)?;
+    let accept = match h.command {
+        Command::Accept => Accept::decode(&buf).map_err(|e| bad(Command::Accept, e))?,
+        Command::Reject => {
+            let reason =
+                Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
+            return Err(ConnectError::Rejected { addr, reason });
+        }
+        command => return Err(ConnectError::Unexpected { addr, command }),
+    };
+    Ok(Handshaken {
+        stream,
+        version: challenge.version,
+        accept,
+        buf,
+    })
+}
+
 /// One authenticated connection to a holder.
 struct PeerConnection {
     stream: TcpStream,
@@ -189,81 +284,16 @@ struct PeerConnection {
 
 impl PeerConnection {
     fn open(addr: SocketAddr, role: Role, config: &RemoteConfig) -> Result<Self, ConnectError> {
-        let mut stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
-            .map_err(|source| ConnectError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(config.request_timeout));
-        let _ = stream.set_write_timeout(Some(config.request_timeout));
-        let client_nonce = nonce();
-        let hello = Hello {
-            min_version: MIN_VERSION,
-            max_version: MAX_VERSION,
-            role,
-            client_nonce,
-            image_id: config.image_id.clone(),
-        };
-        let write_err = |source| ConnectError::Write { addr, source };
-        write_frame(
-            &mut stream,
-            &Header::new(Command::Hello).with_version(HANDSHAKE_VERSION),
-            &[&hello.encode()],
-        )
-        .map_err(write_err)?;
-        let mut buf = Vec::new();
-        let read_err = |source| ConnectError::Read { addr, source };
-        let bad = |command, source| ConnectError::BadFrame {
-            addr,
-            command,
-            source,
-        };
-        let h = read_frame(&mut stream, &mut buf).map_err(read_err)?;
-        let challenge = match h.command {
-            Command::Challenge => {
-                Challenge::decode(&buf).map_err(|e| bad(Command::Challenge, e))?
-            }
-            Command::Reject => {
-                let reason =
-                    Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
-                return Err(ConnectError::Rejected { addr, reason });
-            }
-            command => return Err(ConnectError::Unexpected { addr, command }),
-        };
-        if !(MIN_VERSION..=MAX_VERSION).contains(&challenge.version) {
-            return Err(ConnectError::Version {
-                addr,
-                version: challenge.version,
-            });
-        }
-        if !config.token.verify_server_proof(
-            &client_nonce,
-            &config.image_id,
-            &challenge.server_proof,
-        ) {
-            return Err(ConnectError::ServerNotAuthenticated { addr });
-        }
-        let tag = config
-            .token
-            .client_tag(&challenge.server_nonce, &config.image_id);
-        write_frame(
-            &mut stream,
-            &Header::new(Command::Auth).with_version(challenge.version),
-            &[&tag],
-        )
-        .map_err(write_err)?;
-        let h = read_frame(&mut stream, &mut buf).map_err(read_err)?;
-        let accept = match h.command {
-            Command::Accept => Accept::decode(&buf).map_err(|e| bad(Command::Accept, e))?,
-            Command::Reject => {
-                let reason =
-                    Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
-                return Err(ConnectError::Rejected { addr, reason });
-            }
-            command => return Err(ConnectError::Unexpected { addr, command }),
-        };
+        let Handshaken {
+            stream,
+            version,
+            accept,
+            buf,
+        } = handshake(addr, role, config)?;
         Ok(Self {
             stream,
             addr,
-            version: challenge.version,
+            version,
             accept,
             next_id: 1,
             buf,

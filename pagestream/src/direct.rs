@@ -20,23 +20,17 @@ use std::time::Instant;
 use vmstream_vmm::image::Bitmap;
 use vmstream_vmm::memory::{PAGE_SIZE, PageSource, PageSourceError};
 
-use crate::auth::nonce;
-use crate::client::RemoteConfig;
+use crate::client::{ConnectError, Handshaken, RemoteConfig, handshake};
 use crate::framing::{ReadFrameError, read_frame, write_frame};
 use crate::wire::{
-    Accept, Challenge, Command, HANDSHAKE_VERSION, Header, Hello, MAX_BATCH_PAGES, MAX_INDEX_PAGES,
-    MAX_VERSION, MIN_VERSION, Reason, Role, decode_index,
+    Accept, Command, Header, MAX_BATCH_PAGES, MAX_INDEX_PAGES, Reason, Role, decode_index,
 };
 
 /// Why a direct request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DirectError {
-    #[error("cannot connect to {addr}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error("handshake failed")]
+    Handshake(#[from] ConnectError),
     #[error("cannot send to {addr}")]
     Write {
         addr: SocketAddr,
@@ -82,86 +76,16 @@ impl Connection {
     /// Connects to `addr` and completes the mutual handshake for
     /// `config.image_id`.
     pub fn open(addr: SocketAddr, role: Role, config: &RemoteConfig) -> Result<Self, DirectError> {
-        let mut stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
-            .map_err(|source| DirectError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(config.request_timeout));
-        let _ = stream.set_write_timeout(Some(config.request_timeout));
-        let client_nonce = nonce();
-        let hello = Hello {
-            min_version: MIN_VERSION,
-            max_version: MAX_VERSION,
-            role,
-            client_nonce,
-            image_id: config.image_id.clone(),
-        };
-        let write_err = |source| DirectError::Write { addr, source };
-        let read_err = |source| DirectError::Read { addr, source };
-        let bad = |e: crate::wire::FrameError| DirectError::Read {
-            addr,
-            source: e.into(),
-        };
-        write_frame(
-            &mut stream,
-            &Header::new(Command::Hello).with_version(HANDSHAKE_VERSION),
-            &[&hello.encode()],
-        )
-        .map_err(write_err)?;
-        let mut buf = Vec::new();
-        let h = read_frame(&mut stream, &mut buf).map_err(read_err)?;
-        let challenge = match h.command {
-            Command::Challenge => Challenge::decode(&buf).map_err(bad)?,
-            Command::Reject => {
-                let reason = Reason::decode(Command::Reject, &buf).map_err(bad)?;
-                return Err(DirectError::Refused { addr, reason });
-            }
-            other => {
-                return Err(DirectError::Protocol {
-                    addr,
-                    what: format!("{other:?} where a Challenge was due"),
-                });
-            }
-        };
-        if !(MIN_VERSION..=MAX_VERSION).contains(&challenge.version) {
-            return Err(DirectError::Protocol {
-                addr,
-                what: format!("chose protocol version {}", challenge.version),
-            });
-        }
-        if !config.token.verify_server_proof(
-            &client_nonce,
-            &config.image_id,
-            &challenge.server_proof,
-        ) {
-            return Err(DirectError::ServerNotAuthenticated { addr });
-        }
-        let tag = config
-            .token
-            .client_tag(&challenge.server_nonce, &config.image_id);
-        write_frame(
-            &mut stream,
-            &Header::new(Command::Auth).with_version(challenge.version),
-            &[&tag],
-        )
-        .map_err(write_err)?;
-        let h = read_frame(&mut stream, &mut buf).map_err(read_err)?;
-        let accept = match h.command {
-            Command::Accept => Accept::decode(&buf).map_err(bad)?,
-            Command::Reject => {
-                let reason = Reason::decode(Command::Reject, &buf).map_err(bad)?;
-                return Err(DirectError::Refused { addr, reason });
-            }
-            other => {
-                return Err(DirectError::Protocol {
-                    addr,
-                    what: format!("{other:?} where an Accept was due"),
-                });
-            }
-        };
+        let Handshaken {
+            stream,
+            version,
+            accept,
+            buf,
+        } = handshake(addr, role, config)?;
         Ok(Self {
             stream,
             addr,
-            version: challenge.version,
+            version,
             accept,
             next_id: 1,
             buf,
