@@ -81,6 +81,10 @@ pub enum CaptureError {
     Wait(#[source] std::io::Error),
     #[error("cannot write the state file")]
     StateFile(#[from] StateWriteError),
+    #[error(
+        "{missing} pages of the VM's memory are not installed yet (migration still in progress)"
+    )]
+    Incomplete { missing: usize },
     #[error("cannot bring in page {page} from the clone's page source before the capture")]
     Materialize {
         page: usize,
@@ -93,6 +97,16 @@ pub enum CaptureError {
 /// brings in every page never populated (the forked writer cannot read a
 /// remote source), so the child finds all of guest RAM in memory.
 fn materialize(machine: &Machine) -> Result<(), CaptureError> {
+    if let MemoryBacking::Installed { memory, .. } = machine.backing() {
+        // Pages still owed by the installer (e.g. a migration in postcopy)
+        // cannot be fetched from here.
+        let missing = memory.populated().len() - memory.populated().count_ones();
+        return if missing == 0 {
+            Ok(())
+        } else {
+            Err(CaptureError::Incomplete { missing })
+        };
+    }
     let MemoryBacking::LazyFrom { memory, .. } = machine.backing() else {
         return Ok(());
     };
@@ -172,8 +186,11 @@ pub fn start_capture(machine: &Machine, dir: &Path) -> Result<PendingCapture, Ca
             Some(memory.quiesce()),
         ),
         // Every page was brought in by `materialize` (pages are never
-        // dropped from a LazyFrom clone), so guest RAM is complete.
-        MemoryBacking::LazyFrom { memory, .. } => (None, None, Some(memory.quiesce())),
+        // dropped from a LazyFrom clone), so guest RAM is complete; the
+        // same holds for installed memory (checked by `materialize`).
+        MemoryBacking::LazyFrom { memory, .. } | MemoryBacking::Installed { memory, .. } => {
+            (None, None, Some(memory.quiesce()))
+        }
         _ => (None, None, None),
     };
     let mem = ram.host_addr().cast_const();

@@ -156,6 +156,12 @@ impl VmShell {
         Ok(())
     }
 
+    /// The prepared userfaultfd registration, if any (attach a source or a
+    /// hook and install pages through it before [`crate::restore::restore_state`]).
+    pub fn lazy(&self) -> Option<&LazyMemory> {
+        self.lazy.as_ref()
+    }
+
     /// Takes the prepared userfaultfd registration, if any.
     pub(crate) fn take_lazy(&mut self) -> Option<LazyMemory> {
         self.lazy.take()
@@ -208,13 +214,27 @@ pub enum MemoryBacking {
         memory: Arc<LazyMemory>,
         source: Arc<dyn PageSource>,
     },
+    /// Pages installed by the machine's owner through a
+    /// [`crate::memory::PageInstaller`] (e.g. a live-migration target);
+    /// a missing page goes to the owner's [`crate::memory::MissingPageHook`]
+    /// and the guest waits for it. `image` is the live image the VM
+    /// descends from, as held on this node, if any. Once every page is
+    /// installed this is plain anonymous memory (capture and migration
+    /// need that).
+    Installed {
+        memory: Arc<LazyMemory>,
+        image: Option<Arc<PageStore>>,
+    },
 }
 
 impl MemoryBacking {
-    /// The userfaultfd-backed memory of a lazily streamed clone.
+    /// The userfaultfd-backed memory of a lazily streamed clone (or of
+    /// installed memory).
     pub fn lazy_memory(&self) -> Option<&Arc<LazyMemory>> {
         match self {
-            Self::Lazy { memory, .. } | Self::LazyFrom { memory, .. } => Some(memory),
+            Self::Lazy { memory, .. }
+            | Self::LazyFrom { memory, .. }
+            | Self::Installed { memory, .. } => Some(memory),
             Self::Anonymous | Self::CopyOnWrite(_) => None,
         }
     }
@@ -234,6 +254,11 @@ impl std::fmt::Debug for MemoryBacking {
                 .debug_struct("LazyFrom")
                 .field("memory", memory)
                 .field("source_pages", &source.pages())
+                .finish(),
+            Self::Installed { memory, image } => f
+                .debug_struct("Installed")
+                .field("memory", memory)
+                .field("image", image)
                 .finish(),
         }
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::arch::x86_64::layout::{MAILBOX_ADDR, gpa_to_ram_offset};
 use crate::arch::x86_64::walk::{CpuRoots, cpu_pages};
-use crate::devices::PortIoBus;
+use crate::devices::{DeviceState, PortIoBus};
 use crate::image::{ImageOpenError, LiveImage, PageStore, StateContents};
 use crate::machine::{Machine, MemoryBacking, VmShell, advise, ram_access};
 use crate::memory::{
@@ -321,6 +321,8 @@ pub enum RestoreError {
     LazyAttach(#[from] AttachError),
     #[error("the clone source has no local page store: use CloneMemory::LazyFrom")]
     NoPageStore,
+    #[error("installed memory needs the shell's userfaultfd registration (VmShell::prepare_lazy)")]
+    NotPrepared,
     #[error("the page source has {source_pages} pages, the image {image_pages}")]
     SourceSize {
         source_pages: usize,
@@ -421,7 +423,58 @@ pub fn restore(
         }
     };
     timings.memory = step.elapsed();
+    Ok(set_state(shell, state, backing, requested_at, timings)?.start())
+}
 
+/// A shell whose VM-wide and vCPU state is set and whose memory backing is
+/// chosen; its vCPUs are still parked. [`PreparedVm::start`] runs it.
+#[derive(Debug)]
+pub struct PreparedVm {
+    shell: VmShell,
+    devices: DeviceState,
+    backing: MemoryBacking,
+    timings: RestoreTimings,
+    requested_at: Instant,
+    refused_msrs: Vec<(u8, Vec<u32>)>,
+}
+
+impl PreparedVm {
+    /// MSRs the host refused (per vCPU index).
+    pub fn refused_msrs(&self) -> &[(u8, Vec<u32>)] {
+        &self.refused_msrs
+    }
+
+    /// Creates the devices from the saved device state and starts the vCPUs.
+    pub fn start(self) -> Restored {
+        let Self {
+            shell,
+            devices,
+            backing,
+            mut timings,
+            requested_at,
+            refused_msrs,
+        } = self;
+        let step = Instant::now();
+        let bus = Arc::new(PortIoBus::new(devices, ram_access(shell.ram())));
+        let machine = Machine::start(shell, bus, backing);
+        timings.start = step.elapsed();
+        timings.total = requested_at.elapsed();
+        Restored {
+            machine,
+            timings,
+            requested_at,
+            refused_msrs,
+        }
+    }
+}
+
+fn set_state(
+    shell: VmShell,
+    state: &VmState,
+    backing: MemoryBacking,
+    requested_at: Instant,
+    mut timings: RestoreTimings,
+) -> Result<PreparedVm, RestoreError> {
     let step = Instant::now();
     vm::restore_vm_wide(shell.vm(), &state.vm)?;
     timings.vm_state = step.elapsed();
@@ -435,19 +488,102 @@ pub fn restore(
         }
     }
     timings.vcpu_state = step.elapsed();
-
-    let step = Instant::now();
-    let bus = Arc::new(PortIoBus::new(
-        state.devices.clone(),
-        ram_access(shell.ram()),
-    ));
-    let machine = Machine::start(shell, bus, backing);
-    timings.start = step.elapsed();
-    timings.total = requested_at.elapsed();
-    Ok(Restored {
-        machine,
+    Ok(PreparedVm {
+        shell,
+        devices: state.devices.clone(),
+        backing,
         timings,
         requested_at,
         refused_msrs,
     })
+}
+
+/// Memory for [`restore_state`].
+#[derive(Clone)]
+pub enum StateMemory {
+    /// The shell's prepared userfaultfd registration ([`VmShell::prepare_lazy`]),
+    /// with a hook or source already attached and populated by the caller
+    /// through [`crate::memory::PageInstaller`]. `image`: the live image the
+    /// VM descends from, as held on this node (see [`MemoryBacking::Installed`]).
+    Installed { image: Option<Arc<PageStore>> },
+    /// Userfaultfd streaming from any page source (attached now; the startup
+    /// pages found from the state's page tables are brought in first).
+    LazyFrom {
+        options: LazyOptions,
+        source: Arc<dyn PageSource>,
+    },
+}
+
+impl std::fmt::Debug for StateMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Installed { image } => f.debug_struct("Installed").field("image", image).finish(),
+            Self::LazyFrom { options, source } => f
+                .debug_struct("LazyFrom")
+                .field("options", options)
+                .field("source_pages", &source.pages())
+                .finish(),
+        }
+    }
+}
+
+/// Restores a given machine state (e.g. received from a live-migration
+/// source) into `shell` over `memory`, with the vCPUs left parked:
+/// [`PreparedVm::start`] runs it. Nothing is read from an image directory.
+pub fn restore_state(
+    mut shell: VmShell,
+    state: &VmState,
+    memory: StateMemory,
+) -> Result<PreparedVm, RestoreError> {
+    let requested_at = Instant::now();
+    let config = shell.config();
+    if state.vcpus.len() != usize::from(config.vcpus) {
+        return Err(RestoreError::VcpuCount {
+            image: state.vcpus.len(),
+            shell: config.vcpus,
+        });
+    }
+    if state.memory_bytes != config.memory_bytes as u64 {
+        return Err(RestoreError::MemorySize {
+            image: state.memory_bytes,
+            shell: config.memory_bytes,
+        });
+    }
+    let mut timings = RestoreTimings {
+        validate: requested_at.elapsed(),
+        ..RestoreTimings::default()
+    };
+    let step = Instant::now();
+    let backing = match memory {
+        StateMemory::Installed { image } => {
+            let lazy = shell.take_lazy().ok_or(RestoreError::NotPrepared)?;
+            MemoryBacking::Installed {
+                memory: Arc::new(lazy),
+                image,
+            }
+        }
+        StateMemory::LazyFrom { options, source } => {
+            let pages = state.memory_bytes as usize / PAGE_SIZE;
+            if source.pages() != pages {
+                return Err(RestoreError::SourceSize {
+                    source_pages: source.pages(),
+                    image_pages: pages,
+                });
+            }
+            let lazy = match shell.take_lazy() {
+                Some(lazy) => lazy,
+                None => LazyMemory::register(shell.ram(), options)?,
+            };
+            lazy.attach(Arc::clone(&source))?;
+            for page in startup_pages(state, &SourceReader(source.as_ref())) {
+                let _ = lazy.fill_page(page);
+            }
+            MemoryBacking::LazyFrom {
+                memory: Arc::new(lazy),
+                source,
+            }
+        }
+    };
+    timings.memory = step.elapsed();
+    set_state(shell, state, backing, requested_at, timings)
 }

@@ -183,13 +183,34 @@ enum FillKind {
     Read,
 }
 
+/// What serves the missing pages.
+enum Attached {
+    /// The handler fills pages from the source itself.
+    Source(Arc<dyn PageSource>),
+    /// The handler tells the hook; the page is installed by whatever path
+    /// the hook arranged (the faulting thread waits until then).
+    Hook(Arc<dyn MissingPageHook>),
+}
+
+/// Told about missing pages of a [`LazyMemory`] attached with
+/// [`LazyMemory::attach_hook`] (e.g. a migration target that requests the
+/// page from the source over the network).
+pub trait MissingPageHook: Send + Sync {
+    /// A thread touched `page`, which is not installed. Called on the
+    /// fault-handler thread: install the page now through `installer` if
+    /// it is at hand, else arrange for it to be installed later (a request)
+    /// and return; never wait for it here. The faulting thread sleeps
+    /// until some path installs the page (installs wake it).
+    fn missing(&self, page: usize, installer: &PageInstaller);
+}
+
 struct Shared {
     uffd: Uffd,
     base: usize,
     pages: usize,
     populated: Bitmap,
     dirty: Bitmap,
-    source: OnceLock<Arc<dyn PageSource>>,
+    attached: OnceLock<Attached>,
     serving: RwLock<()>,
     stop: AtomicBool,
     wake: OwnedFd,
@@ -218,7 +239,7 @@ impl std::fmt::Debug for LazyMemory {
         f.debug_struct("LazyMemory")
             .field("base", &format_args!("{:#x}", self.shared.base))
             .field("pages", &self.shared.pages)
-            .field("attached", &self.shared.source.get().is_some())
+            .field("attached", &self.shared.attached.get().is_some())
             .field("options", &self.options)
             .finish()
     }
@@ -394,7 +415,7 @@ impl LazyMemory {
             pages,
             populated: Bitmap::new(pages),
             dirty: Bitmap::new(pages),
-            source: OnceLock::new(),
+            attached: OnceLock::new(),
             serving: RwLock::new(()),
             stop: AtomicBool::new(false),
             wake,
@@ -431,8 +452,8 @@ impl LazyMemory {
             });
         }
         self.shared
-            .source
-            .set(source)
+            .attached
+            .set(Attached::Source(source))
             .map_err(|_| AttachError::AlreadyAttached)?;
         signal_eventfd(self.shared.wake.as_raw_fd());
         if self.options.prefetch {
@@ -441,12 +462,31 @@ impl LazyMemory {
         Ok(())
     }
 
+    /// Attaches a hook instead of a page source: the handler thread reports
+    /// each missing page to `hook` and goes on serving; the page is
+    /// installed with [`PageInstaller::install`] / `install_zero` by any
+    /// thread. `fill_page` and prefetch do nothing for such memory.
+    pub fn attach_hook(&self, hook: Arc<dyn MissingPageHook>) -> Result<(), AttachError> {
+        self.shared
+            .attached
+            .set(Attached::Hook(hook))
+            .map_err(|_| AttachError::AlreadyAttached)?;
+        signal_eventfd(self.shared.wake.as_raw_fd());
+        Ok(())
+    }
+
+    /// A handle that installs pages from the caller's buffers (any thread,
+    /// with or without a hook or source attached).
+    pub fn installer(&self) -> PageInstaller {
+        PageInstaller(Arc::clone(&self.shared))
+    }
+
     /// Starts copying every page not yet populated in the background (in
     /// batches of `prefetch_batch_pages`, taking the quiesce lock per batch).
     /// Does nothing if already running or not attached.
     pub fn start_prefetch(&self) -> Result<(), AttachError> {
         let mut slot = self.prefetcher.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_some() || self.shared.source.get().is_none() {
+        if slot.is_some() || self.shared.page_source().is_none() {
             return Ok(());
         }
         let shared = Arc::clone(&self.shared);
@@ -469,7 +509,7 @@ impl LazyMemory {
                 pages: self.shared.pages,
             });
         }
-        let source = self.shared.source.get().ok_or(FillError::NotAttached)?;
+        let source = self.shared.page_source().ok_or(FillError::NotAttached)?;
         let _serving = self
             .shared
             .serving
@@ -631,6 +671,13 @@ impl Drop for LazyMemory {
 }
 
 impl Shared {
+    fn page_source(&self) -> Option<&Arc<dyn PageSource>> {
+        match self.attached.get() {
+            Some(Attached::Source(source)) => Some(source),
+            _ => None,
+        }
+    }
+
     fn addr(&self, page: usize) -> *mut libc::c_void {
         (self.base + page * PAGE_SIZE) as *mut libc::c_void
     }
@@ -685,7 +732,7 @@ impl Shared {
     /// The fault-serving thread: wait for a source, then block in `read` on
     /// the userfaultfd and serve each batch of events, until a fault on the
     /// sentinel page (or `stop` before blocking) ends it.
-    fn serve_faults(&self, cpu: Option<usize>, fault_around: usize) {
+    fn serve_faults(self: &Arc<Self>, cpu: Option<usize>, fault_around: usize) {
         struct ReleaseOnExit<'a>(&'a Shared);
         impl Drop for ReleaseOnExit<'_> {
             fn drop(&mut self) {
@@ -701,7 +748,7 @@ impl Shared {
         {
             tracing::warn!(cpu, error = %e, "cannot pin the userfaultfd handler");
         }
-        while self.source.get().is_none() || self.sigbus {
+        while self.attached.get().is_none() || self.sigbus {
             // In SIGBUS mode faults never reach us: just wait for stop.
             if self.stop.load(Ordering::SeqCst) {
                 return;
@@ -741,17 +788,22 @@ impl Shared {
     /// Reads one batch of events (blocking) and serves it. Returns whether
     /// the sentinel was touched (stop).
     fn serve_events(
-        &self,
+        self: &Arc<Self>,
         events: &mut EventBuffer,
         bounce: &mut Vec<u8>,
         fault_around: usize,
     ) -> Result<bool, userfaultfd::Error> {
         let batch = self.uffd.read_events(events)?;
         let start = Instant::now();
-        let Some(source) = self.source.get() else {
+        let Some(attached) = self.attached.get() else {
             return Ok(false);
         };
-        let _serving = self.serving.read().unwrap_or_else(|e| e.into_inner());
+        // A hook installs through a `PageInstaller`, which takes the lock
+        // itself (a nested read lock could deadlock behind a writer).
+        let _serving = match attached {
+            Attached::Source(_) => Some(self.serving.read().unwrap_or_else(|e| e.into_inner())),
+            Attached::Hook(_) => None,
+        };
         let mut stop = false;
         for event in batch {
             let Ok(Event::Pagefault { kind, addr, .. }) = event else {
@@ -769,6 +821,19 @@ impl Shared {
             match kind {
                 FaultKind::Missing => {
                     self.counters.faults.fetch_add(1, Ordering::Relaxed);
+                    let source = match attached {
+                        Attached::Source(source) => source,
+                        Attached::Hook(hook) => {
+                            if self.populated.get(page) {
+                                self.counters.races.fetch_add(1, Ordering::Relaxed);
+                                let _ = self.uffd.wake(self.addr(page), PAGE_SIZE);
+                            } else {
+                                hook.missing(page, &PageInstaller(Arc::clone(self)));
+                            }
+                            self.latency.record(start.elapsed());
+                            continue;
+                        }
+                    };
                     let count = fault_around.min(self.pages - page);
                     match self.fill_range(source.as_ref(), page, count, bounce) {
                         Ok(0) => {
@@ -804,7 +869,7 @@ impl Shared {
 
     /// Background prefetch: fill every unpopulated page, batch by batch.
     fn prefetch_all(&self, batch: usize) {
-        let Some(source) = self.source.get() else {
+        let Some(source) = self.page_source() else {
             return;
         };
         let mut bounce = vec![0u8; batch * PAGE_SIZE];
@@ -954,6 +1019,43 @@ impl Shared {
         Ok(n)
     }
 
+    /// `UFFDIO_COPY` of `src` into `first..end`; pages found present are
+    /// skipped. Returns how many this call installed.
+    fn install_run(&self, src: &[u8], first: usize, end: usize) -> Result<usize, FillError> {
+        let len = (end - first) * PAGE_SIZE;
+        debug_assert_eq!(src.len(), len);
+        // SAFETY: `src` is valid for `len` bytes (the caller's slice); the
+        // destination lies inside the registered guest RAM range and
+        // UFFDIO_COPY only fills pages that are missing.
+        let result = unsafe {
+            self.uffd
+                .copy(src.as_ptr().cast(), self.addr(first), len, true)
+        };
+        let done = match result {
+            Ok(n) if n == len => {
+                self.mark_filled(first, end);
+                self.count_copied(end - first);
+                return Ok(end - first);
+            }
+            Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) => n / PAGE_SIZE,
+            Err(e) if end - first == 1 => {
+                return self.single_page_failed("COPY", first, errno_of(&e));
+            }
+            Err(_) => 0,
+        };
+        if end - first == 1 && done == 0 {
+            return self.single_page_failed("COPY", first, libc::EAGAIN);
+        }
+        self.mark_filled(first, first + done);
+        self.count_copied(done);
+        let mut n = done;
+        for page in first + done..end {
+            let at = (page - first) * PAGE_SIZE;
+            n += self.install_run(&src[at..at + PAGE_SIZE], page, page + 1)?;
+        }
+        Ok(n)
+    }
+
     fn count_copied(&self, pages: usize) {
         self.counters
             .pages_copied
@@ -986,6 +1088,143 @@ impl Shared {
                 end: page + 1,
                 errno,
             }),
+        }
+    }
+}
+
+/// Installs pages into a [`LazyMemory`] from the caller's buffers, exactly
+/// once each: `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` refuse a page already present
+/// (EEXIST), so whichever install comes first wins and later ones count 0.
+/// Installs wake threads waiting on the pages and take the quiesce lock
+/// shared (a [`QuiesceGuard`] holder sees no install in flight).
+///
+/// The handle keeps the userfaultfd open; once the guest RAM is unmapped
+/// the ioctls fail (the range is no longer registered) and report errors.
+#[derive(Clone)]
+pub struct PageInstaller(Arc<Shared>);
+
+impl std::fmt::Debug for PageInstaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageInstaller")
+            .field("pages", &self.0.pages)
+            .finish()
+    }
+}
+
+impl PageInstaller {
+    /// Number of guest pages.
+    pub fn pages(&self) -> usize {
+        self.0.pages
+    }
+
+    fn check(&self, first: usize, count: usize) -> Result<(), FillError> {
+        match first.checked_add(count) {
+            Some(end) if end <= self.0.pages => Ok(()),
+            _ => Err(FillError::OutOfRange {
+                page: first.saturating_add(count).saturating_sub(1),
+                pages: self.0.pages,
+            }),
+        }
+    }
+
+    /// Installs `data` (whole pages) at `first..`; pages already present
+    /// are left as they are. Returns how many pages this call installed.
+    pub fn install(&self, first: usize, data: &[u8]) -> Result<usize, FillError> {
+        assert!(
+            data.len().is_multiple_of(PAGE_SIZE),
+            "install takes whole pages"
+        );
+        let count = data.len() / PAGE_SIZE;
+        self.check(first, count)?;
+        let _serving = self.0.serving.read().unwrap_or_else(|e| e.into_inner());
+        let mut installed = 0;
+        let mut page = first;
+        // Runs of pages not yet populated go in one ioctl each.
+        while page < first + count {
+            if self.0.populated.get(page) {
+                page += 1;
+                continue;
+            }
+            let mut end = page + 1;
+            while end < first + count && !self.0.populated.get(end) {
+                end += 1;
+            }
+            let src = &data[(page - first) * PAGE_SIZE..(end - first) * PAGE_SIZE];
+            installed += self.0.install_run(src, page, end)?;
+            page = end;
+        }
+        Ok(installed)
+    }
+
+    /// Installs zero pages at `first..first + count` where none is present.
+    /// Returns how many pages this call installed.
+    pub fn install_zero(&self, first: usize, count: usize) -> Result<usize, FillError> {
+        self.check(first, count)?;
+        let _serving = self.0.serving.read().unwrap_or_else(|e| e.into_inner());
+        let mut installed = 0;
+        let mut page = first;
+        while page < first + count {
+            if self.0.populated.get(page) {
+                page += 1;
+                continue;
+            }
+            let mut end = page + 1;
+            while end < first + count && !self.0.populated.get(end) {
+                end += 1;
+            }
+            installed += self.0.zero_run(page, end)?;
+            page = end;
+        }
+        Ok(installed)
+    }
+
+    /// Whether `page` is installed.
+    pub fn is_installed(&self, page: usize) -> bool {
+        self.0.populated.get(page)
+    }
+
+    /// The installed pages.
+    pub fn installed(&self) -> &Bitmap {
+        &self.0.populated
+    }
+
+    /// Makes an installed page missing again (`MADV_DONTNEED`): its next
+    /// touch faults. Returns whether it was installed. Only while no vCPU
+    /// runs (a running guest would see the page vanish).
+    pub fn discard(&self, page: usize) -> Result<bool, FillError> {
+        self.check(page, 1)?;
+        let _serving = self.0.serving.read().unwrap_or_else(|e| e.into_inner());
+        if !self.0.populated.clear(page) {
+            return Ok(false);
+        }
+        // SAFETY: one page inside the registered guest RAM; MADV_DONTNEED
+        // drops its contents, the next access faults to our userfaultfd.
+        let rc = unsafe { libc::madvise(self.0.addr(page), PAGE_SIZE, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(FillError::Ioctl {
+                op: "DONTNEED (madvise)",
+                first: page,
+                end: page + 1,
+                errno: io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            });
+        }
+        Ok(true)
+    }
+
+    /// Host address of `page` (for writing an installed page in place while
+    /// no vCPU runs).
+    pub fn page_ptr(&self, page: usize) -> *mut u8 {
+        assert!(page < self.0.pages, "page {page} outside guest RAM");
+        self.0.addr(page).cast()
+    }
+
+    /// Wakes threads waiting on `page` (after it was installed by a path
+    /// that did not wake them).
+    pub fn wake(&self, page: usize) {
+        if page < self.0.pages {
+            let _ = self.0.uffd.wake(self.0.addr(page), PAGE_SIZE);
         }
     }
 }

@@ -21,7 +21,8 @@ pub use ksm::{KsmError, KsmProcessStat, KsmRunning, KsmSettings, merge_identical
 pub use latency::{LatencyHistogram, LatencySnapshot};
 pub use lazy::{
     AttachError, FaultStats, FillError, FillOutcome, LazyMemory, LazyOptions, LazyRegisterError,
-    QuiesceGuard, pin_thread, pin_thread_to, unpin_thread, userfaultfd_available,
+    MissingPageHook, PageInstaller, QuiesceGuard, pin_thread, pin_thread_to, unpin_thread,
+    userfaultfd_available,
 };
 pub use ram::{GuestRam, PAGE_SIZE};
 pub use reclaim::{ReclaimError, ReclaimReport, drop_image_equal_pages};

@@ -98,7 +98,9 @@ pub fn drop_image_equal_pages(
         ..ReclaimReport::default()
     };
     let (image, resident): (&dyn PageSource, Vec<usize>) = match machine.backing() {
-        MemoryBacking::Anonymous => return Ok(nothing()),
+        // Installed memory: a dropped page would go to the installer's hook,
+        // whose source (e.g. a migration) may be gone.
+        MemoryBacking::Anonymous | MemoryBacking::Installed { .. } => return Ok(nothing()),
         MemoryBacking::CopyOnWrite(store) => (store.as_ref(), anonymous_pages(ram)?),
         MemoryBacking::Lazy { memory, base } => (
             base.as_ref(),
