@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use vmstream_testenv::ControlPlane;
 
+pub mod requests;
+
 /// Errors setting up the end-to-end cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -341,6 +343,30 @@ impl Cluster {
         self.start_node(index, &node_bin, 1)
     }
 
+    /// Stops node `index`'s daemon the way an upgrade does: SIGTERM, then
+    /// wait for it to exit (SIGKILL after `grace`). Returns whether it exited
+    /// on its own. Its VM processes keep running.
+    pub fn stop_node_daemon(&mut self, index: usize, grace: Duration) -> bool {
+        let Some(mut child) = self.nodes[index].daemon.take() else {
+            return true;
+        };
+        // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs the
+        // daemon, so the pid is the daemon's); it has not been reaped yet.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
     /// SIGKILLs node `index`'s daemon; its VM processes keep running.
     pub fn kill_node_daemon(&mut self, index: usize) {
         if let Some(mut child) = self.nodes[index].daemon.take() {
@@ -436,6 +462,31 @@ impl Cluster {
         reply["reply"]["answer"]
             .as_u64()
             .ok_or_else(|| format!("no answer in {reply}"))
+    }
+
+    /// How requests reach this cluster's VMs (`ctl` on each node's state
+    /// directory), for a [`requests::RequestDriver`].
+    pub fn request_path(&self) -> Result<requests::RequestPath, ClusterError> {
+        Ok(requests::RequestPath::Local {
+            node_binary: workspace_binary("vmstream-node")?,
+            state_dirs: self
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.state_dir.clone()))
+                .collect(),
+        })
+    }
+
+    /// Requests straight to each daemon's supervisor socket (no `ctl`
+    /// process per request).
+    pub fn supervisor_path(&self) -> requests::RequestPath {
+        requests::RequestPath::Supervisor {
+            state_dirs: self
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.state_dir.clone()))
+                .collect(),
+        }
     }
 
     /// Where the logs of the operator and daemons are.
