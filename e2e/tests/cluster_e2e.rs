@@ -167,6 +167,18 @@ async fn custom_resources_drive_real_vms_across_nodes() {
         let figures = json!({ "scale_3_to_30_s": (scale_3_to_30_s * 1000.0).round() / 1000.0 });
         std::fs::write(path, figures.to_string()).expect("write e2e figures");
     }
+    // For the breakdown of the scale-up: the operator's and daemons' logs as
+    // they are right after it (the cluster's own copy goes with the cluster).
+    if let Some(keep) = std::env::var_os("VMSTREAM_E2E_KEEP_LOGS") {
+        let keep = std::path::PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).expect("create the log copy directory");
+        for entry in std::fs::read_dir(cluster.log_dir())
+            .expect("read the log directory")
+            .flatten()
+        {
+            std::fs::copy(entry.path(), keep.join(entry.file_name())).expect("copy a log");
+        }
+    }
     all_answer(&cluster, ns.name(), &running);
     assert_eq!(vm_process_count(&cluster), 30);
     set_replicas(3).await;

@@ -1,23 +1,20 @@
-//! Reads the cluster facts the decisions need: node heartbeats (Leases),
-//! VMNodes, and the memory already committed on each node. Reads go straight
-//! to the API server (quorum reads), never to a cache, so a freshly restarted
-//! operator sees every object it created before it died.
+//! The cluster facts the decisions need, computed from objects: node
+//! heartbeats (Leases), VMNodes, and the memory already committed on each
+//! node. Pure: the objects come from the caches of [`crate::view`].
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::ListParams;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use vmstream_api::v1alpha1::{
     LiveImage, LiveImagePhase, VMClone, VMMigration, VMMigrationPhase, VMNode,
 };
-use vmstream_api::{HEARTBEAT_LEASE_PREFIX, MAINTENANCE_ANNOTATION, NODE_LABEL};
+use vmstream_api::{MAINTENANCE_ANNOTATION, NODE_LABEL};
 
-use crate::controllers::{Context, HEARTBEAT_CACHE_TTL};
 use crate::decide::placement::{Heartbeat, NodeFacts};
-use crate::error::ReconcileError;
+use crate::view::Reservation;
 
 const MIB: u64 = 1 << 20;
 
@@ -31,46 +28,6 @@ pub fn heartbeat_of(lease: &Lease, fallback: Duration) -> Option<Heartbeat> {
             .lease_duration_seconds
             .map_or(fallback.as_secs() as i64, i64::from),
     })
-}
-
-/// Heartbeats of every node, by node name.
-pub async fn heartbeats(ctx: &Context) -> Result<BTreeMap<String, Heartbeat>, ReconcileError> {
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    let leases = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::List {
-            kind: "Lease",
-            source,
-        })?;
-    Ok(leases
-        .items
-        .iter()
-        .filter_map(|l| {
-            let node = l
-                .name_any()
-                .strip_prefix(HEARTBEAT_LEASE_PREFIX)?
-                .to_owned();
-            Some((node, heartbeat_of(l, ctx.config.heartbeat_timeout)?))
-        })
-        .collect())
-}
-
-/// Whether `node`'s heartbeat is fresh now. One Lease list serves every
-/// check for [`HEARTBEAT_CACHE_TTL`], so rechecking N placed VMs costs at
-/// most one list per TTL instead of N reads.
-pub async fn node_alive(ctx: &Context, node: &str) -> Result<bool, ReconcileError> {
-    let mut cache = ctx.heartbeat_cache.lock().await;
-    let fresh = cache
-        .as_ref()
-        .is_some_and(|(at, _)| at.elapsed() < HEARTBEAT_CACHE_TTL);
-    if !fresh {
-        *cache = Some((Instant::now(), heartbeats(ctx).await?));
-    }
-    Ok(cache
-        .as_ref()
-        .and_then(|(_, beats)| beats.get(node))
-        .is_some_and(|h| h.is_fresh(Timestamp::now())))
 }
 
 /// Guest memory of a LiveImage: measured once captured, else what its boot
@@ -117,36 +74,23 @@ pub fn in_maintenance(node: &VMNode) -> bool {
         .is_some_and(|v| v != "false")
 }
 
+/// What [`node_facts_from`] aggregates (the caches of [`crate::view`]).
+pub struct NodeFactsInput<'a> {
+    pub nodes: &'a [Arc<VMNode>],
+    pub heartbeats: &'a BTreeMap<String, Heartbeat>,
+    pub images: &'a [Arc<LiveImage>],
+    pub clones: &'a [Arc<VMClone>],
+    pub migrations: &'a [Arc<VMMigration>],
+    /// Placements written but not yet in the caches.
+    pub reserved: &'a [Reservation],
+}
+
 /// Facts about every VMNode for placement: heartbeat, labels, capacity, and
 /// the memory of the VMs placed there (clones not yet stopped, boot images
-/// being built, clones migrating in).
-pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError> {
-    let client = ctx.client.clone();
-    let nodes = Api::<VMNode>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::List {
-            kind: "VMNode",
-            source,
-        })?;
-    let beats = heartbeats(ctx).await?;
-    let images = Api::<LiveImage>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::List {
-            kind: "LiveImage",
-            source,
-        })?;
-    let clones = Api::<VMClone>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::List {
-            kind: "VMClone",
-            source,
-        })?;
-
-    let memory_of: BTreeMap<String, u64> = images
-        .items
+/// being built, clones migrating in, reservations).
+pub fn node_facts_from(input: &NodeFactsInput<'_>) -> Vec<NodeFacts> {
+    let memory_of: BTreeMap<String, u64> = input
+        .images
         .iter()
         .map(|i| {
             (
@@ -156,42 +100,29 @@ pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError>
         })
         .collect();
     let mut committed: BTreeMap<String, (u64, u32)> = BTreeMap::new();
-    for clone in &clones.items {
-        let Some(node) = clone_node(clone) else {
-            continue;
-        };
-        if clone.phase().is_terminal() {
-            continue;
-        }
-        let image = key(
-            &clone.namespace().unwrap_or_default(),
-            &clone.spec.live_image,
-        );
-        let entry = committed.entry(node).or_default();
-        entry.0 += memory_of.get(&image).copied().unwrap_or(0);
+    let mut add = |node: &str, memory: u64| {
+        let entry = committed.entry(node.to_owned()).or_default();
+        entry.0 += memory;
         entry.1 += 1;
+    };
+    let clone_memory = |c: &VMClone| {
+        let image = key(&c.namespace().unwrap_or_default(), &c.spec.live_image);
+        memory_of.get(&image).copied().unwrap_or(0)
+    };
+    for clone in input.clones {
+        if let Some(node) = clone_node(clone)
+            && !clone.phase().is_terminal()
+        {
+            add(&node, clone_memory(clone));
+        }
     }
     // A migration in flight brings its clone's memory to the target.
-    let migrations = Api::<VMMigration>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::List {
-            kind: "VMMigration",
-            source,
-        })?;
-    let clone_memory: BTreeMap<String, u64> = clones
-        .items
+    let clone_by_key: BTreeMap<String, &VMClone> = input
+        .clones
         .iter()
-        .map(|c| {
-            let ns = c.namespace().unwrap_or_default();
-            let image = key(&ns, &c.spec.live_image);
-            (
-                key(&ns, &c.name_any()),
-                memory_of.get(&image).copied().unwrap_or(0),
-            )
-        })
+        .map(|c| (key(&c.namespace().unwrap_or_default(), &c.name_any()), &**c))
         .collect();
-    for mig in &migrations.items {
+    for mig in input.migrations {
         let status = mig.status.clone().unwrap_or_default();
         let in_flight = matches!(
             status.phase,
@@ -199,12 +130,13 @@ pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError>
         );
         if let (true, Some(target)) = (in_flight, status.target_node) {
             let clone = key(&mig.namespace().unwrap_or_default(), &mig.spec.vm_clone);
-            let entry = committed.entry(target).or_default();
-            entry.0 += clone_memory.get(&clone).copied().unwrap_or(0);
-            entry.1 += 1;
+            add(
+                &target,
+                clone_by_key.get(&clone).map_or(0, |c| clone_memory(c)),
+            );
         }
     }
-    for image in &images.items {
+    for image in input.images {
         let building = matches!(
             image.phase(),
             LiveImagePhase::Scheduled | LiveImagePhase::Booting | LiveImagePhase::Capturing
@@ -214,14 +146,15 @@ pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError>
             image.spec.source.boot.is_some(),
             image.labels().get(NODE_LABEL),
         ) {
-            let entry = committed.entry(node.clone()).or_default();
-            entry.0 += image_memory_bytes(image);
-            entry.1 += 1;
+            add(node, image_memory_bytes(image));
         }
     }
+    for r in input.reserved {
+        add(&r.node, r.memory_bytes);
+    }
 
-    Ok(nodes
-        .items
+    input
+        .nodes
         .iter()
         .map(|n| {
             let name = n.name_any();
@@ -230,7 +163,7 @@ pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError>
                 committed.get(&name).copied().unwrap_or_default();
             NodeFacts {
                 labels: n.labels().clone(),
-                heartbeat: beats.get(&name).cloned(),
+                heartbeat: input.heartbeats.get(&name).cloned(),
                 unschedulable: unschedulable(n),
                 memory_capacity_bytes: status
                     .allocatable
@@ -242,7 +175,7 @@ pub async fn node_facts(ctx: &Context) -> Result<Vec<NodeFacts>, ReconcileError>
                 name,
             }
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -279,6 +212,73 @@ mod tests {
             40
         );
         assert!(heartbeat_of(&Lease::default(), fallback).is_none());
+    }
+
+    fn clone_on(name: &str, node: Option<&str>, phase: &str) -> Arc<VMClone> {
+        let mut value = serde_json::json!({
+            "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
+            "metadata": {"name": name, "namespace": "ns", "labels": {}},
+            "spec": {"liveImage": "img"},
+            "status": {"phase": phase}
+        });
+        if let Some(node) = node {
+            value["metadata"]["labels"][NODE_LABEL] = node.into();
+        }
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    #[test]
+    fn facts_count_live_clones_migrations_builds_and_reservations() {
+        let nodes: Vec<Arc<VMNode>> = ["a", "b"]
+            .iter()
+            .map(|n| Arc::new(VMNode::new(n, VMNodeSpec::default())))
+            .collect();
+        let image: LiveImage = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
+            "metadata": {"name": "img", "namespace": "ns"},
+            "spec": {"source": {"boot": {"guest": "Request", "memoryMiB": 16}}},
+            "status": {"phase": "Ready", "memoryBytes": 16 * MIB}
+        }))
+        .unwrap();
+        let clones = vec![
+            clone_on("c1", Some("a"), "Running"),
+            clone_on("c2", Some("a"), "Stopped"),
+            clone_on("c3", None, "Pending"),
+            clone_on("c4", Some("b"), "Starting"),
+        ];
+        let migration: VMMigration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vmstream.io/v1alpha1", "kind": "VMMigration",
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {"vmClone": "c1"},
+            "status": {"phase": "Running", "targetNode": "b"}
+        }))
+        .unwrap();
+        let reserved = vec![Reservation {
+            what: crate::view::Reserved::Clone,
+            namespace: "ns".into(),
+            name: "c5".into(),
+            node: "a".into(),
+            memory_bytes: 16 * MIB,
+            at: std::time::Instant::now(),
+        }];
+        let facts = node_facts_from(&NodeFactsInput {
+            nodes: &nodes,
+            heartbeats: &BTreeMap::new(),
+            images: &[Arc::new(image)],
+            clones: &clones,
+            migrations: &[Arc::new(migration)],
+            reserved: &reserved,
+        });
+        let by_name = |n: &str| facts.iter().find(|f| f.name == n).unwrap().clone();
+        // a: c1 + the reservation (c2 stopped); b: c4 + c1 migrating in.
+        assert_eq!(
+            (by_name("a").committed_memory_bytes, by_name("a").placed_vms),
+            (32 * MIB, 2)
+        );
+        assert_eq!(
+            (by_name("b").committed_memory_bytes, by_name("b").placed_vms),
+            (32 * MIB, 2)
+        );
     }
 
     #[test]

@@ -10,3 +10,4 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod run;
+pub mod view;

@@ -5,8 +5,12 @@
 //! Our local control plane runs no garbage collector, so a pool carries the
 //! finalizer [`POOL_FINALIZER`] and deletes its clones itself before it goes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -14,14 +18,20 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{
-    ClonePool, ScaleInPolicy as ApiScaleInPolicy, VMClone, VMClonePhase, VMCloneSpec,
+    ClonePool, LiveImagePhase, ScaleInPolicy as ApiScaleInPolicy, VMClone, VMClonePhase,
+    VMCloneSpec,
 };
-use vmstream_api::{POOL_LABEL, condition, pool_label_selector, set_condition};
+use vmstream_api::{
+    NODE_LABEL, POOL_LABEL, VM_STOPPED_FINALIZER, condition, pool_label_selector, set_condition,
+};
 
+use super::vmclone::clone_request;
 use super::{Context, ensure_finalizer, patch_own_status, remove_finalizer};
 use crate::decide::phase::ClonePhase;
+use crate::decide::placement::{PlacementPolicy, place_batch};
 use crate::decide::scale_in::{PoolMember, ScaleInPolicy, choose_victims};
 use crate::error::ReconcileError;
+use crate::view::Reserved;
 
 /// Finalizer on a ClonePool until all of its VMClones are gone.
 pub const POOL_FINALIZER: &str = "vmstream.io/pool-clones";
@@ -108,6 +118,123 @@ fn new_clone(pool: &ClonePool) -> Result<VMClone, ReconcileError> {
     })
 }
 
+/// At most this many VMClone creations in flight at once.
+const CREATE_CONCURRENCY: usize = 16;
+
+/// What one scale-up created.
+#[derive(Debug, Default)]
+struct Created {
+    total: usize,
+    /// How many went to each node (`None`: left unplaced).
+    per_node: BTreeMap<Option<String>, usize>,
+}
+
+impl Created {
+    fn summary(&self) -> String {
+        self.per_node
+            .iter()
+            .map(|(node, n)| format!("{}: {n}", node.as_deref().unwrap_or("unplaced")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Creates `missing` clones of `pool`, placed together: when the image is
+/// Ready every clone is created already labelled for its node (decided in
+/// one pass over the cached node facts, reserved until the caches show it),
+/// concurrently (at most [`CREATE_CONCURRENCY`] at once). Clones no node
+/// fits are created unplaced; the VMClone reconciler keeps trying them.
+async fn scale_up(
+    ctx: &Context,
+    api: &Api<VMClone>,
+    pool: &ClonePool,
+    ns: &str,
+    missing: usize,
+) -> Result<Created, ReconcileError> {
+    let started = Instant::now();
+    let template = new_clone(pool)?;
+    let image = ctx
+        .view
+        .image(ns, &pool.spec.live_image)
+        .filter(|i| i.phase() == LiveImagePhase::Ready);
+    let placing = ctx.placement_lock.lock().await;
+    let (plan, memory) = match &image {
+        Some(image) => {
+            let template_spec = pool.spec.template.clone().unwrap_or_default();
+            let request = clone_request(ns, image, template_spec.placement.as_ref());
+            let policy = PlacementPolicy {
+                overcommit_ratio: ctx.config.overcommit_ratio,
+                now: Timestamp::now(),
+            };
+            let plan = place_batch(&request, &ctx.view.node_facts(), &policy, missing)
+                .into_iter()
+                .map(Result::ok)
+                .collect();
+            (plan, request.memory_bytes)
+        }
+        None => (vec![None; missing], 0),
+    };
+    let decided = started.elapsed();
+    let results: Vec<Result<(VMClone, Option<String>), ReconcileError>> =
+        futures::stream::iter(plan)
+            .map(|node| {
+                let mut body = template.clone();
+                if let Some(node) = &node {
+                    body.labels_mut().insert(NODE_LABEL.into(), node.clone());
+                    body.finalizers_mut().push(VM_STOPPED_FINALIZER.into());
+                }
+                async move {
+                    let created =
+                        api.create(&PostParams::default(), &body)
+                            .await
+                            .map_err(|source| ReconcileError::Create {
+                                kind: "VMClone",
+                                owner: pool.name_any(),
+                                source,
+                            })?;
+                    Ok((created, node))
+                }
+            })
+            .buffer_unordered(CREATE_CONCURRENCY)
+            .collect()
+            .await;
+    let mut created = Created::default();
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok((clone, node)) => {
+                if let Some(node) = &node {
+                    ctx.view
+                        .reserve(Reserved::Clone, ns, &clone.name_any(), node, memory);
+                    ctx.metrics.placed("VMClone");
+                }
+                created.total += 1;
+                *created.per_node.entry(node).or_default() += 1;
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    drop(placing);
+    tracing::info!(
+        pool = %pool.name_any(),
+        created = created.total,
+        placed = %created.summary(),
+        decide_ms = decided.as_secs_f64() * 1000.0,
+        total_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "scaled up"
+    );
+    match first_error {
+        Some(e) if created.total == 0 => Err(e),
+        Some(e) => {
+            tracing::warn!(pool = %pool.name_any(), error = %e, "some clones were not created");
+            Ok(created)
+        }
+        None => Ok(created),
+    }
+}
+
 pub async fn reconcile(pool: Arc<ClonePool>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let ns = pool
         .namespace()
@@ -156,25 +283,17 @@ pub async fn reconcile(pool: Arc<ClonePool>, ctx: Arc<Context>) -> Result<Action
     let desired = usize::try_from(pool.spec.replicas.max(0)).unwrap_or(0);
     let mut count = live.len();
     if count < desired {
-        let template = new_clone(&pool)?;
-        let missing = desired - count;
-        for _ in 0..missing {
-            let created = clones_api
-                .create(&PostParams::default(), &template)
-                .await
-                .map_err(|source| ReconcileError::Create {
-                    kind: "VMClone",
-                    owner: pool.name_any(),
-                    source,
-                })?;
-            count += 1;
-            tracing::info!(pool = %pool.name_any(), clone = %created.name_any(), "created clone");
-        }
+        let created = scale_up(&ctx, &clones_api, &pool, &ns, desired - count).await?;
+        count += created.total;
         ctx.event(
             &pool,
             false,
             "ScaledUp",
-            format!("created {} VMClone(s), now {count}", desired - live.len()),
+            format!(
+                "created {} VMClone(s) ({}), now {count}",
+                created.total,
+                created.summary()
+            ),
         )
         .await;
     } else if count > desired {

@@ -16,10 +16,11 @@ use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMClonePhase};
 use vmstream_api::{IMAGE_IN_USE_FINALIZER, NODE_LABEL, condition, set_condition};
 
 use super::{Context, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
-use crate::cluster::{clone_node, image_memory_bytes, node_alive, node_facts};
+use crate::cluster::{clone_node, image_memory_bytes};
 use crate::decide::phase::{ImageFacts, ImagePhase, ImageStep, image_step};
 use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
 use crate::error::ReconcileError;
+use crate::view::Reserved;
 
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -47,10 +48,7 @@ pub async fn reconcile(image: Arc<LiveImage>, ctx: Arc<Context>) -> Result<Actio
         .get(NODE_LABEL)
         .cloned()
         .or_else(|| image.status.as_ref().and_then(|s| s.node.clone()));
-    let alive = match &node {
-        Some(n) => node_alive(&ctx, n).await?,
-        None => false,
-    };
+    let alive = node.as_deref().is_some_and(|n| ctx.view.node_alive(n));
     let clones_using = if deleting {
         clones_api
             .list(&ListParams::default())
@@ -175,7 +173,11 @@ async fn schedule_on(
     image: &LiveImage,
     node: &str,
 ) -> Result<Action, ReconcileError> {
-    let labelled = patch_labels(api, image, json!({ NODE_LABEL: node })).await?;
+    let labelled = if image.labels().get(NODE_LABEL).map(String::as_str) == Some(node) {
+        image.clone()
+    } else {
+        patch_labels(api, image, json!({ NODE_LABEL: node })).await?
+    };
     write(
         api,
         &labelled,
@@ -228,10 +230,24 @@ async fn place_boot(
         overcommit_ratio: ctx.config.overcommit_ratio,
         now: Timestamp::now(),
     };
-    let _placing = ctx.placement_lock.lock().await;
-    match place(&request, &node_facts(ctx).await?, &policy) {
-        Ok(node) => schedule_on(ctx, api, image, &node).await,
-        Err(why) => pending(api, image, why.to_string()).await,
+    let placing = ctx.placement_lock.lock().await;
+    match place(&request, &ctx.view.node_facts(), &policy) {
+        Ok(node) => {
+            let labelled = patch_labels(api, image, json!({ NODE_LABEL: node })).await?;
+            ctx.view.reserve(
+                Reserved::Image,
+                &image.namespace().unwrap_or_default(),
+                &image.name_any(),
+                &node,
+                request.memory_bytes,
+            );
+            drop(placing);
+            schedule_on(ctx, api, &labelled, &node).await
+        }
+        Err(why) => {
+            drop(placing);
+            pending(api, image, why.to_string()).await
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use vmstream_api::v1alpha1::{ClonePool, LiveImage, VMAutoscaler, VMClone, VMMigr
 use crate::config::OperatorConfig;
 use crate::error::ReconcileError;
 use crate::metrics::OperatorMetrics;
+use crate::view::ClusterView;
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "vmstream-operator";
@@ -43,29 +44,24 @@ pub struct Context {
     /// When each periodic object (VMAutoscaler) was last evaluated, by
     /// object and generation.
     last_pass: Mutex<HashMap<String, Instant>>,
-    /// Held from reading node facts to writing the chosen node, so two
-    /// concurrent reconciles never both count the same free memory.
+    /// Held from reading node facts to writing the chosen node (and its
+    /// reservation), so two concurrent reconciles never both count the same
+    /// free memory.
     pub placement_lock: tokio::sync::Mutex<()>,
-    /// Node heartbeats, listed at most once per [`HEARTBEAT_CACHE_TTL`] for
-    /// the liveness checks of placed objects (placement itself re-lists).
-    pub heartbeat_cache: tokio::sync::Mutex<
-        Option<(
-            Instant,
-            std::collections::BTreeMap<String, crate::decide::placement::Heartbeat>,
-        )>,
-    >,
+    /// Reflector caches of nodes, heartbeats, images, clones, migrations.
+    pub view: ClusterView,
 }
 
-/// How old a cached heartbeat list may be for a liveness check.
-pub const HEARTBEAT_CACHE_TTL: Duration = Duration::from_millis(500);
-
 impl Context {
+    /// The context, with the watches of its [`ClusterView`] started (call
+    /// [`ClusterView::ready`] before deciding anything).
     pub fn new(client: Client, metrics: Arc<OperatorMetrics>, config: OperatorConfig) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance: Some(config.identity()),
         };
         Self {
+            view: ClusterView::start(&client, &config.namespace, config.heartbeat_timeout),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
@@ -73,7 +69,6 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             last_pass: Mutex::new(HashMap::new()),
             placement_lock: tokio::sync::Mutex::new(()),
-            heartbeat_cache: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -359,6 +354,9 @@ where
 /// Run every controller (until the process ends: a replica that stops
 /// leading exits rather than winding down, so it never writes after).
 pub async fn run_controllers(ctx: Arc<Context>) {
+    let synced = Instant::now();
+    ctx.view.ready().await;
+    tracing::info!(took = ?synced.elapsed(), "cluster view synced");
     let client = ctx.client.clone();
     let wc = watcher::Config::default;
     let scope = ctx.config.watch_namespace.clone();

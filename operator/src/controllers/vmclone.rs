@@ -12,17 +12,18 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{
-    LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMMigration, VMMigrationPhase, VMNode,
+    LiveImage, LiveImagePhase, Placement, VMClone, VMClonePhase, VMMigration, VMMigrationPhase,
 };
 use vmstream_api::{NODE_LABEL, VM_STOPPED_FINALIZER, condition, set_condition};
 
 use super::clonepool::clone_phase;
 use super::{Context, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
-use crate::cluster::{clone_node, image_memory_bytes, key, node_alive, node_facts};
+use crate::cluster::{clone_node, image_memory_bytes, key};
 use crate::decide::drain::{DrainFacts, DrainStep, drain_step};
 use crate::decide::phase::{CloneFacts, CloneStep, clone_step};
 use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
 use crate::error::ReconcileError;
+use crate::view::Reserved;
 
 /// How often an unplaceable clone retries placement.
 const UNPLACED_RETRY: Duration = Duration::from_secs(2);
@@ -34,10 +35,7 @@ pub async fn reconcile(clone: Arc<VMClone>, ctx: Arc<Context>) -> Result<Action,
     let api: Api<VMClone> = Api::namespaced(ctx.client.clone(), &ns);
     let deleting = clone.meta().deletion_timestamp.is_some();
     let node = clone_node(&clone);
-    let alive = match &node {
-        Some(n) => node_alive(&ctx, n).await?,
-        None => false,
-    };
+    let alive = node.as_deref().is_some_and(|n| ctx.view.node_alive(n));
     let facts = CloneFacts {
         phase: clone.status.as_ref().and_then(|s| s.phase).map(clone_phase),
         node: node.clone(),
@@ -76,6 +74,8 @@ pub async fn reconcile(clone: Arc<VMClone>, ctx: Arc<Context>) -> Result<Action,
             // A placement interrupted between the label and the status write
             // is completed here.
             let status_node = clone.status.as_ref().and_then(|s| s.node.clone());
+            // A pool places its new clones when it creates them (label
+            // set at creation): the status says so here.
             if let (Some(n), None) = (&node, &status_node)
                 && matches!(clone.phase(), VMClonePhase::Pending)
             {
@@ -140,16 +140,8 @@ async fn place_clone(
     clone: &VMClone,
     ns: &str,
 ) -> Result<Action, ReconcileError> {
-    let images: Api<LiveImage> = Api::namespaced(ctx.client.clone(), ns);
     let image_name = &clone.spec.live_image;
-    let image = images
-        .get_opt(image_name)
-        .await
-        .map_err(|source| ReconcileError::Get {
-            kind: "LiveImage",
-            name: image_name.clone(),
-            source,
-        })?;
+    let image = ctx.view.image(ns, image_name);
     let wait = |message: String| async move {
         if clone.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
             write_phase(
@@ -170,24 +162,24 @@ async fn place_clone(
     if image.phase() != LiveImagePhase::Ready {
         return wait(format!("waiting for LiveImage {image_name} to be Ready")).await;
     }
-    let placement = clone.spec.placement.clone().unwrap_or_default();
-    let request = PlacementRequest {
-        memory_bytes: image_memory_bytes(&image),
-        image: Some(key(ns, image_name)),
-        image_home: image.status.as_ref().and_then(|s| s.node.clone()),
-        node_name: placement.node_name,
-        node_selector: placement.node_selector.unwrap_or_default(),
-        exclude: Vec::new(),
-    };
+    let request = clone_request(ns, &image, clone.spec.placement.as_ref());
     let policy = PlacementPolicy {
         overcommit_ratio: ctx.config.overcommit_ratio,
         now: Timestamp::now(),
     };
-    let _placing = ctx.placement_lock.lock().await;
-    let nodes = node_facts(ctx).await?;
+    let placing = ctx.placement_lock.lock().await;
+    let nodes = ctx.view.node_facts();
     match place(&request, &nodes, &policy) {
         Ok(node) => {
             let labelled = patch_labels(api, clone, json!({ NODE_LABEL: node })).await?;
+            ctx.view.reserve(
+                Reserved::Clone,
+                ns,
+                &clone.name_any(),
+                &node,
+                request.memory_bytes,
+            );
+            drop(placing);
             write_phase(
                 api,
                 &labelled,
@@ -203,6 +195,7 @@ async fn place_clone(
             Ok(Action::requeue(ctx.config.recheck_interval()))
         }
         Err(why) => {
+            drop(placing);
             let message = why.to_string();
             if clone.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
                 ctx.event(clone, true, "FailedPlacement", message.clone())
@@ -222,26 +215,23 @@ async fn drain_if_needed(
     node: Option<&str>,
 ) -> Result<(), ReconcileError> {
     let Some(node) = node else { return Ok(()) };
-    let vmnode = Api::<VMNode>::all(ctx.client.clone())
-        .get_opt(node)
-        .await
-        .map_err(|source| ReconcileError::Get {
-            kind: "VMNode",
-            name: node.to_string(),
-            source,
-        })?;
-    let in_maintenance = vmnode.as_ref().is_some_and(crate::cluster::in_maintenance);
+    let in_maintenance = ctx
+        .view
+        .node(node)
+        .is_some_and(|n| crate::cluster::in_maintenance(&n));
     if !in_maintenance {
         return Ok(());
     }
     let migrations: Api<VMMigration> = Api::namespaced(ctx.client.clone(), ns);
-    let list = migrations
-        .list(&kube::api::ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::List {
-            kind: "VMMigration",
-            source,
-        })?;
+    // From the cache: a drain migration it does not show yet is refused by
+    // the API server as a duplicate name (409) below.
+    let cached: Vec<_> = ctx
+        .view
+        .migrations
+        .state()
+        .into_iter()
+        .filter(|m| m.namespace().as_deref() == Some(ns))
+        .collect();
     let name = clone.name_any();
     let drain_name = crate::decide::drain::drain_migration_name(&name, node);
     let facts = DrainFacts {
@@ -249,14 +239,14 @@ async fn drain_if_needed(
         node: Some(node.to_string()),
         node_in_maintenance: true,
         deleting: false,
-        migration_in_flight: list.items.iter().any(|m| {
+        migration_in_flight: cached.iter().any(|m| {
             m.spec.vm_clone == name
                 && !matches!(
                     m.phase(),
                     VMMigrationPhase::Succeeded | VMMigrationPhase::Failed
                 )
         }),
-        drain_migration_exists: list.items.iter().any(|m| m.name_any() == drain_name),
+        drain_migration_exists: cached.iter().any(|m| m.name_any() == drain_name),
     };
     if let DrainStep::Migrate {
         name: migration,
@@ -291,4 +281,22 @@ async fn drain_if_needed(
         }
     }
     Ok(())
+}
+
+/// The placement request of a clone of `image` (in namespace `ns`) with the
+/// clone's `placement`.
+pub fn clone_request(
+    ns: &str,
+    image: &LiveImage,
+    placement: Option<&Placement>,
+) -> PlacementRequest {
+    let placement = placement.cloned().unwrap_or_default();
+    PlacementRequest {
+        memory_bytes: image_memory_bytes(image),
+        image: Some(key(ns, &image.name_any())),
+        image_home: image.status.as_ref().and_then(|s| s.node.clone()),
+        node_name: placement.node_name,
+        node_selector: placement.node_selector.unwrap_or_default(),
+        exclude: Vec::new(),
+    }
 }

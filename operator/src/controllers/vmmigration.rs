@@ -13,15 +13,16 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use vmstream_api::v1alpha1::{LiveImage, VMClone, VMMigration, VMMigrationPhase};
+use vmstream_api::v1alpha1::{VMClone, VMMigration, VMMigrationPhase};
 use vmstream_api::{NODE_LABEL, SOURCE_NODE_LABEL, condition, set_condition};
 
 use super::clonepool::clone_phase;
 use super::{Context, now_time, patch_labels, patch_status};
-use crate::cluster::{clone_node, image_memory_bytes, key, node_alive, node_facts};
+use crate::cluster::{clone_node, image_memory_bytes, key};
 use crate::decide::phase::{MigrationFacts, MigrationPhase, MigrationStep, migration_step};
 use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
 use crate::error::ReconcileError;
+use crate::view::Reserved;
 
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -36,10 +37,7 @@ fn migration_phase(phase: VMMigrationPhase) -> MigrationPhase {
 }
 
 async fn alive(ctx: &Context, node: Option<&str>) -> Result<bool, ReconcileError> {
-    match node {
-        Some(n) => node_alive(ctx, n).await,
-        None => Ok(false),
-    }
+    Ok(node.is_some_and(|n| ctx.view.node_alive(n)))
 }
 
 /// After a successful migration the VM runs on the target: point the
@@ -143,19 +141,11 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
         None
     };
     let candidates = if needs_target {
-        let memory = match &clone {
-            Some(c) => Api::<LiveImage>::namespaced(ctx.client.clone(), &ns)
-                .get_opt(&c.spec.live_image)
-                .await
-                .map_err(|source| ReconcileError::Get {
-                    kind: "LiveImage",
-                    name: c.spec.live_image.clone(),
-                    source,
-                })?
-                .map_or(0, |i| image_memory_bytes(&i)),
-            None => 0,
-        };
-        Some((node_facts(&ctx).await?, memory))
+        let memory = clone
+            .as_ref()
+            .and_then(|c| ctx.view.image(&ns, &c.spec.live_image))
+            .map_or(0, |i| image_memory_bytes(&i));
+        Some((ctx.view.node_facts(), memory))
     } else {
         None
     };
@@ -268,6 +258,15 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
                 }),
             )
             .await?;
+            if let Some((_, memory)) = &candidates {
+                ctx.view.reserve(
+                    Reserved::MigrationTarget,
+                    &ns,
+                    &mig.name_any(),
+                    &target,
+                    *memory,
+                );
+            }
             ctx.metrics.placed("VMMigration");
             ctx.event(mig.as_ref(), false, "Scheduled", message).await;
             Action::requeue(RETRY)

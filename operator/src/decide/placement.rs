@@ -194,6 +194,28 @@ pub fn place(
         .ok_or(why)
 }
 
+/// Places `count` VMs of the same request one after the other, each seeing
+/// the memory of the ones placed before it (a pool's scale-up decided in one
+/// pass). One result per VM, in order.
+pub fn place_batch(
+    req: &PlacementRequest,
+    nodes: &[NodeFacts],
+    policy: &PlacementPolicy,
+    count: usize,
+) -> Vec<Result<String, NoNodeFits>> {
+    let mut nodes = nodes.to_vec();
+    (0..count)
+        .map(|_| {
+            let chosen = place(req, &nodes, policy)?;
+            if let Some(node) = nodes.iter_mut().find(|n| n.name == chosen) {
+                node.committed_memory_bytes += req.memory_bytes;
+                node.placed_vms += 1;
+            }
+            Ok(chosen)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +359,31 @@ mod tests {
             c
         };
         assert_eq!(place(&request(1), &[a, c, b], &policy()).unwrap(), "b");
+    }
+
+    #[test]
+    fn batch_spends_free_memory_once_and_reports_the_rest() {
+        // Room for 2 VMs on a, 3 on b; 7 requested.
+        let nodes = [node("a", 4, 2), node("b", 4, 1)];
+        let placed = place_batch(&request(1), &nodes, &policy(), 7);
+        let on = |n: &str| placed.iter().filter(|r| r.as_deref() == Ok(n)).count();
+        assert_eq!((on("a"), on("b")), (2, 3));
+        assert_eq!(placed.iter().filter(|r| r.is_err()).count(), 2);
+        let refused = placed.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(refused.insufficient_memory, 2);
+    }
+
+    #[test]
+    fn batch_spreads_by_load_and_fills_the_image_holder_first() {
+        let nodes = [node("a", 8, 0), node("b", 8, 0)];
+        let placed = place_batch(&request(1), &nodes, &policy(), 4);
+        let names: Vec<&str> = placed.iter().map(|r| r.as_deref().unwrap()).collect();
+        assert_eq!(names, ["a", "b", "a", "b"]);
+        let mut holder = node("b", 8, 0);
+        holder.images = vec!["ns/img".into()];
+        let placed = place_batch(&request(2), &[node("a", 8, 0), holder], &policy(), 5);
+        let names: Vec<&str> = placed.iter().map(|r| r.as_deref().unwrap()).collect();
+        assert_eq!(names, ["b", "b", "b", "b", "a"]);
     }
 
     #[test]
