@@ -176,7 +176,12 @@ impl Node {
 
     /// Pids of this node's VM processes (from their `vm.json` records).
     pub fn vm_pids(&self) -> Vec<u32> {
-        let mut pids = Vec::new();
+        self.vm_pids_by_id().into_values().collect()
+    }
+
+    /// This node's VM processes: VM id → pid (from their `vm.json` records).
+    pub fn vm_pids_by_id(&self) -> std::collections::BTreeMap<String, u32> {
+        let mut pids = std::collections::BTreeMap::new();
         let Ok(entries) = fs::read_dir(self.state_dir.join("vms")) else {
             return pids;
         };
@@ -188,7 +193,7 @@ impl Node {
                 continue;
             };
             if let Some(pid) = value["pid"].as_u64() {
-                pids.push(pid as u32);
+                pids.insert(entry.file_name().to_string_lossy().into_owned(), pid as u32);
             }
         }
         pids
