@@ -46,4 +46,4 @@ pub use plan::{MigrationMode, PrecopyLimits};
 pub use report::{MigrationReport, TargetSide};
 pub use source::{MigrateError, SourceOptions, migrate};
 pub use target::{ReceiveError, Received, TargetOptions, receive};
-pub use target_vm::{MigratedVm, TargetShell};
+pub use target_vm::{TargetShell, TargetShellError};

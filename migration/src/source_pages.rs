@@ -81,6 +81,11 @@ impl SourceMemory {
                 false,
                 private_pages(base as usize, pages).map_err(TouchedPagesError::Pagemap)?,
             ),
+            // Received by migration: every page is installed; those still
+            // equal to this node's image go as Clean.
+            MemoryBacking::Installed { image, .. } => {
+                (image.clone(), image.is_some(), all_pages(pages))
+            }
             // Streamed from another node: no local image to compare with.
             MemoryBacking::Anonymous | MemoryBacking::LazyFrom { .. } => {
                 (None, false, all_pages(pages))

@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use vmstream_pagestream::ClusterToken;
 use vmstream_vmm::image::PageStore;
-use vmstream_vmm::machine::MachineConfig;
-use vmstream_vmm::memory::{PAGE_SIZE, PageSource};
+use vmstream_vmm::machine::{Machine, MachineConfig};
 use vmstream_vmm::vstate::VmState;
 use vmstream_vmm::vstate::vm::KvmHost;
 
@@ -31,7 +30,7 @@ use crate::report::TargetSide;
 use crate::session::{SessionError, abort, read_hello, server_authenticate};
 use crate::source::image_fingerprint;
 use crate::target_memory::TargetMemory;
-use crate::target_vm::{MigratedVm, TargetShell, TargetShellError};
+use crate::target_vm::{TargetShell, TargetShellError};
 use crate::wire::{
     self, Command, FLAG_FAULT_ANSWER, FLAG_FAULT_CONNECTION, FLAG_LAST, FLAG_PRECOPY, FLAG_RESUME,
     FLAG_TARGET_RUNNING, Header, Hello, read_frame, write_frame,
@@ -77,12 +76,6 @@ impl TargetOptions {
             before_ready: None,
         }
     }
-
-    fn image_source(&self) -> Option<Arc<dyn PageSource>> {
-        self.image
-            .as_ref()
-            .map(|i| Arc::clone(i) as Arc<dyn PageSource>)
-    }
 }
 
 /// Why receiving a migration failed.
@@ -98,10 +91,11 @@ pub enum ReceiveError {
     Protocol(String),
 }
 
-/// A received migration: the VM (running) and what it took here.
+/// A received migration: the VM (running, a machine like any other: it can
+/// be paused, captured and migrated again) and what it took here.
 #[derive(Debug)]
 pub struct Received {
-    pub vm: MigratedVm,
+    pub vm: Machine,
     pub mode: MigrationMode,
     pub side: TargetSide,
 }
@@ -212,7 +206,7 @@ pub fn receive(
     let step = Instant::now();
     let shell = match shell {
         Some(s) if s.config() == config => s,
-        _ => match TargetShell::create(&options.host, config, options.image_source()) {
+        _ => match TargetShell::create(&options.host, config, options.image.clone()) {
             Ok(s) => s,
             Err(e) => {
                 let _ = abort(&mut control, &format!("cannot make the VM shell: {e}"));
@@ -235,7 +229,8 @@ pub fn receive(
     // Precopy pages, then the state.
     let _ = control.set_read_timeout(Some(options.switchover_timeout));
     let mut buf = Vec::new();
-    let state = loop {
+    let mut shell = Some(shell);
+    let prepared = loop {
         let h = read_frame(&mut control, &mut buf)
             .map_err(|e| ReceiveError::BeforeStart(SessionError::read("precopy or state")(e)))?;
         match h.command {
@@ -244,14 +239,18 @@ pub fn receive(
                 let state = VmState::decode(&buf).map_err(|e| {
                     ReceiveError::BeforeStart(SessionError::Protocol(format!("bad VM state: {e}")))
                 })?;
-                if let Err(e) = shell.set_state(&state) {
-                    let _ = abort(&mut control, &format!("cannot set the VM state: {e}"));
-                    return Err(ReceiveError::BeforeStart(SessionError::Refused(
-                        e.to_string(),
-                    )));
-                }
+                let shell = shell.take().expect("the state arrives once");
+                let prepared = match shell.set_state(&state) {
+                    Ok(prepared) => prepared,
+                    Err(e) => {
+                        let _ = abort(&mut control, &format!("cannot set the VM state: {e}"));
+                        return Err(ReceiveError::BeforeStart(SessionError::Refused(
+                            e.to_string(),
+                        )));
+                    }
+                };
                 side.set_state_ms = step.elapsed().as_secs_f64() * 1e3;
-                break state;
+                break prepared;
             }
             Command::Abort => {
                 return Err(ReceiveError::BeforeStart(SessionError::Aborted(
@@ -269,8 +268,8 @@ pub fn receive(
 
     // Go (possibly over a new connection if the link broke after Ready).
     let mut links = Some((control, fault));
-    let mut vm: Option<MigratedVm> = None;
-    let mut shell = Some(shell);
+    let mut vm: Option<Machine> = None;
+    let mut prepared = Some(prepared);
     loop {
         let (mut control, fault) = match links.take() {
             Some(l) => l,
@@ -301,7 +300,8 @@ pub fn receive(
             match go {
                 Ok(()) => {
                     let step = Instant::now();
-                    let started = shell.take().expect("shell kept until Go").start(&state);
+                    memory.set_running();
+                    let started = prepared.take().expect("kept until Go").start().machine;
                     side.start_ms = step.elapsed().as_secs_f64() * 1e3;
                     vm = Some(started);
                     if write_frame(&mut control, &Header::new(Command::Resumed), &[]).is_err() {
@@ -321,6 +321,7 @@ pub fn receive(
         }
     }
     let vm = vm.expect("running after postcopy");
+    memory.shutdown();
     side = side.with_memory(&memory.stats());
     Ok(Received { vm, mode, side })
 }
@@ -397,10 +398,7 @@ fn apply_page_frame(memory: &TargetMemory, h: &Header, buf: &[u8]) -> Result<(),
             let words = memory.pages().div_ceil(64);
             let pairs = wire::parse_sparse_bitmap(buf, words)
                 .ok_or_else(|| SessionError::Protocol("malformed Invalidate".into()))?;
-            memory
-                .invalidate(&pairs)
-                .map(|_| ())
-                .map_err(SessionError::io("dropping invalidated pages"))
+            install(memory.invalidate(&pairs).map(|_| ()))
         }
         Command::Ping => Ok(()),
         other => Err(SessionError::Unexpected {
@@ -544,6 +542,5 @@ fn postcopy_epoch(
         outcome
     });
     memory.set_fault_link(None);
-    let _ = PAGE_SIZE;
     result
 }

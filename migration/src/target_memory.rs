@@ -1,5 +1,8 @@
-//! The migration target's guest memory: guest RAM registered with its own
-//! userfaultfd (MISSING mode) and a fault-serving thread. Every page is
+//! The migration target's guest memory: the VM shell's userfaultfd
+//! registration (`vmstream_vmm::memory::LazyMemory`) with this module as its
+//! [`MissingPageHook`]: the VMM's handler thread reports a missing page and
+//! goes on; the page is installed through a `PageInstaller` by whichever
+//! path has it. Every page is
 //! installed exactly once, by whichever comes first: a page pushed by the
 //! source, the answer to a fault request, or the local live image (pages the
 //! source reported identical to it). `UFFDIO_COPY` refuses a page that is
@@ -19,17 +22,15 @@
 //! are written in place over the installed copy.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
-use userfaultfd::{Event, EventBuffer, FaultKind, IoctlFlags, Uffd, UffdBuilder};
-use vmstream_vmm::image::Bitmap;
-use vmstream_vmm::memory::{GuestRam, PAGE_SIZE, PageSource};
+use vmstream_vmm::memory::{
+    AttachError, FillError, LazyMemory, MissingPageHook, PAGE_SIZE, PageInstaller, PageSource,
+};
 
 use crate::wire::{Command, Header, write_frame};
 
@@ -43,23 +44,10 @@ const IMAGE_FAULT_AROUND: usize = 16;
 /// Why the target's memory could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetMemoryError {
-    #[error("cannot create a userfaultfd for guest RAM")]
-    Create(#[source] userfaultfd::Error),
-    #[error("cannot register guest RAM {addr:#x}+{len:#x} with userfaultfd")]
-    Register {
-        addr: usize,
-        len: usize,
-        #[source]
-        source: userfaultfd::Error,
-    },
-    #[error("the kernel does not offer UFFDIO_COPY/ZEROPAGE/WAKE on guest RAM")]
-    MissingIoctl,
     #[error("the image has {image} pages, guest RAM {ram}")]
     ImageSize { image: usize, ram: usize },
-    #[error("cannot create the handler's eventfd")]
-    EventFd(#[source] io::Error),
-    #[error("cannot start the fault handler thread")]
-    Spawn(#[source] io::Error),
+    #[error("cannot attach the migration's fault hook to guest RAM")]
+    Attach(#[from] AttachError),
 }
 
 /// Why pages could not be installed.
@@ -71,13 +59,8 @@ pub enum InstallError {
         end: usize,
         pages: usize,
     },
-    #[error("UFFDIO_{op} of pages {first}..{end} failed: {}", io::Error::from_raw_os_error(*errno))]
-    Ioctl {
-        op: &'static str,
-        first: usize,
-        end: usize,
-        errno: i32,
-    },
+    #[error("cannot install pages into guest RAM")]
+    Install(#[from] FillError),
     #[error("cannot read page {page} from the live image")]
     Image {
         page: usize,
@@ -119,12 +102,11 @@ struct Counters {
     errors: AtomicU64,
 }
 
+/// Page states, outstanding faults and the fault link: the hook the VMM's
+/// fault handler calls, and what installs consult.
 struct Shared {
-    uffd: Uffd,
-    base: usize,
     pages: usize,
-    installed: Bitmap,
-    requested: Bitmap,
+    requested: vmstream_vmm::image::Bitmap,
     state: Box<[AtomicU8]>,
     image: Option<Arc<dyn PageSource>>,
     /// Faulted pages not yet installed, with the time of the fault.
@@ -133,15 +115,13 @@ struct Shared {
     fault_link: Mutex<Option<TcpStream>>,
     all_sent: AtomicBool,
     running: AtomicBool,
-    stop: AtomicBool,
-    wake: OwnedFd,
     counters: Counters,
 }
 
 /// Guest RAM of a migration target; see the module documentation.
 pub struct TargetMemory {
     shared: Arc<Shared>,
-    handler: Mutex<Option<JoinHandle<()>>>,
+    installer: PageInstaller,
 }
 
 impl std::fmt::Debug for TargetMemory {
@@ -153,61 +133,34 @@ impl std::fmt::Debug for TargetMemory {
     }
 }
 
-fn errno_of(e: &userfaultfd::Error) -> i32 {
-    match e {
-        userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) => *n as i32,
-        userfaultfd::Error::SystemError(n) => *n as i32,
-        userfaultfd::Error::PartiallyCopied(_) => libc::EAGAIN,
-        _ => libc::EIO,
+impl MissingPageHook for Shared {
+    fn missing(&self, page: usize, installer: &PageInstaller) {
+        self.on_fault(installer, page, Instant::now());
     }
 }
 
 impl TargetMemory {
-    /// Registers `ram` with a new userfaultfd and starts the fault handler.
+    /// Attaches to `lazy` (a VM shell's userfaultfd registration, nothing
+    /// attached yet): its missing pages are handled here from now on.
     /// `image` provides pages the source reports identical to the live
     /// image (none: such pages are zero).
-    pub fn register(
-        ram: &GuestRam,
+    pub fn attach(
+        lazy: &LazyMemory,
         image: Option<Arc<dyn PageSource>>,
     ) -> Result<Self, TargetMemoryError> {
+        let installer = lazy.installer();
+        let pages = installer.pages();
         if let Some(image) = &image
-            && image.pages() != ram.pages()
+            && image.pages() != pages
         {
             return Err(TargetMemoryError::ImageSize {
                 image: image.pages(),
-                ram: ram.pages(),
+                ram: pages,
             });
         }
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .map_err(TargetMemoryError::Create)?;
-        let ioctls = uffd
-            .register(ram.host_addr().cast(), ram.len())
-            .map_err(|source| TargetMemoryError::Register {
-                addr: ram.host_addr() as usize,
-                len: ram.len(),
-                source,
-            })?;
-        if !ioctls.contains(IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE) {
-            return Err(TargetMemoryError::MissingIoctl);
-        }
-        // SAFETY: eventfd creates a new descriptor; checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(TargetMemoryError::EventFd(io::Error::last_os_error()));
-        }
-        // SAFETY: efd is a fresh descriptor nobody else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(efd) };
-        let pages = ram.pages();
         let shared = Arc::new(Shared {
-            uffd,
-            base: ram.host_addr() as usize,
             pages,
-            installed: Bitmap::new(pages),
-            requested: Bitmap::new(pages),
+            requested: vmstream_vmm::image::Bitmap::new(pages),
             state: (0..pages).map(|_| AtomicU8::new(UNKNOWN)).collect(),
             image,
             waiting: Mutex::new(HashMap::new()),
@@ -215,19 +168,10 @@ impl TargetMemory {
             fault_link: Mutex::new(None),
             all_sent: AtomicBool::new(false),
             running: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            wake,
             counters: Counters::default(),
         });
-        let thread_shared = Arc::clone(&shared);
-        let handler = std::thread::Builder::new()
-            .name("migrate-faults".into())
-            .spawn(move || thread_shared.serve_faults())
-            .map_err(TargetMemoryError::Spawn)?;
-        Ok(Self {
-            shared,
-            handler: Mutex::new(Some(handler)),
-        })
+        lazy.attach_hook(Arc::clone(&shared) as Arc<dyn MissingPageHook>)?;
+        Ok(Self { shared, installer })
     }
 
     /// Number of guest pages.
@@ -264,6 +208,32 @@ impl TargetMemory {
         }
     }
 
+    fn check_range(&self, first: usize, count: usize) -> Result<(), InstallError> {
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > self.shared.pages)
+        {
+            return Err(InstallError::OutOfRange {
+                first,
+                end: first.saturating_add(count),
+                pages: self.shared.pages,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes `data` over installed pages from `page` on, in place. Only
+    /// while the VM does not run (precopy).
+    fn overwrite(&self, page: usize, data: &[u8]) {
+        debug_assert!(!self.shared.running.load(Ordering::SeqCst));
+        // SAFETY: the destination pages are installed (present) inside guest
+        // RAM and no vCPU runs, so nothing else reads or writes them; the
+        // source is the caller's buffer of exactly `data.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.installer.page_ptr(page), data.len())
+        };
+    }
+
     /// Installs received pages `first..first + data.len() / PAGE_SIZE`.
     /// Pages already installed are dropped (counted as duplicates), except
     /// `precopy` pages before the VM runs, which overwrite the older copy.
@@ -274,46 +244,23 @@ impl TargetMemory {
         precopy: bool,
     ) -> Result<(), InstallError> {
         let count = data.len() / PAGE_SIZE;
-        self.shared.check_range(first, count)?;
+        self.check_range(first, count)?;
         let overwrite = precopy && !self.shared.running.load(Ordering::SeqCst);
-        let mut page = first;
-        while page < first + count {
-            let installed = self.shared.installed.get(page);
-            let mut end = page + 1;
-            while end < first + count && self.shared.installed.get(end) == installed {
-                end += 1;
-            }
-            let src = &data[(page - first) * PAGE_SIZE..(end - first) * PAGE_SIZE];
-            if installed {
-                if overwrite {
-                    // SAFETY: the destination pages are present (installed)
-                    // inside guest RAM and the VM is not running, so nothing
-                    // else reads or writes them; the source is our buffer.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.as_ptr(),
-                            self.shared.addr(page).cast::<u8>(),
-                            src.len(),
-                        )
-                    };
-                } else {
-                    self.shared
-                        .counters
-                        .duplicates
-                        .fetch_add((end - page) as u64, Ordering::Relaxed);
+        if overwrite {
+            for page in first..first + count {
+                if self.installer.is_installed(page) {
+                    let at = (page - first) * PAGE_SIZE;
+                    self.overwrite(page, &data[at..at + PAGE_SIZE]);
                 }
-            } else {
-                let n = self.shared.copy_run(src, page, end)?;
-                self.shared
-                    .counters
-                    .pages_received
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                self.shared
-                    .counters
-                    .duplicates
-                    .fetch_add((end - page - n) as u64, Ordering::Relaxed);
             }
-            page = end;
+        }
+        let n = self.installer.install(first, data)?;
+        self.shared.settle(first, first + count);
+        let c = &self.shared.counters;
+        c.pages_received.fetch_add(n as u64, Ordering::Relaxed);
+        if !overwrite {
+            c.duplicates
+                .fetch_add((count - n) as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -321,76 +268,53 @@ impl TargetMemory {
     /// Pages `first..first + count` are identical to the image (or zero
     /// without one): install the missing ones from there now.
     pub fn install_from_image(&self, first: usize, count: usize) -> Result<(), InstallError> {
-        self.shared.check_range(first, count)?;
+        self.check_range(first, count)?;
         let running = self.shared.running.load(Ordering::SeqCst);
         let mut bounce = vec![0u8; PAGE_SIZE];
         for page in first..first + count {
             self.shared.state[page].store(IMAGE, Ordering::SeqCst);
-            if !running && self.shared.installed.get(page) {
+            if !running && self.installer.is_installed(page) {
                 // Precopy: an older copy sent earlier is replaced.
-                match &self.shared.image {
-                    Some(image) if !image.is_zero(page) => {
-                        image
-                            .read_pages(page, 1, &mut bounce)
-                            .map_err(|source| InstallError::Image { page, source })?
-                    }
-                    _ => bounce.fill(0),
-                }
-                // SAFETY: an installed page of guest RAM while the VM does
-                // not run: nothing else touches it; the source is our buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        bounce.as_ptr(),
-                        self.shared.addr(page).cast::<u8>(),
-                        PAGE_SIZE,
-                    )
-                };
+                self.shared.image_page(page, &mut bounce)?;
+                self.overwrite(page, &bounce);
             }
         }
-        self.shared.fill_from_image(first, count)
+        self.shared.fill_from_image(&self.installer, first, count)
     }
 
     /// Pages `first..first + count` are zero (a source without an image):
     /// install the missing ones as zero pages.
     pub fn install_zero(&self, first: usize, count: usize) -> Result<(), InstallError> {
-        self.shared.check_range(first, count)?;
-        for page in first..first + count {
-            if !self.shared.installed.get(page) {
-                let n = self.shared.zero_page(page)?;
-                self.shared
-                    .counters
-                    .pages_received
-                    .fetch_add(n as u64, Ordering::Relaxed);
-            } else if self.shared.running.load(Ordering::SeqCst) {
-                self.shared
-                    .counters
-                    .duplicates
-                    .fetch_add(1, Ordering::Relaxed);
-            } else {
-                // SAFETY: an installed page of guest RAM while the VM does
-                // not run (precopy): nothing else touches it.
-                unsafe { std::ptr::write_bytes(self.shared.addr(page).cast::<u8>(), 0, PAGE_SIZE) };
+        self.check_range(first, count)?;
+        let running = self.shared.running.load(Ordering::SeqCst);
+        if !running {
+            let zero = [0u8; PAGE_SIZE];
+            for page in first..first + count {
+                if self.installer.is_installed(page) {
+                    self.overwrite(page, &zero);
+                }
             }
+        }
+        let n = self.installer.install_zero(first, count)?;
+        self.shared.settle(first, first + count);
+        let c = &self.shared.counters;
+        c.pages_received.fetch_add(n as u64, Ordering::Relaxed);
+        if running {
+            c.duplicates
+                .fetch_add((count - n) as u64, Ordering::Relaxed);
         }
         Ok(())
     }
 
     /// Marks the pages of a sparse bitmap as coming from the source.
     pub fn mark_candidates(&self, words: &[(usize, u64)]) {
-        for &(index, word) in words {
-            let mut bits = word;
-            while bits != 0 {
-                let page = index * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                if page < self.shared.pages {
-                    let _ = self.shared.state[page].compare_exchange(
-                        UNKNOWN,
-                        SOURCE,
-                        Ordering::SeqCst,
-                        Ordering::SeqCst,
-                    );
-                }
-            }
+        for page in pages_of(words, self.shared.pages) {
+            let _ = self.shared.state[page].compare_exchange(
+                UNKNOWN,
+                SOURCE,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
         }
     }
 
@@ -400,7 +324,12 @@ impl TargetMemory {
         for s in self.shared.state.iter() {
             let _ = s.compare_exchange(UNKNOWN, IMAGE, Ordering::SeqCst, Ordering::SeqCst);
         }
-        self.serve_waiting_from_image()
+        for page in self.waiting_pages() {
+            if self.shared.state[page].load(Ordering::SeqCst) == IMAGE {
+                self.shared.fill_from_image(&self.installer, page, 1)?;
+            }
+        }
+        Ok(())
     }
 
     /// The source sent every candidate page on the bulk connection.
@@ -413,7 +342,7 @@ impl TargetMemory {
         let mut lost = 0;
         for p in 0..self.shared.pages {
             if self.shared.state[p].load(Ordering::SeqCst) == SOURCE
-                && !self.shared.installed.get(p)
+                && !self.installer.is_installed(p)
             {
                 if self.shared.requested.get(p) {
                     requested += 1;
@@ -425,49 +354,25 @@ impl TargetMemory {
         (requested, lost)
     }
 
-    fn serve_waiting_from_image(&self) -> Result<(), InstallError> {
-        let waiting: Vec<usize> = self
-            .shared
+    fn waiting_pages(&self) -> Vec<usize> {
+        self.shared
             .waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .copied()
-            .collect();
-        for page in waiting {
-            if self.shared.state[page].load(Ordering::SeqCst) == IMAGE {
-                self.shared.fill_from_image(page, 1)?;
-            }
-        }
-        Ok(())
+            .collect()
     }
 
     /// Drops the installed copies of the pages of a sparse bitmap (hybrid:
     /// written on the source after they were sent); they come from the
     /// source again. Only before the VM runs.
-    pub fn invalidate(&self, words: &[(usize, u64)]) -> io::Result<usize> {
+    pub fn invalidate(&self, words: &[(usize, u64)]) -> Result<usize, InstallError> {
         let mut dropped = 0;
-        for &(index, word) in words {
-            let mut bits = word;
-            while bits != 0 {
-                let page = index * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                if page >= self.shared.pages {
-                    continue;
-                }
-                self.shared.state[page].store(SOURCE, Ordering::SeqCst);
-                if self.shared.installed.clear(page) {
-                    // SAFETY: one page inside guest RAM that the VM does not
-                    // use yet; MADV_DONTNEED makes it missing again, so the
-                    // next access faults to our userfaultfd.
-                    let rc = unsafe {
-                        libc::madvise(self.shared.addr(page), PAGE_SIZE, libc::MADV_DONTNEED)
-                    };
-                    if rc != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    dropped += 1;
-                }
+        for page in pages_of(words, self.shared.pages) {
+            self.shared.state[page].store(SOURCE, Ordering::SeqCst);
+            if self.installer.discard(page)? {
+                dropped += 1;
             }
         }
         Ok(dropped)
@@ -476,16 +381,8 @@ impl TargetMemory {
     /// Faulted pages still waiting for the source (re-requested after a
     /// reconnection: their requests may have been lost).
     pub fn rerequest_waiting(&self) {
-        let waiting: Vec<usize> = self
-            .shared
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect();
-        for page in waiting {
-            if !self.shared.installed.get(page) {
+        for page in self.waiting_pages() {
+            if !self.installer.is_installed(page) {
                 self.shared.requested.clear(page);
                 self.shared.request(page);
             }
@@ -495,9 +392,9 @@ impl TargetMemory {
     /// Pages whose final content is known here: installed, or to be taken
     /// from the image. Word bitmap (for the source after a reconnection).
     pub fn resolved_words(&self) -> Vec<u64> {
-        let mut words = vec![0u64; self.shared.pages.div_ceil(64)];
+        let mut words = self.installer.installed().to_words();
         for (page, state) in self.shared.state.iter().enumerate() {
-            if self.shared.installed.get(page) || state.load(Ordering::SeqCst) == IMAGE {
+            if state.load(Ordering::SeqCst) == IMAGE {
                 words[page / 64] |= 1 << (page % 64);
             }
         }
@@ -506,12 +403,12 @@ impl TargetMemory {
 
     /// Whether `page` is installed.
     pub fn is_installed(&self, page: usize) -> bool {
-        self.shared.installed.get(page)
+        self.installer.is_installed(page)
     }
 
     /// Installed page count.
     pub fn installed_pages(&self) -> usize {
-        self.shared.installed.count_ones()
+        self.installer.installed().count_ones()
     }
 
     /// Counters.
@@ -529,50 +426,34 @@ impl TargetMemory {
         }
     }
 
-    /// Stops the fault handler (vCPUs must be stopped first).
+    /// Closes the fault link (the session is over; the hook stays attached
+    /// and only wakes faults on installed pages from now on).
     pub fn shutdown(&self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a local u64 to our eventfd.
-        unsafe { libc::write(self.shared.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        let handler = self
-            .handler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(h) = handler {
-            let _ = h.join();
-        }
+        self.set_fault_link(None);
     }
 }
 
-impl Drop for TargetMemory {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
+/// The set bits of a sparse bitmap, below `pages`.
+fn pages_of(words: &[(usize, u64)], pages: usize) -> impl Iterator<Item = usize> + '_ {
+    words.iter().flat_map(move |&(index, word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            while bits != 0 {
+                let page = index * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if page < pages {
+                    return Some(page);
+                }
+            }
+            None
+        })
+    })
 }
 
 impl Shared {
-    fn addr(&self, page: usize) -> *mut libc::c_void {
-        (self.base + page * PAGE_SIZE) as *mut libc::c_void
-    }
-
-    fn check_range(&self, first: usize, count: usize) -> Result<(), InstallError> {
-        if first.checked_add(count).is_none_or(|end| end > self.pages) {
-            return Err(InstallError::OutOfRange {
-                first,
-                end: first.saturating_add(count),
-                pages: self.pages,
-            });
-        }
-        Ok(())
-    }
-
-    /// Marks pages installed and settles the faults waiting on them.
-    fn mark_installed(&self, first: usize, end: usize) {
-        for page in first..end {
-            self.installed.set(page);
-        }
+    /// Settles the faults waiting on pages `first..end`, now installed
+    /// (by this call or an earlier one): records how long they waited.
+    fn settle(&self, first: usize, end: usize) {
         if self.waiting_count.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -589,108 +470,60 @@ impl Shared {
         }
     }
 
-    /// `UFFDIO_COPY` of `src` into missing pages `first..end`; returns how
-    /// many this call installed (pages found present are skipped).
-    fn copy_run(&self, src: &[u8], first: usize, end: usize) -> Result<usize, InstallError> {
-        let len = (end - first) * PAGE_SIZE;
-        // SAFETY: `src` is valid for `len` bytes; the destination lies in the
-        // registered guest RAM; UFFDIO_COPY only fills missing pages.
-        let result = unsafe {
-            self.uffd
-                .copy(src.as_ptr().cast(), self.addr(first), len, true)
-        };
-        match result {
-            Ok(n) if n == len => {
-                self.mark_installed(first, end);
-                return Ok(end - first);
-            }
-            Err(e) if end - first == 1 => {
-                return match errno_of(&e) {
-                    libc::EEXIST => {
-                        self.installed.set(first);
-                        let _ = self.uffd.wake(self.addr(first), PAGE_SIZE);
-                        Ok(0)
-                    }
-                    errno => {
-                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        Err(InstallError::Ioctl {
-                            op: "COPY",
-                            first,
-                            end,
-                            errno,
-                        })
-                    }
-                };
-            }
-            _ => {}
-        }
-        // Partly done or a page already present: page by page.
-        let mut n = 0;
-        for page in first..end {
-            if self.installed.get(page) {
-                continue;
-            }
-            let at = (page - first) * PAGE_SIZE;
-            n += self.copy_run(&src[at..at + PAGE_SIZE], page, page + 1)?;
-        }
-        Ok(n)
-    }
-
-    fn zero_page(&self, page: usize) -> Result<usize, InstallError> {
-        // SAFETY: one page inside the registered guest RAM; ZEROPAGE only
-        // installs a zero page where none is present.
-        match unsafe { self.uffd.zeropage(self.addr(page), PAGE_SIZE, true) } {
-            Ok(_) => {
-                self.mark_installed(page, page + 1);
-                Ok(1)
-            }
-            Err(e) if errno_of(&e) == libc::EEXIST => {
-                self.installed.set(page);
-                let _ = self.uffd.wake(self.addr(page), PAGE_SIZE);
-                Ok(0)
-            }
-            Err(e) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                Err(InstallError::Ioctl {
-                    op: "ZEROPAGE",
-                    first: page,
-                    end: page + 1,
-                    errno: errno_of(&e),
-                })
+    /// The image's content of `page` (zero without an image).
+    fn image_page(&self, page: usize, buf: &mut [u8]) -> Result<(), InstallError> {
+        match &self.image {
+            Some(image) if !image.is_zero(page) => image
+                .read_pages(page, 1, buf)
+                .map_err(|source| InstallError::Image { page, source }),
+            _ => {
+                buf.fill(0);
+                Ok(())
             }
         }
     }
 
     /// Installs missing pages of `first..first + count` from the image.
-    fn fill_from_image(&self, first: usize, count: usize) -> Result<(), InstallError> {
-        let mut bounce = Vec::new();
+    fn fill_from_image(
+        &self,
+        installer: &PageInstaller,
+        first: usize,
+        count: usize,
+    ) -> Result<(), InstallError> {
+        let mut bounce = vec![0u8; PAGE_SIZE];
+        let mut n = 0;
         for page in first..first + count {
-            if self.installed.get(page) {
+            if installer.is_installed(page) {
                 continue;
             }
-            let n = match &self.image {
+            let result = match &self.image {
                 Some(image) if !image.is_zero(page) => match image.mapped_page(page) {
                     Some(ptr) => {
                         // SAFETY: the image mapping stays valid and
                         // unchanged while the image source lives (trait
                         // contract), one page long.
                         let src = unsafe { std::slice::from_raw_parts(ptr, PAGE_SIZE) };
-                        self.copy_run(src, page, page + 1)?
+                        installer.install(page, src)
                     }
                     None => {
-                        bounce.resize(PAGE_SIZE, 0);
-                        image
-                            .read_pages(page, 1, &mut bounce)
-                            .map_err(|source| InstallError::Image { page, source })?;
-                        self.copy_run(&bounce, page, page + 1)?
+                        self.image_page(page, &mut bounce)?;
+                        installer.install(page, &bounce)
                     }
                 },
-                _ => self.zero_page(page)?,
+                _ => installer.install_zero(page, 1),
             };
-            self.counters
-                .pages_from_image
-                .fetch_add(n as u64, Ordering::Relaxed);
+            match result {
+                Ok(k) => n += k,
+                Err(e) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            }
         }
+        self.settle(first, first + count);
+        self.counters
+            .pages_from_image
+            .fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -715,10 +548,11 @@ impl Shared {
         }
     }
 
-    fn on_fault(&self, page: usize, at: Instant) {
+    /// A thread touched `page`, missing here (called on the VMM's fault
+    /// handler thread; never waits for the page).
+    fn on_fault(&self, installer: &PageInstaller, page: usize, at: Instant) {
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
-        if self.installed.get(page) {
-            let _ = self.uffd.wake(self.addr(page), PAGE_SIZE);
+        if page >= self.pages {
             return;
         }
         {
@@ -727,81 +561,30 @@ impl Shared {
                 self.waiting_count.fetch_add(1, Ordering::SeqCst);
             }
         }
-        // Installed between the check and the insert: settle it now.
-        if self.installed.get(page) {
-            self.mark_installed(page, page + 1);
-            let _ = self.uffd.wake(self.addr(page), PAGE_SIZE);
+        // Installed between the fault and the insert: settle it now (the
+        // install woke the thread).
+        if installer.is_installed(page) {
+            self.settle(page, page + 1);
+            installer.wake(page);
             return;
         }
         // Only pages known to be the image's: a source page whose answer is
         // still on its way (the fault connection is not ordered with the
         // bulk one) must wait for it, even after Done.
-        let from_image = self.state[page].load(Ordering::SeqCst) == IMAGE;
-        if from_image {
+        if self.state[page].load(Ordering::SeqCst) == IMAGE {
             let mut end = page + 1;
             while end < self.pages
                 && end - page < IMAGE_FAULT_AROUND
                 && self.state[end].load(Ordering::SeqCst) == IMAGE
-                && !self.installed.get(end)
+                && !installer.is_installed(end)
             {
                 end += 1;
             }
-            if let Err(e) = self.fill_from_image(page, end - page) {
+            if let Err(e) = self.fill_from_image(installer, page, end - page) {
                 tracing::error!(error = %e, page, "serving a fault from the image failed");
             }
         } else {
             self.request(page);
-        }
-    }
-
-    fn serve_faults(&self) {
-        let mut events = EventBuffer::new(64);
-        loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two initialised pollfds.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if self.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if rc <= 0 {
-                continue;
-            }
-            let batch = match self.uffd.read_events(&mut events) {
-                Ok(batch) => batch,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading userfaultfd events failed");
-                    return;
-                }
-            };
-            let at = Instant::now();
-            let pages: Vec<usize> = batch
-                .filter_map(|event| match event {
-                    Ok(Event::Pagefault {
-                        kind: FaultKind::Missing,
-                        addr,
-                        ..
-                    }) => {
-                        let addr = addr as usize;
-                        (addr >= self.base && addr < self.base + self.pages * PAGE_SIZE)
-                            .then(|| (addr - self.base) / PAGE_SIZE)
-                    }
-                    _ => None,
-                })
-                .collect();
-            for page in pages {
-                self.on_fault(page, at);
-            }
         }
     }
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 use vmstream_migration::target_memory::TargetMemory;
 use vmstream_migration::wire::{Command, read_frame};
 use vmstream_test_support::{Need, require};
-use vmstream_vmm::memory::{BufferSource, GuestRam, PAGE_SIZE, PageSource};
+use vmstream_vmm::memory::{
+    BufferSource, GuestRam, LazyMemory, LazyOptions, PAGE_SIZE, PageSource,
+};
 
 const PAGES: usize = 64;
 
@@ -46,7 +48,8 @@ fn pages_arrive_once_from_whichever_path_is_first() {
         return;
     }
     let ram = Arc::new(GuestRam::reserve(PAGES * PAGE_SIZE).unwrap());
-    let memory = Arc::new(TargetMemory::register(&ram, Some(image())).unwrap());
+    let lazy = LazyMemory::register(&ram, LazyOptions::default()).unwrap();
+    let memory = Arc::new(TargetMemory::attach(&lazy, Some(image())).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (mut requests, _) = listener.accept().unwrap();
@@ -102,4 +105,5 @@ fn pages_arrive_once_from_whichever_path_is_first() {
     let (requested, lost) = memory.missing_source_pages();
     assert_eq!((requested, lost), (0, 6));
     memory.shutdown();
+    drop(lazy);
 }

@@ -160,8 +160,6 @@ struct Core {
     phase: VmPhase,
     shell: Option<VmShell>,
     machine: Option<Arc<Machine>>,
-    /// A VM received by live migration (not a vmm `Machine`).
-    migrated: Option<Arc<vmstream_migration::MigratedVm>>,
     preloaded: Option<(PathBuf, CloneSource)>,
     start: Option<StartReport>,
     failure: Option<String>,
@@ -308,7 +306,6 @@ pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
             phase: VmPhase::Warm,
             shell: Some(shell),
             machine: None,
-            migrated: None,
             preloaded,
             start: None,
             failure: None,
@@ -851,7 +848,7 @@ impl Vm {
             ..VmStats::default()
         };
         let Some(machine) = machine else {
-            return self.migrated_stats(stats, base);
+            return stats;
         };
         let m = machine.stats();
         stats.vcpu_cpu_ms = m.vcpus.iter().map(|v| ms(v.cpu_time)).sum();
@@ -886,11 +883,7 @@ impl Vm {
     }
 
     fn exit_after_stop(&self) -> ! {
-        let (machine, migrated) = {
-            let mut core = self.lock();
-            (core.machine.take(), core.migrated.take())
-        };
-        drop(migrated);
+        let machine = self.lock().machine.take();
         if let Some(machine) = machine {
             match Arc::try_unwrap(machine) {
                 Ok(machine) => machine.stop(),

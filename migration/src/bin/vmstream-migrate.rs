@@ -109,6 +109,7 @@ fn run(
         s
     })?;
     say(serde_json::json!({ "received": received.side }));
+    let side = received.side;
     let vm = received.vm;
     let timeout = Duration::from_secs(30);
     for line in std::io::stdin().lock().lines() {
@@ -147,8 +148,8 @@ fn run(
                 .and_then(|g| vm.ram().read_u64(g).ok())
                 .map(|v| serde_json::json!({ "value": v })),
             (Some("stats"), _) => Some(serde_json::json!({
-                "installed": vm.memory().installed_pages(),
-                "stats": format!("{:?}", vm.memory().stats()),
+                "installed": vm.backing().lazy_memory().map(|m| m.populated().count_ones()),
+                "stats": format!("{side:?}"),
             })),
             (Some("quit"), _) => break,
             _ => Some(serde_json::json!({ "error": format!("unknown command {line:?}") })),

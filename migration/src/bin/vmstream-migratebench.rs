@@ -32,7 +32,7 @@ use vmstream_vmm::devices::mailbox::report;
 use vmstream_vmm::guests::{FillSpec, GuestProgram};
 use vmstream_vmm::image::PageStore;
 use vmstream_vmm::machine::{BootOptions, Machine, MachineConfig, VmShell};
-use vmstream_vmm::memory::{LazyOptions, PAGE_SIZE, PageSource};
+use vmstream_vmm::memory::{LazyOptions, PAGE_SIZE};
 use vmstream_vmm::restore::{CloneMemory, CloneSource, restore};
 use vmstream_vmm::vstate::vm::KvmHost;
 
@@ -120,9 +120,8 @@ fn migrate_once(
     let host_t = Arc::clone(host);
     let target = std::thread::spawn(move || -> Fallible<()> {
         let _ns = enter(&b).map_err(|e| e.to_string())?;
-        let source: Option<Arc<dyn PageSource>> =
-            image.as_ref().map(|i| Arc::clone(i) as Arc<dyn PageSource>);
-        let shell = TargetShell::create(&host_t, config, source).map_err(|e| e.to_string())?;
+        let shell =
+            TargetShell::create(&host_t, config, image.clone()).map_err(|e| e.to_string())?;
         let listener = TcpListener::bind((ip, 0)).map_err(|e| e.to_string())?;
         let _ = addr_tx.send(listener.local_addr().map_err(|e| e.to_string()));
         let options = TargetOptions::new(token(), host_t, image);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmstream_migration::{MigratedVm, TargetOptions};
+use vmstream_migration::TargetOptions;
 use vmstream_pagestream::ClusterToken;
 use vmstream_test_support::{Need, require};
 use vmstream_vmm::capture::capture;
@@ -149,6 +149,6 @@ pub fn target_options(
     TargetOptions::new(token(), Arc::clone(host), image)
 }
 
-pub fn vm_progress(vm: &MigratedVm, vcpu: u8, since: u64) -> Report {
+pub fn vm_progress(vm: &Machine, vcpu: u8, since: u64) -> Report {
     progress(vm.mailbox(), vcpu, since)
 }

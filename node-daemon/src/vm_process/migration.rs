@@ -1,25 +1,22 @@
 //! Live migration in a VM process: the source side (`migrate`: the running
 //! VM moves to a target and this process stops its copy) and the target
 //! side (`receive`: the warm shell is traded for a migration target shell,
-//! the process listens on a TCP port and runs the received VM, which is a
-//! [`MigratedVm`] rather than a vmm `Machine`: it answers ping, stats,
-//! mailbox requests and stop, not capture, pause or a further migration).
+//! the process listens on a TCP port and runs the received VM, a vmm
+//! `Machine` hosted like any other: pause, resume, capture, stats, mailbox,
+//! a further migration, stop).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vmstream_migration::{
-    MigrateError, MigratedVm, MigrationMode, SourceOptions, TargetOptions, TargetShell,
-};
+use vmstream_migration::{MigrateError, MigrationMode, SourceOptions, TargetOptions, TargetShell};
 use vmstream_pagestream::ClusterToken;
 use vmstream_vmm::devices::mailbox::{Mailbox, report};
-use vmstream_vmm::memory::{PageSource, range_footprint};
 use vmstream_vmm::restore::CloneSource;
 use vmstream_vmm::vstate::vm::KvmHost;
 
 use super::{Vm, chain, ms};
-use crate::vm_protocol::{MigrateMode, Reply, StartReport, VmPhase, VmStats};
+use crate::vm_protocol::{MigrateMode, Reply, StartReport, VmPhase};
 use crate::vm_record::VmKind;
 
 /// The migration library's mode for a protocol mode.
@@ -74,31 +71,7 @@ impl Vm {
         if let Some(machine) = &core.machine {
             return Ok(Arc::clone(machine.mailbox()));
         }
-        if let Some(vm) = &core.migrated {
-            return Ok(Arc::clone(vm.mailbox()));
-        }
         Err("the VM has no machine".to_string())
-    }
-
-    /// Stats of a received VM (`stats` without a vmm machine).
-    pub(super) fn migrated_stats(&self, mut stats: VmStats, base: u64) -> VmStats {
-        let Some(vm) = self.lock().migrated.clone() else {
-            return stats;
-        };
-        stats.vcpu_cpu_ms = vm.vcpu_stats().iter().map(|v| ms(v.cpu_time)).sum();
-        stats.requests_served = mailbox_responses(vm.mailbox()).saturating_sub(base);
-        let ram = vm.guest_ram();
-        if let Ok(f) = range_footprint(None, ram.host_addr() as usize, ram.len()) {
-            stats.memory.guest_resident = f.resident;
-            stats.memory.guest_private = f.owned();
-            stats.memory.guest_shared = f.shared_with_node();
-            stats.memory.guest_ksm = f.ksm;
-        }
-        let m = vm.memory().stats();
-        stats.faults.faults = m.faults;
-        stats.faults.pages_copied = m.pages_received + m.pages_from_image;
-        stats.faults.errors = m.errors;
-        stats
     }
 
     /// Becomes a migration target listening on `listen`; the VM arrives in
@@ -142,11 +115,7 @@ impl Vm {
         // The target shell replaces the warm one (its RAM is registered
         // with the migration's own userfaultfd).
         drop(warm);
-        let shell = match TargetShell::create(
-            &host,
-            self.config,
-            pages.clone().map(|p| p as Arc<dyn PageSource>),
-        ) {
+        let shell = match TargetShell::create(&host, self.config, pages.clone()) {
             Ok(shell) => shell,
             Err(e) => {
                 let message = format!("creating the migration target shell: {}", chain(&e));
@@ -167,9 +136,9 @@ impl Vm {
                 match received {
                     Ok(received) => {
                         tracing::info!(mode = ?received.mode, side = ?received.side, "migrated VM runs here");
-                        let migrated: Arc<MigratedVm> = Arc::new(received.vm);
-                        core.responses_at_start = mailbox_responses(migrated.mailbox());
-                        core.migrated = Some(migrated);
+                        let machine = Arc::new(received.vm);
+                        core.responses_at_start = mailbox_responses(machine.mailbox());
+                        core.machine = Some(machine);
                         core.start = Some(StartReport {
                             shell_created_ms,
                             start_ms: received.side.start_ms,
