@@ -1,7 +1,8 @@
 //! Migrations in one process over 127.0.0.1 (source and target threads),
 //! on the real /dev/kvm with real userfaultfd: a counter guest keeps
 //! counting exactly, a memory guest's checksums are identical afterwards,
-//! and only pages that differ from the image cross.
+//! only pages that differ from the image cross, and a migrated VM is
+//! migrated again (three hops, all modes) and captured.
 
 mod common;
 
@@ -9,11 +10,15 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use common::*;
-use vmstream_migration::{MigrationMode, SourceOptions, migrate, receive};
+use vmstream_migration::{MigrationMode, MigrationReport, SourceOptions, migrate, receive};
 use vmstream_vmm::arch::x86_64::layout::DATA_START;
+use vmstream_vmm::capture::capture;
 use vmstream_vmm::guests::GuestProgram;
-use vmstream_vmm::machine::BootOptions;
+use vmstream_vmm::image::PageStore;
+use vmstream_vmm::machine::{BootOptions, Machine, MemoryBacking, VmShell};
 use vmstream_vmm::memory::PAGE_SIZE;
+use vmstream_vmm::restore::{CloneMemory, CloneSource, restore};
+use vmstream_vmm::vstate::vm::KvmHost;
 
 #[test]
 fn counter_guest_keeps_counting_after_postcopy() {
@@ -201,4 +206,100 @@ fn write_workload_precopy() {
 #[test]
 fn write_workload_hybrid() {
     write_workload_completes(MigrationMode::Hybrid, "write_workload_hybrid");
+}
+
+/// Migrates `vm` to a new target in this process and returns the target's
+/// machine (the source's copy is stopped).
+fn hop(
+    host: &Arc<KvmHost>,
+    vm: Machine,
+    image: Option<Arc<PageStore>>,
+    mode: MigrationMode,
+) -> (Machine, MigrationReport) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut options = SourceOptions::new(mode, token());
+    options.target_has_image = image.is_some();
+    let opts = target_options(host, image);
+    let target = std::thread::spawn(move || receive(&listener, &opts, None));
+    let report = migrate(&vm, addr, &options).expect("migrate");
+    let received = target.join().unwrap().expect("receive");
+    vm.stop();
+    (received.vm, report)
+}
+
+/// The counter after which `vm` reports next, checked exact, and that it
+/// continues from at least `at_least`.
+fn continues(vm: &Machine, at_least: u64) -> u64 {
+    let mut last = 0;
+    for vcpu in 0..2u8 {
+        let r = vm_progress(vm, vcpu, 0);
+        let n = check_progress(&r);
+        assert!(
+            n > at_least,
+            "vCPU {vcpu} resumed at {n}, at least {at_least} expected"
+        );
+        let later = vm_progress(vm, vcpu, r.index + 1);
+        last = last.max(check_progress(&later));
+    }
+    last
+}
+
+#[test]
+fn migrated_vm_migrates_again_and_captures() {
+    let Some(host) = host_or_skip("migrated_vm_migrates_again_and_captures", &[]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(2, 16);
+    let (vm, image) = lazy_clone(
+        &host,
+        cfg,
+        GuestProgram::Counter,
+        &counter_options(),
+        dir.path(),
+    );
+    let store = Arc::clone(image.pages());
+    let mut at = continues(&vm, 0);
+    // A → B (postcopy, B holds the image), B → C (precopy, C lacks it),
+    // C → D (hybrid, with the image): each received VM is a Machine that
+    // is migrated again; every step of every vCPU stays exact.
+    let mut vm = vm;
+    for (mode, with_image) in [
+        (MigrationMode::Postcopy, true),
+        (MigrationMode::Precopy, false),
+        (MigrationMode::Hybrid, true),
+    ] {
+        let image = with_image.then(|| Arc::clone(&store));
+        let (next, report) = hop(&host, vm, image, mode);
+        eprintln!(
+            "{mode:?} hop: downtime {:.2} ms, {} pages sent, {} clean, {} zero",
+            report.downtime_ms, report.pages_sent, report.pages_clean, report.pages_zero
+        );
+        assert!(matches!(next.backing(), MemoryBacking::Installed { .. }));
+        at = continues(&next, at);
+        vm = next;
+    }
+    // The migrated VM can be paused and resumed, and captured.
+    vm.pause().expect("pause");
+    vm.resume();
+    let captured_dir = tempfile::tempdir().unwrap();
+    capture(&vm, captured_dir.path()).expect("capture a migrated VM");
+    let image = CloneSource::open(captured_dir.path()).expect("open the captured image");
+    let captured = image.state().vcpus[0].regs.r12;
+    assert!(captured > at, "captured at {captured}, after {at}");
+    let clone = restore(
+        VmShell::create(&host, cfg).unwrap(),
+        &image,
+        &CloneMemory::CopyOnWrite,
+    )
+    .expect("clone of the migrated VM's image");
+    let r = progress(clone.machine.mailbox(), 0, 0);
+    let n = check_progress(&r);
+    assert!(
+        n > captured && n <= captured + INTERVAL,
+        "clone at {n}, captured {captured}"
+    );
+    clone.machine.stop();
+    vm.stop();
 }
