@@ -23,7 +23,7 @@ use crate::vstate::run_loop::{
     MissingPageResolver, StartArgs, VcpuControlError, VcpuShared, VcpuStats, VcpuStatus,
 };
 use crate::vstate::vcpu::{self, VcpuBootError, VcpuCreateError, VcpuSaveError};
-use crate::vstate::vm::{self, KvmHost, VmCreateError, VmWideStateError};
+use crate::vstate::vm::{self, DirtyLogError, KvmHost, VmCreateError, VmWideStateError};
 use crate::vstate::{VM_STATE_VERSION, VmState};
 
 /// Size and shape of a micro-VM.
@@ -509,6 +509,34 @@ impl Machine {
             vm: vm::save_vm_wide(&self.vm)?,
             devices: self.bus.save(),
         })
+    }
+
+    /// Switches on KVM dirty logging of guest RAM (re-registers the memory
+    /// slots with `KVM_MEM_LOG_DIRTY_PAGES`; milliseconds). Guest writes
+    /// from now on show in [`Machine::take_dirty_pages`].
+    pub fn start_dirty_log(&self) -> Result<(), DirtyLogError> {
+        vm::set_dirty_logging(&self.vm, &self.ram, true)?;
+        // Drop what a previous logging period left.
+        vm::take_dirty_log(&self.vm, &self.ram)?;
+        Ok(())
+    }
+
+    /// Switches KVM dirty logging off.
+    pub fn stop_dirty_log(&self) -> Result<(), DirtyLogError> {
+        Ok(vm::set_dirty_logging(&self.vm, &self.ram, false)?)
+    }
+
+    /// RAM pages written since [`Machine::start_dirty_log`] or the previous
+    /// call (word bitmap over RAM page indices). KVM logs guest writes only;
+    /// the pages the host writes on the guest's behalf (the mailbox page:
+    /// device replies) are always included. Pages the host installs into
+    /// lazy memory are not writes of the guest's: callers that track which
+    /// pages exist (a lazy clone's populated set) see them there.
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>, DirtyLogError> {
+        let mut words = vm::take_dirty_log(&self.vm, &self.ram)?;
+        let mailbox = (layout::MAILBOX_ADDR as usize) / PAGE_SIZE;
+        words[mailbox / 64] |= 1 << (mailbox % 64);
+        Ok(words)
     }
 
     /// Stops the vCPU threads and waits for them.

@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_clock_data, kvm_irqchip, kvm_pit_config,
-    kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_clock_data,
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout::ram_regions;
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, PAGE_SIZE};
 
 /// Address of the TSS KVM needs for real-mode emulation on Intel hosts.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -107,6 +107,14 @@ impl KvmHost {
         &self.msr_indices
     }
 
+    /// Whether KVM offers `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (dirty-log
+    /// reads that leave pages writable until `KVM_CLEAR_DIRTY_LOG`).
+    pub fn manual_dirty_log_protect(&self) -> bool {
+        self.kvm
+            .check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))
+            > 0
+    }
+
     /// Size of the XSAVE area KVM_GET_XSAVE2 needs, or 0 without XSAVE2.
     pub fn xsave2_size(&self) -> usize {
         self.xsave2_size
@@ -152,11 +160,58 @@ pub fn create_vm(host: &KvmHost) -> Result<VmFd, VmCreateError> {
 /// 4 GiB for RAM beyond 3 GiB. This is the slow step (milliseconds per GiB
 /// here); do it before a clone is requested.
 pub fn register_ram(vm: &VmFd, ram: &GuestRam) -> Result<(), VmCreateError> {
+    set_ram_slots(vm, ram, 0)
+}
+
+/// Switches KVM dirty logging of guest RAM on or off
+/// (`KVM_MEM_LOG_DIRTY_PAGES` on every slot; the slots are registered
+/// again with the same range and the new flags).
+pub fn set_dirty_logging(vm: &VmFd, ram: &GuestRam, on: bool) -> Result<(), VmCreateError> {
+    set_ram_slots(vm, ram, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+}
+
+/// Pages of guest RAM the guest wrote since logging was switched on or
+/// since the last call (`KVM_GET_DIRTY_LOG` reads and clears each slot's
+/// log), as a word bitmap over RAM page indices.
+pub fn take_dirty_log(vm: &VmFd, ram: &GuestRam) -> Result<Vec<u64>, DirtyLogError> {
+    let mut words = vec![0u64; ram.pages().div_ceil(64)];
+    for (slot, region) in ram_regions(ram.len() as u64).into_iter().enumerate() {
+        let log = vm
+            .get_dirty_log(slot as u32, region.len as usize)
+            .map_err(|source| DirtyLogError::GetLog {
+                slot: slot as u32,
+                source,
+            })?;
+        // Regions are multiples of 2 MiB: their first page is word-aligned.
+        let first_word = (region.ram_offset as usize / PAGE_SIZE) / 64;
+        for (i, word) in log.into_iter().enumerate() {
+            if let Some(w) = words.get_mut(first_word + i) {
+                *w |= word;
+            }
+        }
+    }
+    Ok(words)
+}
+
+/// Error reading the dirty log.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    #[error("KVM_GET_DIRTY_LOG of slot {slot} failed")]
+    GetLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot switch dirty logging of guest RAM")]
+    Slots(#[from] VmCreateError),
+}
+
+fn set_ram_slots(vm: &VmFd, ram: &GuestRam, flags: u32) -> Result<(), VmCreateError> {
     for (slot, region) in ram_regions(ram.len() as u64).into_iter().enumerate() {
         let slot = slot as u32;
         let mapping = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: region.gpa,
             memory_size: region.len,
             // The host range is one contiguous reservation.
