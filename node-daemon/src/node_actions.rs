@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -301,8 +301,15 @@ pub struct NodeActions {
     pub placed: PlacedObjects,
     pub report: SharedReport,
     busy: Mutex<BTreeSet<String>>,
+    /// The last phase this daemon wrote per VMClone (key → uid, phase,
+    /// when), so a report is not repeated while the watch still shows the
+    /// object as it was before the write.
+    reported: Mutex<BTreeMap<String, (String, VMClonePhase, Instant)>>,
     page_service: std::sync::OnceLock<Arc<PageService>>,
 }
+
+/// How long a phase this daemon wrote stands in for a lagging watch.
+const REPORT_MEMORY: Duration = Duration::from_secs(10);
 
 fn key(kind: &str, ns: &str, name: &str) -> String {
     format!("{kind}/{ns}/{name}")
@@ -325,6 +332,7 @@ impl NodeActions {
             placed,
             report,
             busy: Mutex::new(BTreeSet::new()),
+            reported: Mutex::new(BTreeMap::new()),
             page_service: std::sync::OnceLock::new(),
         })
     }
@@ -350,6 +358,37 @@ impl NodeActions {
             .insert(key.to_string())
     }
 
+    /// True when `action` only reports a phase this daemon wrote for this
+    /// very object moments ago (the watch has not delivered the write yet).
+    fn already_reported(&self, key: &str, clone: &VMClone, action: &CloneAction) -> bool {
+        let phase = match action {
+            CloneAction::ReportRunning => VMClonePhase::Running,
+            CloneAction::ReportStopped => VMClonePhase::Stopped,
+            _ => return false,
+        };
+        let uid = clone.uid().unwrap_or_default();
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        reported.retain(|_, (_, _, at)| at.elapsed() < REPORT_MEMORY);
+        reported
+            .get(key)
+            .is_some_and(|(u, p, _)| *u == uid && *p == phase)
+    }
+
+    fn remember_report(&self, clone: &VMClone, phase: VMClonePhase) {
+        let key = key(
+            "VMClone",
+            &clone.namespace().unwrap_or_default(),
+            &clone.name_any(),
+        );
+        self.reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                key,
+                (clone.uid().unwrap_or_default(), phase, Instant::now()),
+            );
+    }
+
     fn release(&self, key: &str) {
         self.busy
             .lock()
@@ -366,10 +405,10 @@ impl NodeActions {
         loop {
             // Level-triggered: every interval, and at once when a placed
             // object changes (a burst of changes coalesces into one sync).
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = changed.notified() => {}
-            }
+            let tick = tokio::select! {
+                _ = ticker.tick() => true,
+                _ = changed.notified() => false,
+            };
             let this = Arc::clone(&self);
             let vms = match tokio::task::spawn_blocking(move || {
                 this.supervisor.forget_dead();
@@ -389,6 +428,12 @@ impl NodeActions {
                 .collect();
             self.sync_images(&phases);
             self.sync_clones(&phases);
+            // The node report (stats of every VM, the image list) follows
+            // the interval, not every watch event: during a burst of
+            // placements each event would otherwise sample every VM again.
+            if !tick {
+                continue;
+            }
             let this = Arc::clone(&self);
             let refreshed = tokio::task::spawn_blocking(move || {
                 let usage = this.supervisor.sample_usage();
@@ -478,7 +523,7 @@ impl NodeActions {
                 busy: self.is_busy(&k),
             };
             let action = clone_action(&clone, &facts);
-            if action == CloneAction::Nothing {
+            if action == CloneAction::Nothing || self.already_reported(&k, &clone, &action) {
                 continue;
             }
             if let CloneAction::Wait(message) = &action
@@ -524,7 +569,9 @@ impl NodeActions {
         let conditions = clone.status.as_ref().map(|s| s.conditions.clone());
         let running = ("Running", phase == VMClonePhase::Running, phase.as_str());
         self.patch_phase("VMClone", clone, conditions, running, json!(phase), status)
-            .await
+            .await?;
+        self.remember_report(clone, phase);
+        Ok(())
     }
 
     /// Merge-patches `obj`'s status with `status` plus the phase, this node,
@@ -706,7 +753,7 @@ impl NodeActions {
     }
 
     async fn act_on_clone(
-        &self,
+        self: &Arc<Self>,
         clone: &VMClone,
         owner: &VmOwner,
         action: CloneAction,
@@ -735,7 +782,7 @@ impl NodeActions {
                 self.patch_clone(clone, VMClonePhase::Stopped, json!({ "message": "no VM" }))
                     .await
             }
-            CloneAction::ReportRunning => self.report_clone_running(clone, &id).await,
+            CloneAction::ReportRunning => self.report_clone_running(clone, &id).await.map(|_| ()),
             CloneAction::StartRemote => {
                 let started = match self.remote_holders(clone).await {
                     Ok(holders) => {
@@ -758,7 +805,7 @@ impl NodeActions {
                     }
                 };
                 match started {
-                    Ok(()) => self.report_clone_running(clone, &id).await,
+                    Ok(()) => self.report_clone_running(clone, &id).await.map(|_| ()),
                     Err(e) => {
                         if self.supervisor.get(&id).is_some() {
                             let _ = self.supervisor.stop(&id);
@@ -774,15 +821,43 @@ impl NodeActions {
                 }
             }
             CloneAction::Start { image_dir } => {
-                self.patch_clone(
-                    clone,
-                    VMClonePhase::Starting,
-                    json!({ "message": "starting" }),
-                )
-                .await?;
+                let began = Instant::now();
+                // The Starting report goes out while the VM process starts
+                // (this runs on a blocking thread; the patch on the runtime).
+                let starting = {
+                    let this = Arc::clone(self);
+                    let clone = clone.clone();
+                    tokio::spawn(async move {
+                        let result = this
+                            .patch_clone(
+                                &clone,
+                                VMClonePhase::Starting,
+                                json!({ "message": "starting" }),
+                            )
+                            .await;
+                        (result, began.elapsed())
+                    })
+                };
                 let started = self.start_clone(owner, &image_dir);
+                let launched = began.elapsed();
+                let (patched, starting_patch) = starting.await.map_err(|e| {
+                    ActionError::Local(format!("the Starting report panicked: {e}"))
+                })?;
+                patched?;
                 match started {
-                    Ok(()) => self.report_clone_running(clone, &id).await,
+                    Ok(()) => {
+                        let timing = self.report_clone_running(clone, &id).await?;
+                        tracing::info!(
+                            clone = %id,
+                            launch_ms = ms(launched),
+                            starting_patch_ms = ms(starting_patch),
+                            stats_ms = ms(timing.stats),
+                            running_patch_ms = ms(timing.patch),
+                            total_ms = ms(began.elapsed()),
+                            "clone running"
+                        );
+                        Ok(())
+                    }
                     Err(e) => {
                         if self.supervisor.get(&id).is_some() {
                             let _ = self.supervisor.stop(&id);
@@ -913,10 +988,16 @@ impl NodeActions {
         Ok(())
     }
 
-    async fn report_clone_running(&self, clone: &VMClone, id: &str) -> Result<(), ActionError> {
+    async fn report_clone_running(
+        &self,
+        clone: &VMClone,
+        id: &str,
+    ) -> Result<ReportTiming, ActionError> {
+        let began = Instant::now();
         let Reply::Stats(stats) = self.supervisor.call(id, &Request::Stats)? else {
             return Err(ActionError::Local("stats answered something else".into()));
         };
+        let stats_took = began.elapsed();
         let start = stats.start.clone().unwrap_or_default();
         self.patch_clone(
             clone,
@@ -932,8 +1013,22 @@ impl NodeActions {
                 "observedGeneration": clone.meta().generation,
             }),
         )
-        .await
+        .await?;
+        Ok(ReportTiming {
+            stats: stats_took,
+            patch: began.elapsed() - stats_took,
+        })
     }
+}
+
+/// Where the Running report of a clone spent its time.
+struct ReportTiming {
+    stats: Duration,
+    patch: Duration,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 fn clone_backend(owner: &VmOwner, placed: &PlacedObjects) -> MemoryBackend {

@@ -28,6 +28,20 @@ use crate::view::Reserved;
 /// How often an unplaceable clone retries placement.
 const UNPLACED_RETRY: Duration = Duration::from_secs(2);
 
+/// How long a clone created already placed waits for its daemon's first
+/// status before the operator writes phase Scheduled itself.
+const DAEMON_GRACE: Duration = Duration::from_secs(3);
+
+/// True when `clone` was created more than `age` ago (creation timestamps
+/// have second resolution, so this errs on the late side).
+fn older_than(clone: &VMClone, age: Duration) -> bool {
+    clone
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .is_none_or(|t| Timestamp::now().duration_since(t.0).unsigned_abs().gt(&age))
+}
+
 pub async fn reconcile(clone: Arc<VMClone>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let ns = clone
         .namespace()
@@ -75,9 +89,14 @@ pub async fn reconcile(clone: Arc<VMClone>, ctx: Arc<Context>) -> Result<Action,
             // is completed here.
             let status_node = clone.status.as_ref().and_then(|s| s.node.clone());
             // A pool places its new clones when it creates them (label
-            // set at creation): the status says so here.
+            // set at creation) and their daemon normally reports Starting
+            // at once; only a clone its daemon has not reported on for
+            // DAEMON_GRACE (or a placement interrupted between the label
+            // and the status write) gets status Scheduled here, so the
+            // common path makes no write racing the daemon's.
             if let (Some(n), None) = (&node, &status_node)
                 && matches!(clone.phase(), VMClonePhase::Pending)
+                && older_than(&clone, DAEMON_GRACE)
             {
                 write_phase(&api, &clone, VMClonePhase::Scheduled, Some(n), "", "Placed").await?;
             }
