@@ -42,6 +42,48 @@ fn all_answer(cluster: &Cluster, ns: &str, clones: &[VMClone]) {
     }
 }
 
+/// The pid recorded for VM `id` on node `index` (its `vm.json`).
+fn vm_pid(cluster: &Cluster, index: usize, id: &str) -> Option<u32> {
+    let path = cluster.nodes[index]
+        .state_dir
+        .join("vms")
+        .join(id)
+        .join("vm.json");
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    record["pid"].as_u64().map(|p| p as u32)
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Deletes a VMClone without its daemon's help: finalizers dropped first,
+/// so the object is gone at once and no daemon sees a deletionTimestamp.
+async fn force_delete(api: &Api<VMClone>, name: &str) {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+    )
+    .await
+    .unwrap();
+    api.delete(name, &DeleteParams::default()).await.unwrap();
+}
+
+/// Reasons of the Events about VMNodes (cluster-scoped: namespace default).
+async fn node_event_notes(client: &kube::Client, reason: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+    events
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note)
+        .collect()
+}
+
 fn vm_process_count(cluster: &Cluster) -> usize {
     cluster
         .nodes
@@ -201,7 +243,21 @@ async fn custom_resources_drive_real_vms_across_nodes() {
             "VM {pid} survived its daemon"
         );
     }
+    // While the daemon is down one of its clones is force-deleted: the
+    // restarted daemon re-adopts the VM, finds no VMClone for it, stops it.
+    let orphan = running[0].name_any();
+    let orphan_id = clone_vm_id(ns.name(), &orphan);
+    let orphan_pid = vm_pid(&cluster, busy, &orphan_id).expect("the orphan's vm.json");
+    force_delete(&clones, &orphan).await;
+    let pids_before: BTreeSet<u32> = pids_before
+        .into_iter()
+        .filter(|&p| p != orphan_pid)
+        .collect();
     cluster.restart_node(busy).unwrap();
+    eventually("the restarted daemon stops the orphaned VM", 30, || async {
+        (!alive(orphan_pid)).then_some(())
+    })
+    .await;
     let listed = eventually("restarted daemon lists its VMs", 30, || async {
         let list = cluster.ctl(busy, &["list"]).ok()?;
         let pids: BTreeSet<u64> = list["vms"]
@@ -209,11 +265,46 @@ async fn custom_resources_drive_real_vms_across_nodes() {
             .iter()
             .filter_map(|v| v["record"]["pid"].as_u64())
             .collect();
-        (pids.len() == pids_before.len()).then_some(pids)
+        // The pool's replacement of the orphan may start here too.
+        let adopted = pids_before.iter().all(|&p| pids.contains(&u64::from(p)));
+        (adopted && !pids.contains(&u64::from(orphan_pid))).then_some(pids)
     })
     .await;
-    assert_eq!(listed, pids_before.iter().map(|&p| p as u64).collect());
-    all_answer(&cluster, ns.name(), &running_clones(&clones).await);
+    assert!(!listed.contains(&u64::from(orphan_pid)));
+    // The pool replaces the deleted clone.
+    let running = eventually("3 clones Running again", 60, || async {
+        let r = running_clones(&clones).await;
+        (r.len() == 3 && vm_process_count(&cluster) == 3).then_some(r)
+    })
+    .await;
+    all_answer(&cluster, ns.name(), &running);
+
+    // With the operator down (so nothing re-adds the finalizer), a clone is
+    // force-deleted while its daemon runs: the daemon's resync stops the
+    // VM whose VMClone vanished.
+    cluster.kill_operator();
+    let victim = running[1].name_any();
+    let victim_node =
+        cluster.node_index(running[1].status.as_ref().unwrap().node.as_deref().unwrap());
+    let victim_pid = vm_pid(&cluster, victim_node, &clone_vm_id(ns.name(), &victim))
+        .expect("the victim's vm.json");
+    force_delete(&clones, &victim).await;
+    eventually(
+        "the daemon stops the VM of the vanished clone",
+        30,
+        || async { (!alive(victim_pid)).then_some(()) },
+    )
+    .await;
+    cluster.restart_operator().unwrap();
+    let notes = node_event_notes(&client, "OrphanVMStopped").await;
+    for name in [&orphan, &victim] {
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains(&format!("{}/{name} no longer exists", ns.name()))),
+            "an OrphanVMStopped event names {name}: {notes:?}"
+        );
+    }
 
     // SIGKILL the operator during a scale-up: the restarted operator converges
     // with no duplicate and no lost clone.
@@ -231,6 +322,92 @@ async fn custom_resources_drive_real_vms_across_nodes() {
         },
     )
     .await;
+
+    // A LiveImage captured from a running clone: its node's daemon captures
+    // the clone (which runs on), reports it Ready, and a clone of it resumes
+    // with the source's request counter.
+    let source = running_clones(&clones).await.remove(0);
+    let source_node = source.status.as_ref().unwrap().node.clone().unwrap();
+    let source_index = cluster.node_index(&source_node);
+    let source_id = clone_vm_id(ns.name(), &source.name_any());
+    let answer = cluster.request(source_index, &source_id, 7).unwrap();
+    let served_before = vmstream_e2e::served(7, answer);
+    images
+        .patch(
+            "snap",
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "LiveImage",
+                "metadata": {"name": "snap"},
+                "spec": {"source": {"fromClone": {"vmClone": source.name_any()}}}
+            })),
+        )
+        .await
+        .unwrap();
+    let snap = eventually("the fromClone LiveImage Ready", 60, || async {
+        let i = images.get("snap").await.ok()?;
+        assert_ne!(
+            i.phase(),
+            LiveImagePhase::Failed,
+            "snap failed: {:?}",
+            i.status
+        );
+        (i.phase() == LiveImagePhase::Ready).then_some(i)
+    })
+    .await;
+    let status = snap.status.unwrap();
+    assert_eq!(status.node.as_deref(), Some(source_node.as_str()));
+    assert!(status.size_bytes.unwrap_or(0) > 0 && status.memory_bytes.unwrap_or(0) > 0);
+    assert!(status.source_pause_ms.is_some() && status.capture_time_ms.is_some());
+    eprintln!(
+        "fromClone capture: {:.1} ms, source paused {:.1} ms, {} bytes",
+        status.capture_time_ms.unwrap_or_default(),
+        status.source_pause_ms.unwrap_or_default(),
+        status.size_bytes.unwrap_or_default()
+    );
+    // The source runs on after the capture.
+    let after = cluster.request(source_index, &source_id, 7).unwrap();
+    assert_eq!(vmstream_e2e::served(7, after), served_before + 1);
+    clones
+        .patch(
+            "from-snap",
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
+                "metadata": {"name": "from-snap"},
+                "spec": {"liveImage": "snap"}
+            })),
+        )
+        .await
+        .unwrap();
+    let child = eventually("a clone of the captured image Running", 60, || async {
+        let c = clones.get("from-snap").await.ok()?;
+        assert_ne!(
+            c.phase(),
+            VMClonePhase::Failed,
+            "from-snap failed: {:?}",
+            c.status
+        );
+        (c.phase() == VMClonePhase::Running).then_some(c)
+    })
+    .await;
+    let child_node = cluster.node_index(child.status.as_ref().unwrap().node.as_deref().unwrap());
+    let answer = cluster
+        .request(child_node, &clone_vm_id(ns.name(), "from-snap"), 7)
+        .unwrap();
+    assert_eq!(
+        vmstream_e2e::served(7, answer),
+        served_before + 1,
+        "the clone resumes from the captured counter"
+    );
+    clones
+        .delete("from-snap", &DeleteParams::default())
+        .await
+        .unwrap();
+    images
+        .delete("snap", &DeleteParams::default())
+        .await
+        .unwrap();
 
     // Delete everything: every VM process stops.
     pools

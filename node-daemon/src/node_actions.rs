@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{
@@ -41,7 +42,7 @@ use crate::placed::PlacedObjects;
 use crate::supervisor::{SupervisorError, VmLaunch, VmSupervisor};
 use crate::vm_process::chain;
 use crate::vm_protocol::{CaptureSummary, CloneBackend, Reply, Request, StartSpec, VmPhase};
-use crate::vm_record::{VmOwner, dir_size, owner_id};
+use crate::vm_record::{VmOwner, VmRecord, dir_size, owner_id};
 
 /// Why a remote clone cannot start yet (said in its status message).
 #[derive(Debug)]
@@ -61,6 +62,9 @@ pub struct ImageFacts {
     pub busy: bool,
     /// Local clone VMs started from this image.
     pub clones_using: usize,
+    /// For a `fromClone` image: phase of the source clone's VM on this
+    /// node, if it runs here.
+    pub source_clone_vm: Option<VmPhase>,
 }
 
 /// What to do about a placed LiveImage.
@@ -69,6 +73,8 @@ pub enum ImageAction {
     Nothing,
     /// Boot, wait for readiness, capture, stop the source, report Ready.
     Build,
+    /// Capture the running source VMClone (it keeps running), report Ready.
+    CaptureClone,
     /// The image is on disk but its status does not say Ready.
     ReportReady(CaptureSummary),
     /// A source VM is left over (e.g. from a crash between capture and stop).
@@ -109,9 +115,19 @@ pub fn image_action(image: &LiveImage, facts: &ImageFacts) -> ImageAction {
     if phase == LiveImagePhase::Ready {
         return ImageAction::Fail("the image's files are missing on its node".into());
     }
-    if image.spec.source.boot.is_none() {
-        // Capturing a running clone into an image is not done by this daemon yet.
-        return ImageAction::Nothing;
+    if let Some(source) = &image.spec.source.from_clone {
+        return match &facts.source_clone_vm {
+            Some(VmPhase::Running | VmPhase::Paused) => ImageAction::CaptureClone,
+            Some(VmPhase::Warm | VmPhase::Starting) => ImageAction::Nothing,
+            Some(other) => ImageAction::Fail(format!(
+                "the VM of VMClone {} is {other:?}, not running",
+                source.vm_clone
+            )),
+            None => ImageAction::Fail(format!(
+                "VMClone {} has no VM on this node",
+                source.vm_clone
+            )),
+        };
     }
     ImageAction::Build
 }
@@ -183,6 +199,20 @@ pub fn clone_action(clone: &VMClone, facts: &CloneFacts) -> CloneAction {
             )),
         },
     }
+}
+
+/// VMs owned by a VMClone or LiveImage that is not among `placed` (keys
+/// `kind/namespace/name` of the objects placed on this node): their owner
+/// may be gone. Returns (VM id, owner).
+pub fn unplaced_vms(vms: &[VmRecord], placed: &BTreeSet<String>) -> Vec<(String, VmOwner)> {
+    vms.iter()
+        .filter_map(|r| {
+            let owner = r.owner.as_ref()?;
+            let placed_here = placed.contains(&key(&owner.kind, &owner.namespace, &owner.name));
+            let owned = matches!(owner.kind.as_str(), "VMClone" | "LiveImage");
+            (owned && !placed_here).then(|| (r.id.clone(), owner.clone()))
+        })
+        .collect()
 }
 
 /// The vmm fill of an API fill: the API's random and duplicate shares are
@@ -305,6 +335,7 @@ pub struct NodeActions {
     /// when), so a report is not repeated while the watch still shows the
     /// object as it was before the write.
     reported: Mutex<BTreeMap<String, (String, VMClonePhase, Instant)>>,
+    recorder: Recorder,
     page_service: std::sync::OnceLock<Arc<PageService>>,
 }
 
@@ -325,6 +356,13 @@ impl NodeActions {
         report: SharedReport,
     ) -> Arc<Self> {
         Arc::new(Self {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: FIELD_MANAGER.into(),
+                    instance: Some(node.clone()),
+                },
+            ),
             client,
             node,
             state_dir,
@@ -423,17 +461,20 @@ impl NodeActions {
                 }
             };
             let phases: BTreeMap<String, VmPhase> = vms
-                .into_iter()
-                .filter_map(|v| Some((v.record.id.clone(), v.phase?)))
+                .iter()
+                .filter_map(|v| Some((v.record.id.clone(), v.phase.clone()?)))
                 .collect();
             self.sync_images(&phases);
             self.sync_clones(&phases);
-            // The node report (stats of every VM, the image list) follows
-            // the interval, not every watch event: during a burst of
-            // placements each event would otherwise sample every VM again.
+            // The node report (stats of every VM, the image list) and the
+            // orphan check follow the interval, not every watch event:
+            // during a burst of placements each event would otherwise
+            // sample every VM again.
             if !tick {
                 continue;
             }
+            let records: Vec<VmRecord> = vms.into_iter().map(|v| v.record).collect();
+            self.reap_orphans(&records).await;
             let this = Arc::clone(&self);
             let refreshed = tokio::task::spawn_blocking(move || {
                 let usage = this.supervisor.sample_usage();
@@ -450,6 +491,105 @@ impl NodeActions {
             if let Err(e) = refreshed {
                 tracing::warn!(error = %e, "node report not refreshed");
             }
+        }
+    }
+
+    /// Stops VM processes whose owning VMClone or LiveImage no longer
+    /// exists (deleted while this daemon was down, or force-deleted without
+    /// its finalizer). Candidates are VMs whose owner the placed stores do
+    /// not show; a quorum read of the owner decides (a clone placed on
+    /// another node, e.g. migrating here, still exists and is left alone).
+    async fn reap_orphans(self: &Arc<Self>, vms: &[VmRecord]) {
+        let placed: BTreeSet<String> = self
+            .placed
+            .clones
+            .state()
+            .iter()
+            .map(|c| key("VMClone", &c.namespace().unwrap_or_default(), &c.name_any()))
+            .chain(self.placed.images.state().iter().map(|i| {
+                key(
+                    "LiveImage",
+                    &i.namespace().unwrap_or_default(),
+                    &i.name_any(),
+                )
+            }))
+            .collect();
+        for (id, owner) in unplaced_vms(vms, &placed) {
+            let k = key(&owner.kind, &owner.namespace, &owner.name);
+            if self.is_busy(&k) {
+                continue;
+            }
+            match self.owner_exists(&owner).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(vm = %id, error = %e, "owner of an unplaced VM not readable");
+                    continue;
+                }
+            }
+            if !self.claim(&k) {
+                continue;
+            }
+            let why = format!(
+                "stopping VM {id}: its {} {}/{} no longer exists",
+                owner.kind, owner.namespace, owner.name
+            );
+            tracing::warn!(vm = %id, "{why}");
+            let this = Arc::clone(self);
+            let stopped = tokio::task::spawn_blocking(move || {
+                let result = this.supervisor.stop(&id);
+                this.release(&k);
+                result
+            })
+            .await;
+            match stopped {
+                Ok(Ok(())) => self.node_event("OrphanVMStopped", why, &owner).await,
+                Ok(Err(e)) => tracing::warn!(error = %chain(&e), "stopping an orphaned VM failed"),
+                Err(e) => tracing::warn!(error = %e, "stopping an orphaned VM panicked"),
+            }
+        }
+    }
+
+    async fn owner_exists(&self, owner: &VmOwner) -> Result<bool, kube::Error> {
+        let ns = &owner.namespace;
+        Ok(match owner.kind.as_str() {
+            "VMClone" => Api::<VMClone>::namespaced(self.client.clone(), ns)
+                .get_opt(&owner.name)
+                .await?
+                .is_some(),
+            "LiveImage" => Api::<LiveImage>::namespaced(self.client.clone(), ns)
+                .get_opt(&owner.name)
+                .await?
+                .is_some(),
+            _ => true,
+        })
+    }
+
+    /// An Event about this node (on its VMNode) concerning `related` (so
+    /// events about different objects are not folded into one series); a
+    /// failure is only logged.
+    async fn node_event(&self, reason: &str, note: String, related: &VmOwner) {
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(vmstream_api::API_VERSION.into()),
+            kind: Some("VMNode".into()),
+            name: Some(self.node.clone()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: Some(k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some(vmstream_api::API_VERSION.into()),
+                kind: Some(related.kind.clone()),
+                namespace: Some(related.namespace.clone()),
+                name: Some(related.name.clone()),
+                ..Default::default()
+            }),
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason, "publishing an event failed");
         }
     }
 
@@ -477,11 +617,21 @@ impl NodeActions {
                     }))
                 })
                 .count();
+            let source_clone_vm = image.spec.source.from_clone.as_ref().and_then(|c| {
+                phases
+                    .get(&owner_id(&VmOwner {
+                        kind: "VMClone".into(),
+                        namespace: ns.clone(),
+                        name: c.vm_clone.clone(),
+                    }))
+                    .cloned()
+            });
             let facts = ImageFacts {
                 local: local_image(&dir),
                 source_vm: phases.get(&owner_id(&owner)).cloned(),
                 busy: self.is_busy(&k),
                 clones_using,
+                source_clone_vm,
             };
             let action = image_action(&image, &facts);
             if action == ImageAction::Nothing || !self.claim(&k) {
@@ -645,6 +795,19 @@ impl NodeActions {
                     .await
             }
             ImageAction::ReportReady(summary) => self.report_image_ready(image, &summary).await,
+            ImageAction::CaptureClone => match self.capture_clone(image, dir).await {
+                Ok(summary) => self.report_image_ready(image, &summary).await,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(dir.with_extension("partial"));
+                    self.patch_image(
+                        image,
+                        LiveImagePhase::Failed,
+                        json!({ "message": chain(&e) }),
+                    )
+                    .await?;
+                    Err(e)
+                }
+            },
             ImageAction::Build => match self.build_image(image, owner, dir).await {
                 Ok(summary) => self.report_image_ready(image, &summary).await,
                 Err(e) => {
@@ -722,12 +885,23 @@ impl NodeActions {
             json!({ "message": "capturing" }),
         )
         .await?;
-        // Capture next to the final place and rename: a directory at the
-        // final place is always a complete image.
+        let summary = self.capture_into(&id, dir)?;
+        self.supervisor.stop(&id)?;
+        Ok(summary)
+    }
+
+    /// Captures VM `id` into `dir`: into `<dir>.partial` first, with the
+    /// figures file, then renamed, so a directory at the final place is
+    /// always a complete image. The VM keeps running.
+    fn capture_into(&self, id: &str, dir: &Path) -> Result<CaptureSummary, ActionError> {
         let partial = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&partial);
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| ActionError::Local(format!("creating {}: {e}", parent.display())))?;
+        }
         let reply = self.supervisor.call(
-            &id,
+            id,
             &Request::Capture {
                 dir: partial.clone(),
             },
@@ -748,7 +922,42 @@ impl NodeActions {
                 dir.display()
             ))
         })?;
-        self.supervisor.stop(&id)?;
+        Ok(summary)
+    }
+
+    /// A `fromClone` image: captures the source clone's running VM on this
+    /// node (it pauses for the capture and runs on).
+    async fn capture_clone(
+        &self,
+        image: &LiveImage,
+        dir: &Path,
+    ) -> Result<CaptureSummary, ActionError> {
+        let source = image
+            .spec
+            .source
+            .from_clone
+            .as_ref()
+            .ok_or_else(|| ActionError::Local("the image has no fromClone source".into()))?;
+        let id = owner_id(&VmOwner {
+            kind: "VMClone".into(),
+            namespace: image.namespace().unwrap_or_default(),
+            name: source.vm_clone.clone(),
+        });
+        self.patch_image(
+            image,
+            LiveImagePhase::Capturing,
+            json!({ "message": format!("capturing VMClone {}", source.vm_clone) }),
+        )
+        .await?;
+        let summary = self.capture_into(&id, dir)?;
+        tracing::info!(
+            image = %image.name_any(),
+            clone = %id,
+            capture_ms = summary.capture_ms,
+            source_pause_ms = summary.source_pause_ms,
+            size_bytes = summary.size_bytes,
+            "captured a running clone"
+        );
         Ok(summary)
     }
 
@@ -1125,10 +1334,77 @@ mod tests {
             image_action(&image(true, Some(LiveImagePhase::Failed), false), &none),
             ImageAction::Nothing
         );
+    }
+
+    #[test]
+    fn images_from_clones_capture_the_running_clone_here() {
+        let running = ImageFacts {
+            source_clone_vm: Some(VmPhase::Running),
+            ..ImageFacts::default()
+        };
+        let scheduled = image(false, Some(LiveImagePhase::Scheduled), false);
         assert_eq!(
-            image_action(&image(false, None, false), &none),
+            image_action(&scheduled, &running),
+            ImageAction::CaptureClone
+        );
+        // A daemon restarted mid-capture captures again.
+        let capturing = image(false, Some(LiveImagePhase::Capturing), false);
+        assert_eq!(
+            image_action(&capturing, &running),
+            ImageAction::CaptureClone
+        );
+        let starting = ImageFacts {
+            source_clone_vm: Some(VmPhase::Starting),
+            ..ImageFacts::default()
+        };
+        assert_eq!(image_action(&scheduled, &starting), ImageAction::Nothing);
+        assert!(matches!(
+            image_action(&scheduled, &ImageFacts::default()),
+            ImageAction::Fail(m) if m.contains("VMClone c has no VM")
+        ));
+        let done = ImageFacts {
+            local: Some(summary()),
+            ..running
+        };
+        assert_eq!(
+            image_action(&capturing, &done),
+            ImageAction::ReportReady(summary())
+        );
+        assert_eq!(
+            image_action(&image(false, Some(LiveImagePhase::Ready), false), &done),
             ImageAction::Nothing
         );
+    }
+
+    fn record(id: &str, owner: Option<(&str, &str)>) -> VmRecord {
+        let mut value = json!({
+            "id": id, "pid": 1, "startTicks": 1, "kind": "boot", "vcpus": 1,
+            "memoryBytes": 1, "createdAt": "", "socket": "/s"
+        });
+        if let Some((kind, name)) = owner {
+            value["owner"] = json!({"kind": kind, "namespace": "ns", "name": name});
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn vms_whose_owner_is_not_placed_here_are_orphan_candidates() {
+        let vms = [
+            record("vmc.ns.a", Some(("VMClone", "a"))),
+            record("vmc.ns.b", Some(("VMClone", "b"))),
+            record("li.ns.img", Some(("LiveImage", "img"))),
+            record("li.ns.gone", Some(("LiveImage", "gone"))),
+            record("bench", None),
+        ];
+        let placed: BTreeSet<String> = ["VMClone/ns/a", "LiveImage/ns/img"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let ids: Vec<String> = unplaced_vms(&vms, &placed)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, ["vmc.ns.b", "li.ns.gone"]);
     }
 
     #[test]
