@@ -87,5 +87,10 @@ pub struct MigrationReport {
     pub reconnects: u32,
     /// State payload size.
     pub state_bytes: u64,
+    /// How precopy/hybrid rounds found pages written since they were sent:
+    /// `kvm-dirty-log`, or `content-hash` when dirty logging could not be
+    /// switched on; empty for postcopy.
+    #[serde(default)]
+    pub dirty_tracking: String,
     pub target: TargetSide,
 }

@@ -312,19 +312,30 @@ pub fn migrate(
     // Precopy rounds while the VM runs.
     let mut hashes = PageHashes::new(memory.pages());
     let mut decision = RoundDecision::SwitchToPostcopy;
+    let mut dirt = DirtTracking::ContentHash;
+    // Changes found after the last round, not sent yet (the dirty log is
+    // read destructively: they must go in the final pass).
+    let mut unsent_changes: Vec<u64> = Vec::new();
     if options.mode != MigrationMode::Postcopy {
+        dirt = DirtTracking::start(machine);
+        report.dirty_tracking = dirt.name().to_string();
         let mut to_send = memory.touched_words().to_vec();
         loop {
             report.precopy_rounds += 1;
             let round_start = Instant::now();
             let bytes_before = counters.page_bytes.load(Ordering::Relaxed);
             send_precopy(&mut link.control, &memory, &to_send, &mut hashes, &counters).map_err(
-                |e| fail_before(machine, false, SessionError::io("sending precopy pages")(e)),
+                |e| {
+                    dirt.stop(machine);
+                    fail_before(machine, false, SessionError::io("sending precopy pages")(e))
+                },
             )?;
             let bytes = counters.page_bytes.load(Ordering::Relaxed) - bytes_before;
             let bandwidth = bytes as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
-            memory.refresh(machine)?;
-            to_send = changed_since_sent(&memory, &hashes);
+            memory
+                .refresh(machine)
+                .inspect_err(|_| dirt.stop(machine))?;
+            to_send = dirt.changed_since_sent(machine, &memory, &hashes);
             let dirty = to_send.iter().map(|w| w.count_ones() as usize).sum();
             decision = after_round(
                 options.mode,
@@ -334,6 +345,7 @@ pub fn migrate(
                 bandwidth,
             );
             if decision != RoundDecision::AnotherRound {
+                unsent_changes = to_send;
                 break;
             }
         }
@@ -342,12 +354,16 @@ pub fn migrate(
 
     // Switch-over.
     let paused_at = Instant::now();
-    machine.pause().map_err(MigrateError::Pause)?;
+    machine.pause().map_err(|e| {
+        dirt.stop(machine);
+        MigrateError::Pause(e)
+    })?;
     report.pause_ms = ms(paused_at.elapsed());
     let step = Instant::now();
     let state = match machine.save_state() {
         Ok(s) => s,
         Err(e) => {
+            dirt.stop(machine);
             machine.resume();
             return Err(MigrateError::SaveState(e));
         }
@@ -358,12 +374,23 @@ pub fn migrate(
     // Postcopy finds its candidates after the switch-over (a pagemap scan
     // grows with memory size; it stays off the downtime path).
     if options.mode != MigrationMode::Postcopy {
-        memory.refresh(machine)?;
+        memory.refresh(machine).inspect_err(|_| {
+            dirt.stop(machine);
+            machine.resume();
+        })?;
     }
-    let candidates: Vec<u64> = match (options.mode, decision) {
-        (MigrationMode::Postcopy, _) => Vec::new(),
-        (_, RoundDecision::StopAndCopy) => {
-            let last = changed_since_sent(&memory, &hashes);
+    // Paused: what the guest wrote since the last round is final.
+    let last = (options.mode != MigrationMode::Postcopy).then(|| {
+        let mut last = dirt.changed_since_sent(machine, &memory, &hashes);
+        for (l, u) in last.iter_mut().zip(&unsent_changes) {
+            *l |= u;
+        }
+        last
+    });
+    dirt.stop(machine);
+    let candidates: Vec<u64> = match (options.mode, decision, last) {
+        (MigrationMode::Postcopy, _, _) | (_, _, None) => Vec::new(),
+        (_, RoundDecision::StopAndCopy, Some(last)) => {
             let before = counters.pages_sent.load(Ordering::Relaxed);
             send_precopy(&mut link.control, &memory, &last, &mut hashes, &counters).map_err(
                 |e| fail_before(machine, true, SessionError::io("sending the last pages")(e)),
@@ -371,8 +398,7 @@ pub fn migrate(
             report.stop_and_copy_pages = counters.pages_sent.load(Ordering::Relaxed) - before;
             vec![0; memory.pages().div_ceil(64)]
         }
-        _ => {
-            let last = changed_since_sent(&memory, &hashes);
+        (_, _, Some(last)) => {
             let stale: Vec<u64> = last
                 .iter()
                 .zip(hashes.sent_words())
@@ -741,15 +767,76 @@ fn send_bitmap(
     w.flush()
 }
 
-/// Pages changed since they were sent, or touched and never sent.
-fn changed_since_sent(memory: &SourceMemory, hashes: &PageHashes) -> Vec<u64> {
-    let changed = hashes.changed(memory);
-    changed
-        .iter()
-        .zip(memory.touched_words())
-        .zip(hashes.sent_words())
-        .map(|((c, t), s)| c | (t & !s))
-        .collect()
+/// How precopy finds the pages written since they were sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DirtTracking {
+    /// KVM's dirty log of the VM's memory slots (guest writes, plus the
+    /// host-written mailbox page): proportional to the pages written.
+    KvmDirtyLog,
+    /// Content hashes of every page sent, compared each round (fallback
+    /// when dirty logging cannot be switched on): proportional to the
+    /// pages sent so far.
+    ContentHash,
+}
+
+impl DirtTracking {
+    /// Switches on dirty logging, or falls back to hashing.
+    fn start(machine: &Machine) -> Self {
+        match machine.start_dirty_log() {
+            Ok(()) => Self::KvmDirtyLog,
+            Err(e) => {
+                tracing::warn!(error = %e, "KVM dirty logging unavailable; precopy compares page hashes");
+                Self::ContentHash
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::KvmDirtyLog => "kvm-dirty-log",
+            Self::ContentHash => "content-hash",
+        }
+    }
+
+    /// Pages written since they were sent (KVM's log, then only those whose
+    /// content differs from what was sent), or touched and never sent.
+    /// Pages the host installed (a lazy clone's fills) are not guest
+    /// writes: they are in the touched set, and sent if never sent.
+    fn changed_since_sent(
+        &mut self,
+        machine: &Machine,
+        memory: &SourceMemory,
+        hashes: &PageHashes,
+    ) -> Vec<u64> {
+        let changed = match self {
+            Self::KvmDirtyLog => match machine.take_dirty_pages() {
+                Ok(written) => hashes.changed_among(memory, &written),
+                Err(e) => {
+                    // Lost track: everything sent may have changed.
+                    tracing::error!(error = %e, "reading the dirty log failed; falling back to page hashes");
+                    *self = Self::ContentHash;
+                    let _ = machine.stop_dirty_log();
+                    hashes.sent_words().to_vec()
+                }
+            },
+            Self::ContentHash => hashes.changed(memory),
+        };
+        changed
+            .iter()
+            .zip(memory.touched_words())
+            .zip(hashes.sent_words())
+            .map(|((c, t), s)| c | (t & !s))
+            .collect()
+    }
+
+    /// Switches dirty logging off again (nothing for hashing).
+    fn stop(self, machine: &Machine) {
+        if self == Self::KvmDirtyLog
+            && let Err(e) = machine.stop_dirty_log()
+        {
+            tracing::warn!(error = %e, "cannot switch KVM dirty logging off");
+        }
+    }
 }
 
 /// Sends the pages of `words` while the VM may run: each page is copied

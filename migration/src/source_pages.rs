@@ -308,9 +308,17 @@ impl PageHashes {
 
     /// Pages sent before whose content changed since.
     pub fn changed(&self, memory: &SourceMemory) -> Vec<u64> {
+        self.changed_among(memory, &self.sent)
+    }
+
+    /// Pages of `candidates` (word bitmap, e.g. the pages written since the
+    /// last round) that were sent before and whose content changed since:
+    /// a page written back with the bytes it had is not sent again. Costs
+    /// one hash per candidate.
+    pub fn changed_among(&self, memory: &SourceMemory, candidates: &[u64]) -> Vec<u64> {
         let mut words = vec![0u64; self.sent.len()];
-        for (w, &sent) in self.sent.iter().enumerate() {
-            let mut bits = sent;
+        for (w, (&sent, &candidate)) in self.sent.iter().zip(candidates).enumerate() {
+            let mut bits = sent & candidate;
             while bits != 0 {
                 let page = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;

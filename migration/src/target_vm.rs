@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use vmstream_vmm::image::PageStore;
 use vmstream_vmm::machine::{MachineConfig, ShellCreateError, VmShell};
-use vmstream_vmm::memory::{LazyOptions, LazyRegisterError, PageSource};
+use vmstream_vmm::memory::{GuestRam, LazyOptions, LazyRegisterError, PageSource};
 use vmstream_vmm::restore::{PreparedVm, RestoreError, StateMemory, restore_state};
 use vmstream_vmm::vstate::VmState;
 use vmstream_vmm::vstate::vm::KvmHost;
@@ -71,6 +71,12 @@ impl TargetShell {
     /// How long creating the shell took.
     pub fn created_in(&self) -> Duration {
         self.created_in
+    }
+
+    /// The guest RAM mapping (reading a page not installed yet waits for
+    /// it).
+    pub fn ram(&self) -> &GuestRam {
+        self.shell.ram()
     }
 
     /// The target's guest memory.

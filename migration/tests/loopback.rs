@@ -228,19 +228,18 @@ fn hop(
     (received.vm, report)
 }
 
-/// The counter after which `vm` reports next, checked exact, and that it
-/// continues from at least `at_least`.
-fn continues(vm: &Machine, at_least: u64) -> u64 {
-    let mut last = 0;
+/// Checks that each vCPU of `vm` continues exactly (memory == register,
+/// hash of every step) from beyond `at_least[vcpu]`; returns the counters
+/// of a later report of each.
+fn continues(vm: &Machine, at_least: [u64; 2]) -> [u64; 2] {
+    let mut last = [0; 2];
     for vcpu in 0..2u8 {
         let r = vm_progress(vm, vcpu, 0);
         let n = check_progress(&r);
-        assert!(
-            n > at_least,
-            "vCPU {vcpu} resumed at {n}, at least {at_least} expected"
-        );
+        let before = at_least[usize::from(vcpu)];
+        assert!(n > before, "vCPU {vcpu} resumed at {n}, after {before}");
         let later = vm_progress(vm, vcpu, r.index + 1);
-        last = last.max(check_progress(&later));
+        last[usize::from(vcpu)] = check_progress(&later);
     }
     last
 }
@@ -260,7 +259,7 @@ fn migrated_vm_migrates_again_and_captures() {
         dir.path(),
     );
     let store = Arc::clone(image.pages());
-    let mut at = continues(&vm, 0);
+    let mut at = continues(&vm, [0; 2]);
     // A → B (postcopy, B holds the image), B → C (precopy, C lacks it),
     // C → D (hybrid, with the image): each received VM is a Machine that
     // is migrated again; every step of every vCPU stays exact.
@@ -287,7 +286,7 @@ fn migrated_vm_migrates_again_and_captures() {
     capture(&vm, captured_dir.path()).expect("capture a migrated VM");
     let image = CloneSource::open(captured_dir.path()).expect("open the captured image");
     let captured = image.state().vcpus[0].regs.r12;
-    assert!(captured > at, "captured at {captured}, after {at}");
+    assert!(captured > at[0], "captured at {captured}, after {}", at[0]);
     let clone = restore(
         VmShell::create(&host, cfg).unwrap(),
         &image,
@@ -302,4 +301,115 @@ fn migrated_vm_migrates_again_and_captures() {
     );
     clone.machine.stop();
     vm.stop();
+}
+
+/// Precopy with KVM dirty logging while the guest writes a new marker into
+/// 8192 pages pass after pass: rounds resend what was written between
+/// them, and when
+/// the target has set the state (the source paused, before the VM runs on
+/// the target) its memory is byte for byte the source's.
+#[test]
+fn precopy_with_dirty_log_gives_identical_memory() {
+    let Some(host) = host_or_skip("precopy_with_dirty_log_gives_identical_memory", &[]) else {
+        return;
+    };
+    let cfg = config(1, 64);
+    let options = BootOptions {
+        params: vec![],
+        fill: Some(fill()),
+    };
+    let source = Arc::new(boot(&host, cfg, GuestProgram::Memory, &options));
+    let first = DATA_START / PAGE_SIZE as u64;
+    let region = 8192;
+    // Pass after pass over the region, each with a new marker, so every
+    // pass changes the content of every page.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let source = Arc::clone(&source);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut passes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let cmd = vmstream_vmm::guests::TouchCommand {
+                    marker: 0x7171_0000_0000_0000 + passes,
+                    ..touch_all(first, region)
+                };
+                let sent = source.mailbox().call(
+                    vmstream_vmm::devices::mailbox::request::TOUCH,
+                    cmd.args(),
+                    vmstream_vmm::devices::mailbox::report::RESULT,
+                    std::time::Duration::from_secs(2),
+                );
+                if sent.is_err() {
+                    break;
+                }
+                passes += 1;
+            }
+            passes
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+
+    let shell = vmstream_migration::TargetShell::create(&host, cfg, None).expect("shell");
+    let target_ram = (shell.ram().host_addr() as usize, shell.ram().len());
+    let source_ram = (
+        source.guest_ram().host_addr() as usize,
+        source.guest_ram().len(),
+    );
+    let target_memory = Arc::clone(shell.memory());
+    let compared: Arc<std::sync::Mutex<Option<(usize, usize)>>> = Arc::default();
+    let mut opts = target_options(&host, None);
+    let out = Arc::clone(&compared);
+    opts.before_ready = Some(Arc::new(move || {
+        let installed = target_memory.installed_pages();
+        let pages = target_ram.1 / PAGE_SIZE;
+        let mut differing = usize::MAX;
+        if installed == pages {
+            // SAFETY: both RAM ranges stay mapped for the migration; the
+            // source is paused and the target's vCPUs have not started.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts(source_ram.0 as *const u8, source_ram.1),
+                    std::slice::from_raw_parts(target_ram.0 as *const u8, target_ram.1),
+                )
+            };
+            differing = (0..pages)
+                .filter(|p| {
+                    a[p * PAGE_SIZE..(p + 1) * PAGE_SIZE] != b[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+                })
+                .count();
+        }
+        *out.lock().unwrap() = Some((installed, differing));
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = std::thread::spawn(move || receive(&listener, &opts, Some(shell)));
+    let mut sopts = SourceOptions::new(MigrationMode::Precopy, token());
+    sopts.target_has_image = false;
+    sopts.limits.downtime_target = std::time::Duration::ZERO;
+    sopts.limits.max_rounds = 4;
+    let report = migrate(&source, addr, &sopts).expect("migrate");
+    let received = target.join().unwrap().expect("receive");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let passes = writer.join().unwrap();
+    match Arc::try_unwrap(source) {
+        Ok(source) => source.stop(),
+        Err(_) => panic!("the writer still holds the source"),
+    }
+    eprintln!("report: {report:#?}; {passes} write passes on the source");
+    assert!(passes >= 2, "the guest wrote between rounds");
+    let (installed, differing) = compared.lock().unwrap().expect("compared before Ready");
+    assert_eq!(
+        installed,
+        cfg.memory_bytes / PAGE_SIZE,
+        "every page installed"
+    );
+    assert_eq!(differing, 0, "pages differing between source and target");
+    assert_eq!(report.dirty_tracking, "kvm-dirty-log");
+    assert_eq!(report.precopy_rounds, 4);
+    assert!(
+        report.pages_resent > 0,
+        "pages written between rounds were resent"
+    );
+    received.vm.stop();
 }
