@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use vmstream_testenv::ControlPlane;
 
+pub mod mode;
 pub mod requests;
 
 /// Errors setting up the end-to-end cluster.
@@ -25,6 +26,8 @@ pub enum ClusterError {
     Command { command: String, stderr: String },
     #[error("binary {0} not built: run `cargo build --workspace --bins`")]
     MissingBinary(PathBuf),
+    #[error("e2e mode: {0}")]
+    Mode(String),
     #[error("control plane: {0}")]
     ControlPlane(#[from] vmstream_testenv::StartError),
     #[error("control plane: {0}")]
@@ -234,6 +237,17 @@ impl Cluster {
     /// the operator and `options.nodes` node daemons, and waits until every
     /// node has published its VMNode.
     pub async fn start(options: ClusterOptions) -> Result<Cluster, ClusterError> {
+        match mode::mode() {
+            Ok(mode::E2eMode::Local) => {}
+            Ok(mode::E2eMode::ExistingCluster { kubeconfig }) => {
+                return Err(ClusterError::Mode(format!(
+                    "an existing cluster is selected ({}), and this test starts a local one: \
+                     in that mode run `cargo test -p vmstream-e2e --test any_cluster_e2e`",
+                    kubeconfig.display()
+                )));
+            }
+            Err(e) => return Err(ClusterError::Mode(e.to_string())),
+        }
         let operator_bin = workspace_binary("vmstream-operator")?;
         let node_bin = workspace_binary("vmstream-node")?;
         let dir = tempfile::Builder::new()

@@ -47,7 +47,7 @@ struct Scene {
 }
 
 async fn scene(test: &str) -> Option<Scene> {
-    if !require(test, NEEDS) {
+    if !vmstream_e2e::mode::local_only(test) || !require(test, NEEDS) {
         return None;
     }
     if let Some(why) = vmstream_testenv::unavailable() {
