@@ -9,7 +9,7 @@ export VMSTREAM_HELM ?= $(VMSTREAM_CACHE)/helm-$(HELM_VERSION)/helm
 export HELM_VERSION
 STATE := .vmstream
 
-.PHONY: all deps controlplane build crds crds-check fmt-check lint test e2e bench up down load help
+.PHONY: all deps controlplane build crds crds-check fmt-check lint test e2e e2e-kind bench up down load help
 
 all: build
 
@@ -55,6 +55,10 @@ test: deps crds-check lint
 e2e: deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p vmstream-e2e -- --nocapture
+
+## e2e-kind: the cluster-level suite against the Helm chart in a kind cluster (needs Docker and kind; docs/E2E.md)
+e2e-kind:
+	@hack/e2e-kind.sh
 
 bench: deps
 	@hack/bench.sh
