@@ -478,13 +478,9 @@ impl NodeActions {
             let this = Arc::clone(&self);
             let refreshed = tokio::task::spawn_blocking(move || {
                 let usage = this.supervisor.sample_usage();
-                let images = local_images(&this.state_dir);
-                if let Some(service) = this.page_service.get() {
-                    service.serve_local_images(&images);
-                }
+                this.serve_local_images();
                 if let Ok(mut report) = this.report.write() {
                     report.vms = usage;
-                    report.images = images;
                 }
             })
             .await;
@@ -824,11 +820,25 @@ impl NodeActions {
         }
     }
 
+    /// Serves every complete local image to other nodes and lists them in
+    /// the node report. Called on every interval and before an image is
+    /// reported Ready, so no node streams an image its home does not serve.
+    fn serve_local_images(&self) {
+        let images = local_images(&self.state_dir);
+        if let Some(service) = self.page_service.get() {
+            service.serve_local_images(&images);
+        }
+        if let Ok(mut report) = self.report.write() {
+            report.images = images;
+        }
+    }
+
     async fn report_image_ready(
         &self,
         image: &LiveImage,
         summary: &CaptureSummary,
     ) -> Result<(), ActionError> {
+        self.serve_local_images();
         self.patch_image(
             image,
             LiveImagePhase::Ready,
