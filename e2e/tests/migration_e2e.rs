@@ -3,7 +3,9 @@
 //! VMMigration reaches Succeeded with downtime, total time and bytes in its
 //! status; the clone is Running on node B, which answers requests with the
 //! guest's served counter continuing from A (state preserved), and no VM
-//! process for it remains on A.
+//! process for it remains on A. A second VMMigration then moves the clone
+//! (now a VM received by migration) back to A in precopy mode: the served
+//! counter continues exactly there too.
 
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -153,4 +155,47 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     let c = clones.get("c").await.unwrap();
     assert_eq!(c.phase(), VMClonePhase::Running, "{:?}", c.status);
     assert_eq!(served_by(&cluster, b, &id, 7), before + 3);
+
+    // Back to A: the VM that arrived by migration migrates again.
+    migrations
+        .patch(
+            "back",
+            &apply,
+            &Patch::Apply(json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMMigration",
+                "metadata": {"name": "back"},
+                "spec": {"vmClone": "c", "targetNode": source, "mode": "Precopy"}
+            })),
+        )
+        .await
+        .unwrap();
+    let back = eventually("second VMMigration Succeeded", 90, || async {
+        let m = migrations.get("back").await.ok()?;
+        assert_ne!(
+            m.phase(),
+            VMMigrationPhase::Failed,
+            "second migration failed: {:?}",
+            m.status
+        );
+        (m.phase() == VMMigrationPhase::Succeeded).then_some(m)
+    })
+    .await;
+    let status = back.status.unwrap();
+    eprintln!("second migration status: {status:?}");
+    assert_eq!(status.source_node.as_deref(), Some(target.as_str()));
+    assert_eq!(status.target_node.as_deref(), Some(source.as_str()));
+    eventually("clone labelled and Running on A again", 60, || async {
+        let c = clones.get("c").await.ok()?;
+        let on_a = c.metadata.labels.as_ref()?.get(vmstream_api::NODE_LABEL)? == &source
+            && c.status.as_ref()?.node.as_deref() == Some(source.as_str());
+        (on_a && c.phase() == VMClonePhase::Running).then_some(())
+    })
+    .await;
+    assert_eq!(served_by(&cluster, a, &id, 8), before + 4);
+    assert_eq!(served_by(&cluster, a, &id, 9), before + 5);
+    eventually("no VM process for the clone on B", 60, || async {
+        (!vm_ids(&cluster, b).contains(&id)).then_some(())
+    })
+    .await;
+    assert!(vm_ids(&cluster, a).contains(&id));
 }
