@@ -197,6 +197,7 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     })
     .await;
     let scale_started = std::time::Instant::now();
+    let scale_started_at = std::time::SystemTime::now();
     set_replicas(30).await;
     let running = eventually("30 clones Running", 180, || async {
         let r = running_clones(&clones).await;
@@ -204,7 +205,18 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     })
     .await;
     let scale_3_to_30_s = scale_started.elapsed().as_secs_f64();
-    eprintln!("scale 3 -> 30: {scale_3_to_30_s:.2} s");
+    // Wall-clock bounds, to line the scale-up up with the daemons' and the
+    // operator's logs (UTC timestamps).
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    eprintln!(
+        "scale 3 -> 30: {scale_3_to_30_s:.2} s (unix {:.3} .. {:.3})",
+        unix(scale_started_at),
+        unix(std::time::SystemTime::now())
+    );
     if let Some(path) = std::env::var_os("VMSTREAM_E2E_FIGURES") {
         let figures = json!({ "scale_3_to_30_s": (scale_3_to_30_s * 1000.0).round() / 1000.0 });
         std::fs::write(path, figures.to_string()).expect("write e2e figures");

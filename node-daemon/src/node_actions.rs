@@ -339,6 +339,12 @@ pub struct NodeActions {
     page_service: std::sync::OnceLock<Arc<PageService>>,
 }
 
+/// A sync whose VM listing takes longer than this says so in the log.
+const SLOW_LISTING: Duration = Duration::from_millis(50);
+
+/// A clone start taking longer than this is reported Starting meanwhile.
+const STARTING_REPORT_AFTER: Duration = Duration::from_millis(500);
+
 /// How long a phase this daemon wrote stands in for a lagging watch.
 const REPORT_MEMORY: Duration = Duration::from_secs(10);
 
@@ -448,6 +454,7 @@ impl NodeActions {
                 _ = changed.notified() => false,
             };
             let this = Arc::clone(&self);
+            let listing_began = Instant::now();
             let vms = match tokio::task::spawn_blocking(move || {
                 this.supervisor.forget_dead();
                 this.supervisor.list()
@@ -460,6 +467,13 @@ impl NodeActions {
                     continue;
                 }
             };
+            if listing_began.elapsed() > SLOW_LISTING {
+                tracing::info!(
+                    vms = vms.len(),
+                    took_ms = ms(listing_began.elapsed()),
+                    "slow VM listing"
+                );
+            }
             let phases: BTreeMap<String, VmPhase> = vms
                 .iter()
                 .filter_map(|v| Some((v.record.id.clone(), v.phase.clone()?)))
@@ -1041,35 +1055,45 @@ impl NodeActions {
             }
             CloneAction::Start { image_dir } => {
                 let began = Instant::now();
-                // The Starting report goes out while the VM process starts
-                // (this runs on a blocking thread; the patch on the runtime).
+                // Starting is reported only when the start is slow: a clone
+                // usually runs within a few hundred milliseconds, and during
+                // a burst of starts every write adds to the API server's
+                // queue. The report runs on the runtime (this is a blocking
+                // thread) and is awaited before the Running report, so the
+                // phases never land out of order.
+                let (launched_tx, launched_rx) = tokio::sync::oneshot::channel::<()>();
                 let starting = {
                     let this = Arc::clone(self);
                     let clone = clone.clone();
                     tokio::spawn(async move {
-                        let result = this
-                            .patch_clone(
-                                &clone,
-                                VMClonePhase::Starting,
-                                json!({ "message": "starting" }),
-                            )
-                            .await;
-                        (result, began.elapsed())
+                        tokio::select! {
+                            _ = tokio::time::sleep(STARTING_REPORT_AFTER) => {}
+                            _ = launched_rx => return Ok(None),
+                        }
+                        this.patch_clone(
+                            &clone,
+                            VMClonePhase::Starting,
+                            json!({ "message": "starting" }),
+                        )
+                        .await
+                        .map(|()| Some(began.elapsed()))
                     })
                 };
                 let started = self.start_clone(owner, &image_dir);
                 let launched = began.elapsed();
-                let (patched, starting_patch) = starting.await.map_err(|e| {
+                // Ends the wait (an error: the report is already under way).
+                let _ = launched_tx.send(());
+                let starting_reported = starting.await.map_err(|e| {
                     ActionError::Local(format!("the Starting report panicked: {e}"))
-                })?;
-                patched?;
+                })??;
+                let starting_patch = starting_reported.unwrap_or_default();
                 match started {
                     Ok(()) => {
                         let timing = self.report_clone_running(clone, &id).await?;
                         tracing::info!(
                             clone = %id,
                             launch_ms = ms(launched),
-                            starting_patch_ms = ms(starting_patch),
+                            starting_reported_ms = ms(starting_patch),
                             stats_ms = ms(timing.stats),
                             running_patch_ms = ms(timing.patch),
                             total_ms = ms(began.elapsed()),

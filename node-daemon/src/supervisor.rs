@@ -615,35 +615,24 @@ impl VmSupervisor {
         Ok(())
     }
 
-    /// Every VM in the table, with its phase if it answers.
+    /// Every VM in the table, with its phase if it answers. The VMs are
+    /// asked in parallel (a few threads): a VM busy starting answers late,
+    /// and the sync loop that lists them should not wait for each in turn.
     pub fn list(&self) -> Vec<VmListing> {
         let records: Vec<VmRecord> = self.table().values().map(|e| e.record.clone()).collect();
-        records
-            .into_iter()
-            .map(|record| {
-                let alive = process_alive(record.pid, Some(record.start_ticks));
-                let phase = alive
-                    .then(|| {
-                        call_socket(
-                            &record.id,
-                            &record.socket,
-                            &Request::Ping,
-                            Duration::from_secs(5),
-                        )
-                        .ok()
-                    })
-                    .flatten()
-                    .and_then(|reply| match reply {
-                        Reply::Pong { phase, .. } => Some(phase),
-                        _ => None,
-                    });
-                VmListing {
-                    record,
-                    alive,
-                    phase,
-                }
-            })
-            .collect()
+        let chunk = records.len().div_ceil(LIST_THREADS).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = records
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().cloned().map(listing).collect::<Vec<_>>())
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        })
     }
 
     /// The record of VM `id`, if it is in the table.
@@ -700,6 +689,34 @@ impl VmSupervisor {
             }
         }
         dead
+    }
+}
+
+/// Threads [`VmSupervisor::list`] asks VMs from.
+const LIST_THREADS: usize = 4;
+
+/// One VM's listing: alive (same start time) and, if it answers, its phase.
+fn listing(record: VmRecord) -> VmListing {
+    let alive = process_alive(record.pid, Some(record.start_ticks));
+    let phase = alive
+        .then(|| {
+            call_socket(
+                &record.id,
+                &record.socket,
+                &Request::Ping,
+                Duration::from_secs(5),
+            )
+            .ok()
+        })
+        .flatten()
+        .and_then(|reply| match reply {
+            Reply::Pong { phase, .. } => Some(phase),
+            _ => None,
+        });
+    VmListing {
+        record,
+        alive,
+        phase,
     }
 }
 
