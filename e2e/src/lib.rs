@@ -212,6 +212,8 @@ pub struct Cluster {
     net: NodeNetwork,
     dir: tempfile::TempDir,
     pub system_namespace: String,
+    /// What the cluster was started with (restarts use the same settings).
+    options: ClusterOptions,
 }
 
 /// Options of [`Cluster::start`].
@@ -308,6 +310,7 @@ impl Cluster {
             net,
             dir,
             system_namespace,
+            options: options.clone(),
         };
         for i in 0..options.nodes {
             cluster.start_node(i, &node_bin, options.heartbeat_interval_s)?;
@@ -356,10 +359,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// Restarts node `index`'s daemon (after [`Cluster::kill_node_daemon`]).
+    /// Restarts node `index`'s daemon (after [`Cluster::kill_node_daemon`]
+    /// or [`Cluster::stop_node_daemon`]) with the cluster's heartbeat interval.
     pub fn restart_node(&mut self, index: usize) -> Result<(), ClusterError> {
         let node_bin = workspace_binary("vmstream-node")?;
-        self.start_node(index, &node_bin, 1)
+        let interval = self.options.heartbeat_interval_s;
+        self.start_node(index, &node_bin, interval)
     }
 
     /// Stops node `index`'s daemon the way an upgrade does: SIGTERM, then
@@ -428,7 +433,11 @@ impl Cluster {
                 "127.0.0.1:0",
             ])
             .args(["--lease-duration", "3", "--autoscale-interval", "1"])
-            .args(["--heartbeat-timeout", "4", "--overcommit-ratio", "4"])
+            .args([
+                "--heartbeat-timeout",
+                &self.options.heartbeat_timeout_s.to_string(),
+            ])
+            .args(["--overcommit-ratio", "4"])
             .stdout(Stdio::null())
             .stderr(append_log(&self.dir.path().join("logs/operator.log"))?)
             .spawn()
