@@ -365,9 +365,25 @@ pub async fn reconcile(pool: Arc<ClonePool>, ctx: Arc<Context>) -> Result<Action
         && current.label_selector.is_some()
         && current.observed_generation == pool.meta().generation
         && current.conditions == conditions;
+    // While clones come up one after another only readyReplicas moves:
+    // those writes are spaced READY_STATUS_SPACING apart (the last one is
+    // written when the requeue comes), so a burst of starts is not
+    // answered by a burst of pool writes and re-lists.
+    let only_readiness = current.replicas as usize == count
+        && current.label_selector.is_some()
+        && current.observed_generation == pool.meta().generation;
     if !unchanged {
+        let wait = ctx.status_write_wait(&pool, READY_STATUS_SPACING);
+        if let (true, Some(wait)) = (only_readiness, wait) {
+            ctx.succeeded(&pool);
+            return Ok(Action::requeue(wait));
+        }
         patch_own_status(&pools, &pool, status).await?;
+        ctx.status_written(&pool);
     }
     ctx.succeeded(&pool);
     Ok(Action::requeue(ctx.config.recheck_interval() * 4))
 }
+
+/// Least time between two pool status writes that only change readiness.
+const READY_STATUS_SPACING: Duration = Duration::from_millis(250);

@@ -44,6 +44,9 @@ pub struct Context {
     /// When each periodic object (VMAutoscaler) was last evaluated, by
     /// object and generation.
     last_pass: Mutex<HashMap<String, Instant>>,
+    /// When the operator last wrote each object's status (see
+    /// [`Context::status_write_wait`]).
+    last_status_write: Mutex<HashMap<String, Instant>>,
     /// Held from reading node facts to writing the chosen node (and its
     /// reservation), so two concurrent reconciles never both count the same
     /// free memory.
@@ -68,6 +71,7 @@ impl Context {
             config,
             failures: Mutex::new(HashMap::new()),
             last_pass: Mutex::new(HashMap::new()),
+            last_status_write: Mutex::new(HashMap::new()),
             placement_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -115,6 +119,25 @@ impl Context {
         }
         map.insert(key, now);
         None
+    }
+
+    /// `None` when a status write for `obj` may go now, else how long
+    /// until `spacing` has passed since the last one.
+    pub fn status_write_wait<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        spacing: Duration,
+    ) -> Option<Duration> {
+        let map = self.last_status_write.lock().ok()?;
+        let since = map.get(&object_key(obj))?.elapsed();
+        (since < spacing).then(|| spacing - since)
+    }
+
+    /// Records a status write for [`Context::status_write_wait`].
+    pub fn status_written<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        if let Ok(mut map) = self.last_status_write.lock() {
+            map.insert(object_key(obj), Instant::now());
+        }
     }
 
     /// Count a successful pass and reset the object's backoff.
