@@ -27,6 +27,8 @@ pub enum TargetShellError {
     Register(#[from] LazyRegisterError),
     #[error("cannot set up the target's guest memory")]
     Memory(#[from] TargetMemoryError),
+    #[error("the shell's guest RAM is registered in SIGBUS mode (faults never reach a handler)")]
+    SigbusShell,
 }
 
 /// A VM ready to receive a migrated state.
@@ -48,7 +50,31 @@ impl TargetShell {
         image: Option<Arc<PageStore>>,
     ) -> Result<Self, TargetShellError> {
         let start = Instant::now();
-        let mut shell = VmShell::create(host, config)?;
+        let shell = VmShell::create(host, config)?;
+        Self::with_shell(shell, image, start)
+    }
+
+    /// Makes a target of a shell made earlier (e.g. a node's warm shell:
+    /// its slot registration is already paid). Its userfaultfd
+    /// registration, if prepared, must be plain (no SIGBUS mode) and have
+    /// nothing attached.
+    pub fn from_shell(
+        shell: VmShell,
+        image: Option<Arc<PageStore>>,
+    ) -> Result<Self, TargetShellError> {
+        let mut target = Self::with_shell(shell, image, Instant::now())?;
+        target.created_in += target.shell.created_in();
+        Ok(target)
+    }
+
+    fn with_shell(
+        mut shell: VmShell,
+        image: Option<Arc<PageStore>>,
+        start: Instant,
+    ) -> Result<Self, TargetShellError> {
+        if shell.lazy().is_some_and(|lazy| lazy.options().sigbus) {
+            return Err(TargetShellError::SigbusShell);
+        }
         shell.prepare_lazy(LazyOptions::default())?;
         let lazy = shell.lazy().expect("prepared above");
         let memory = Arc::new(TargetMemory::attach(

@@ -1,6 +1,6 @@
 //! Live migration in a VM process: the source side (`migrate`: the running
 //! VM moves to a target and this process stops its copy) and the target
-//! side (`receive`: the warm shell is traded for a migration target shell,
+//! side (`receive`: the warm shell becomes the migration target shell,
 //! the process listens on a TCP port and runs the received VM, a vmm
 //! `Machine` hosted like any other: pause, resume, capture, stats, mailbox,
 //! a further migration, stop).
@@ -112,10 +112,16 @@ impl Vm {
             self.set_phase(&mut core, VmPhase::Starting);
             core.shell.take()
         };
-        // The target shell replaces the warm one (its RAM is registered
-        // with the migration's own userfaultfd).
-        drop(warm);
-        let shell = match TargetShell::create(&host, self.config, pages.clone()) {
+        // The warm shell becomes the target shell (its slots are
+        // registered already); a new one is made if it cannot.
+        let made = match warm {
+            Some(warm) => TargetShell::from_shell(warm, pages.clone()).or_else(|e| {
+                tracing::warn!(error = %chain(&e), "the warm shell cannot receive; making a new one");
+                TargetShell::create(&host, self.config, pages.clone())
+            }),
+            None => TargetShell::create(&host, self.config, pages.clone()),
+        };
+        let shell = match made {
             Ok(shell) => shell,
             Err(e) => {
                 let message = format!("creating the migration target shell: {}", chain(&e));

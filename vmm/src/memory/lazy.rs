@@ -475,6 +475,11 @@ impl LazyMemory {
         Ok(())
     }
 
+    /// The options it was registered with.
+    pub fn options(&self) -> &LazyOptions {
+        &self.options
+    }
+
     /// A handle that installs pages from the caller's buffers (any thread,
     /// with or without a hook or source attached).
     pub fn installer(&self) -> PageInstaller {
