@@ -65,7 +65,8 @@ pub enum AttemptError {
 ///
 /// Refusals: the VM process's phase check (`mailbox refused: the VM is
 /// stopping`) and the supervisor's `no VM <id>`; both answer before the
-/// request is submitted to the guest's mailbox.
+/// request is submitted to the guest's mailbox. ([`RequestPath::Supervisor`]
+/// also counts a connection the daemon's socket refused: nothing was sent.)
 pub fn classify_request_error(message: &str) -> AttemptError {
     let text = message.trim().to_string();
     let refused = text.contains("mailbox refused:")
@@ -164,8 +165,11 @@ fn supervisor_request(
     let unknown = |what: &str, e: std::io::Error| {
         AttemptError::Unknown(format!("{what} {}: {e}", socket.display()))
     };
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(socket).map_err(|e| unknown("connecting to", e))?;
+    // Nothing was sent when the daemon does not listen (it is restarting):
+    // a refusal.
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        AttemptError::Refused(format!("no daemon listening on {}: {e}", socket.display()))
+    })?;
     stream
         .set_read_timeout(Some(
             Duration::from_millis(timeout_ms) + Duration::from_secs(10),

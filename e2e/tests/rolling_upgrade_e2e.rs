@@ -7,6 +7,11 @@
 //! VM process keeps running (same pids), every clone keeps answering with its
 //! served counter continuing exactly, no VMClone leaves Running (never Lost)
 //! and the pool keeps its clones.
+//!
+//! The second test drives three concurrent streams straight at the daemons'
+//! supervisor sockets, so requests are inside a daemon when it gets SIGTERM;
+//! it is `#[ignore]`d while the daemon drops those (docs/E2E.md, "Known
+//! failures"): run it with `-- --ignored`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -18,7 +23,9 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{ClonePool, LiveImage, VMClone, VMClonePhase};
-use vmstream_e2e::requests::{DriverOptions, RequestDriver, Route};
+use vmstream_e2e::requests::{
+    DriverOptions, DriverReport, RequestDriver, Route, check_concurrent_exactly_once,
+};
 use vmstream_e2e::{Cluster, ClusterOptions, clone_vm_id, eventually, ready_request_image, served};
 use vmstream_test_support::{Need, require};
 
@@ -52,8 +59,25 @@ async fn renew_time(leases: &Api<Lease>, node: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_of_node_daemons_loses_no_vm() {
+    roll_under_requests(TEST, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails every run (5 of 5) until a node daemon finishes the requests in flight on \
+            its supervisor socket before it exits on SIGTERM: see docs/E2E.md"]
+async fn concurrent_requests_across_a_rolling_restart_are_applied_exactly_once() {
+    roll_under_requests(
+        "e2e::concurrent_requests_across_a_rolling_restart_are_applied_exactly_once",
+        Some(3),
+    )
+    .await;
+}
+
+/// The roll, with requests from one `ctl` driver (`streams: None`) or from
+/// `streams` concurrent drivers on the daemons' supervisor sockets.
+async fn roll_under_requests(test: &str, streams: Option<usize>) {
     if !require(
-        TEST,
+        test,
         &[
             Need::Kvm,
             Need::Root,
@@ -63,11 +87,11 @@ async fn rolling_restart_of_node_daemons_loses_no_vm() {
     ) {
         return;
     }
-    if !vmstream_e2e::mode::local_only(TEST) {
+    if !vmstream_e2e::mode::local_only(test) {
         return;
     }
     if let Some(why) = vmstream_testenv::unavailable() {
-        vmstream_testenv::record_skip(TEST, &why);
+        vmstream_testenv::record_skip(test, &why);
         return;
     }
     let mut cluster = Cluster::start(ClusterOptions::default())
@@ -177,11 +201,25 @@ async fn rolling_restart_of_node_daemons_loses_no_vm() {
         })
     };
 
-    let driver = RequestDriver::start(
-        cluster.request_path().unwrap(),
-        targets.clone(),
-        DriverOptions::default(),
-    );
+    let drivers: Vec<RequestDriver> = match streams {
+        None => vec![RequestDriver::start(
+            cluster.request_path().unwrap(),
+            targets.clone(),
+            DriverOptions::default(),
+        )],
+        Some(k) => (0..k)
+            .map(|s| {
+                RequestDriver::start(
+                    cluster.supervisor_path(),
+                    targets.clone(),
+                    DriverOptions {
+                        first_n: 1_000_000 * (s as u64 + 1),
+                        ..DriverOptions::default()
+                    },
+                )
+            })
+            .collect(),
+    };
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut back_after = Vec::new();
     for i in 0..cluster.nodes.len() {
@@ -215,34 +253,42 @@ async fn rolling_restart_of_node_daemons_loses_no_vm() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let report = tokio::task::spawn_blocking(move || driver.stop())
-        .await
-        .unwrap();
+    let reports: Vec<DriverReport> =
+        tokio::task::spawn_blocking(move || drivers.into_iter().map(RequestDriver::stop).collect())
+            .await
+            .unwrap();
     watcher.abort();
 
-    let f = report.figures();
-    eprintln!(
-        "rolling restart of {} node daemons under requests: {} requests to {} clones, \
-         {} retried ({} refused attempts, {} unknown-outcome attempts), \
-         longest request {:.1} ms, longest gap between answers to one clone {:.1} ms",
-        cluster.nodes.len(),
-        f.requests,
-        targets.len(),
-        f.retried,
-        f.refused_attempts,
-        f.unknown_attempts,
-        f.longest_request.as_secs_f64() * 1e3,
-        f.longest_gap.as_secs_f64() * 1e3,
-    );
+    for (i, report) in reports.iter().enumerate() {
+        let f = report.figures();
+        eprintln!(
+            "rolling restart of {} node daemons, request stream {i} ({}): {} requests to {} \
+             clones, {} retried ({} refused attempts, {} unknown-outcome attempts), \
+             longest request {:.1} ms, longest gap between answers to one clone {:.1} ms",
+            cluster.nodes.len(),
+            if streams.is_some() {
+                "supervisor socket"
+            } else {
+                "ctl"
+            },
+            f.requests,
+            targets.len(),
+            f.retried,
+            f.refused_attempts,
+            f.unknown_attempts,
+            f.longest_request.as_secs_f64() * 1e3,
+            f.longest_gap.as_secs_f64() * 1e3,
+        );
+        for line in report.failed_attempts() {
+            eprintln!("  failed attempt: {line}");
+        }
+    }
     for (node, stopped_in, back) in &back_after {
         eprintln!(
             "  {node}: SIGTERM to exit {:.0} ms, SIGTERM to back (Lease renewed, VMs listed) {:.0} ms",
             stopped_in.as_secs_f64() * 1e3,
             back.as_secs_f64() * 1e3
         );
-    }
-    for line in report.failed_attempts() {
-        eprintln!("  failed attempt: {line}");
     }
 
     // Same VM processes, none restarted.
@@ -270,11 +316,19 @@ async fn rolling_restart_of_node_daemons_loses_no_vm() {
     assert_eq!(pool.spec.replicas, POOL as i32);
     assert_eq!(pool.status.map(|s| s.replicas), Some(POOL as i32));
     // Every request answered, each applied exactly once, counters continue.
-    assert_eq!(f.answered, f.requests, "every request answered");
+    for report in &reports {
+        let f = report.figures();
+        assert_eq!(f.answered, f.requests, "every request answered");
+    }
     for (t, ((id, route), before)) in targets.iter().zip(&served_before).enumerate() {
-        let violations = report.violations(t, *before);
-        assert!(violations.is_empty(), "{id}: {violations:?}");
-        let answered = report.of(t).count() as u64;
+        if let [report] = reports.as_slice() {
+            let violations = report.violations(t, *before);
+            assert!(violations.is_empty(), "{id}: {violations:?}");
+        }
+        let served_values: Vec<u64> = reports
+            .iter()
+            .flat_map(|r| r.of(t).filter_map(|q| q.served))
+            .collect();
         let node = route.get();
         let now = served(
             2,
@@ -282,9 +336,14 @@ async fn rolling_restart_of_node_daemons_loses_no_vm() {
                 .request(cluster.node_index(&node), id, 2)
                 .unwrap_or_else(|e| panic!("{id} answers after the roll: {e}")),
         );
+        let (missing, twice) = check_concurrent_exactly_once(*before, &served_values, now);
+        assert!(
+            missing.is_empty() && twice.is_empty(),
+            "{id}: applied without an answer received {missing:?}, answered twice {twice:?}"
+        );
         assert_eq!(
             now,
-            before + answered + 1,
+            before + served_values.len() as u64 + 1,
             "{id}'s served counter continues"
         );
     }
