@@ -457,7 +457,13 @@ impl NodeActions {
             let listing_began = Instant::now();
             let vms = match tokio::task::spawn_blocking(move || {
                 this.supervisor.forget_dead();
-                this.supervisor.list()
+                // Every VM is asked on the interval; between, phases known
+                // from the last interval (or a launch) are reused.
+                if tick {
+                    this.supervisor.list()
+                } else {
+                    this.supervisor.list_recent(interval)
+                }
             })
             .await
             {

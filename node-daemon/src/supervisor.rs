@@ -109,6 +109,9 @@ struct VmEntry {
     /// Set when this daemon spawned the process (to reap it).
     child: Option<Child>,
     last: Option<UsageSample>,
+    /// The phase the VM last answered (or its successful launch implied),
+    /// and when: [`VmSupervisor::list_recent`] reuses it.
+    phase: Option<(VmPhase, Instant)>,
 }
 
 /// A VM as `list` shows it.
@@ -354,6 +357,7 @@ impl VmSupervisor {
                 record: record.clone(),
                 child: Some(child),
                 last: None,
+                phase: None,
             },
         );
         if let Some(start) = &launch.start {
@@ -372,6 +376,14 @@ impl VmSupervisor {
                     log,
                 });
             }
+        }
+        if let Some(entry) = self.table().get_mut(&id) {
+            let phase = if launch.start.is_some() {
+                VmPhase::Running
+            } else {
+                VmPhase::Warm
+            };
+            entry.phase = Some((phase, Instant::now()));
         }
         // The start may have updated the record (kind, image).
         Ok(self.get(&id).unwrap_or(record))
@@ -536,6 +548,7 @@ impl VmSupervisor {
                             record,
                             child: None,
                             last: None,
+                            phase: None,
                         },
                     );
                     report.adopted.push(id);
@@ -572,6 +585,15 @@ impl VmSupervisor {
             return Ok(Reply::Stopping);
         }
         let record = self.record(id)?;
+        if !matches!(
+            request,
+            Request::Ping | Request::Stats | Request::Mailbox { .. } | Request::WaitRunning { .. }
+        ) {
+            // The request may change the phase: the next listing asks.
+            if let Some(entry) = self.table().get_mut(id) {
+                entry.phase = None;
+            }
+        }
         let reply = call_socket(id, &record.socket, request, request_timeout(request))?;
         if matches!(request, Request::Start { .. } | Request::WaitRunning { .. })
             && let Ok(updated) = VmRecord::read(&VmPaths::new(&self.state_dir, id).record)
@@ -619,9 +641,40 @@ impl VmSupervisor {
     /// asked in parallel (a few threads): a VM busy starting answers late,
     /// and the sync loop that lists them should not wait for each in turn.
     pub fn list(&self) -> Vec<VmListing> {
-        let records: Vec<VmRecord> = self.table().values().map(|e| e.record.clone()).collect();
+        self.list_recent(Duration::ZERO)
+    }
+
+    /// Like [`Self::list`], but a VM whose phase is known from the last
+    /// `max_age` (an answer, or its launch) is not asked again; liveness is
+    /// always checked (`/proc`). For the syncs that watch events trigger:
+    /// during a burst of placements they would otherwise ping every VM
+    /// each time.
+    pub fn list_recent(&self, max_age: Duration) -> Vec<VmListing> {
+        let entries: Vec<(VmRecord, Option<VmPhase>)> = self
+            .table()
+            .values()
+            .map(|e| {
+                let known = e
+                    .phase
+                    .as_ref()
+                    .filter(|(_, at)| at.elapsed() < max_age)
+                    .map(|(p, _)| p.clone());
+                (e.record.clone(), known)
+            })
+            .collect();
+        let (known, unknown): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|(_, p)| p.is_some());
+        let mut out: Vec<VmListing> = known
+            .into_iter()
+            .map(|(record, phase)| VmListing {
+                alive: process_alive(record.pid, Some(record.start_ticks)),
+                record,
+                phase,
+            })
+            .collect();
+        let records: Vec<VmRecord> = unknown.into_iter().map(|(r, _)| r).collect();
         let chunk = records.len().div_ceil(LIST_THREADS).max(1);
-        std::thread::scope(|scope| {
+        let asked: Vec<VmListing> = std::thread::scope(|scope| {
             let workers: Vec<_> = records
                 .chunks(chunk)
                 .map(|part| {
@@ -632,7 +685,17 @@ impl VmSupervisor {
                 .into_iter()
                 .flat_map(|w| w.join().unwrap_or_default())
                 .collect()
-        })
+        });
+        let now = Instant::now();
+        let mut table = self.table();
+        for l in &asked {
+            if let Some(entry) = table.get_mut(&l.record.id) {
+                entry.phase = l.phase.clone().map(|p| (p, now));
+            }
+        }
+        drop(table);
+        out.extend(asked);
+        out
     }
 
     /// The record of VM `id`, if it is in the table.
