@@ -254,7 +254,7 @@ async fn a_clone_migrated_under_load_answers_every_request_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails in about 1 run of 2 (5 of 11) until the VM process stops admitting mailbox requests \
+#[ignore = "fails in about 1 run of 2 (7 of 14) until the VM process stops admitting mailbox requests \
             while it migrates (a request carried over in the saved mailbox is applied on the \
             target, its answer is lost, its retry is applied again): see docs/E2E.md"]
 async fn concurrent_request_streams_across_a_migration_are_applied_exactly_once() {

@@ -63,7 +63,7 @@ async fn rolling_restart_of_node_daemons_loses_no_vm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails every run (5 of 5) until a node daemon finishes the requests in flight on \
+#[ignore = "fails in most runs (7 of 9) until a node daemon finishes the requests in flight on \
             its supervisor socket before it exits on SIGTERM: see docs/E2E.md"]
 async fn concurrent_requests_across_a_rolling_restart_are_applied_exactly_once() {
     roll_under_requests(
