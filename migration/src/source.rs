@@ -335,7 +335,7 @@ pub fn migrate(
             memory
                 .refresh(machine)
                 .inspect_err(|_| dirt.stop(machine))?;
-            to_send = dirt.changed_since_sent(machine, &memory, &hashes);
+            to_send = dirt.changed_since_sent(machine, &mut memory, &hashes);
             let dirty = to_send.iter().map(|w| w.count_ones() as usize).sum();
             decision = after_round(
                 options.mode,
@@ -372,8 +372,10 @@ pub fn migrate(
     report.save_state_ms = ms(step.elapsed());
     report.state_bytes = encoded.len() as u64;
     // Postcopy finds its candidates after the switch-over (a pagemap scan
-    // grows with memory size; it stays off the downtime path).
-    if options.mode != MigrationMode::Postcopy {
+    // grows with memory size; it stays off the downtime path). With the
+    // dirty log, pages written since the last round are in the log; pages
+    // a lazy clone read in since then hold image content: no rescan.
+    if options.mode != MigrationMode::Postcopy && dirt == DirtTracking::ContentHash {
         memory.refresh(machine).inspect_err(|_| {
             dirt.stop(machine);
             machine.resume();
@@ -381,7 +383,7 @@ pub fn migrate(
     }
     // Paused: what the guest wrote since the last round is final.
     let last = (options.mode != MigrationMode::Postcopy).then(|| {
-        let mut last = dirt.changed_since_sent(machine, &memory, &hashes);
+        let mut last = dirt.changed_since_sent(machine, &mut memory, &hashes);
         for (l, u) in last.iter_mut().zip(&unsent_changes) {
             *l |= u;
         }
@@ -805,17 +807,27 @@ impl DirtTracking {
     fn changed_since_sent(
         &mut self,
         machine: &Machine,
-        memory: &SourceMemory,
+        memory: &mut SourceMemory,
         hashes: &PageHashes,
     ) -> Vec<u64> {
         let changed = match self {
             Self::KvmDirtyLog => match machine.take_dirty_pages() {
-                Ok(written) => hashes.changed_among(memory, &written),
+                Ok(written) => {
+                    // Written pages never sent are touched now (they go
+                    // below, classified as written) even if the touched
+                    // set was not re-read.
+                    memory.add_touched(&written);
+                    hashes.changed_among(memory, &written)
+                }
                 Err(e) => {
                     // Lost track: everything sent may have changed.
                     tracing::error!(error = %e, "reading the dirty log failed; falling back to page hashes");
                     *self = Self::ContentHash;
                     let _ = machine.stop_dirty_log();
+                    // The touched set may be stale too: re-read it.
+                    if memory.refresh(machine).is_err() {
+                        memory.touch_all();
+                    }
                     hashes.sent_words().to_vec()
                 }
             },

@@ -132,6 +132,14 @@ impl SourceMemory {
         self.compare = self.image.is_some();
     }
 
+    /// Adds pages known to be written (e.g. from KVM's dirty log) to the
+    /// touched set, without re-reading the backing.
+    pub fn add_touched(&mut self, words: &[u64]) {
+        for (t, w) in self.touched.iter_mut().zip(words) {
+            *t |= w;
+        }
+    }
+
     /// Number of guest pages.
     pub fn pages(&self) -> usize {
         self.pages
