@@ -42,6 +42,23 @@ fn all_answer(cluster: &Cluster, ns: &str, clones: &[VMClone]) {
     }
 }
 
+/// With `VMSTREAM_E2E_KEEP_LOGS=<dir>`, copies the operator's and daemons'
+/// logs there when dropped (for the breakdown of the scale-up, or a failure).
+struct KeepLogs(std::path::PathBuf);
+
+impl Drop for KeepLogs {
+    fn drop(&mut self) {
+        let Some(keep) = std::env::var_os("VMSTREAM_E2E_KEEP_LOGS") else {
+            return;
+        };
+        let keep = std::path::PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+        }
+    }
+}
+
 /// The pid recorded for VM `id` on node `index` (its `vm.json`).
 fn vm_pid(cluster: &Cluster, index: usize, id: &str) -> Option<u32> {
     let path = cluster.nodes[index]
@@ -57,17 +74,14 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Deletes a VMClone without its daemon's help: finalizers dropped first,
-/// so the object is gone at once and no daemon sees a deletionTimestamp.
-async fn force_delete(api: &Api<VMClone>, name: &str) {
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
-    )
-    .await
-    .unwrap();
-    api.delete(name, &DeleteParams::default()).await.unwrap();
+/// Drops a VMClone's finalizers (already gone is fine).
+async fn strip_finalizers(api: &Api<VMClone>, name: &str) {
+    let patch = Patch::Merge(json!({ "metadata": { "finalizers": null } }));
+    match api.patch(name, &PatchParams::default(), &patch).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("dropping the finalizers of {name}: {e}"),
+    }
 }
 
 /// Reasons of the Events about VMNodes (cluster-scoped: namespace default).
@@ -113,6 +127,9 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     let mut cluster = Cluster::start(ClusterOptions::default())
         .await
         .expect("start the cluster");
+    // Dropped before the cluster (declared after it, dropped explicitly at
+    // the end): the logs are copied while they exist, pass or panic.
+    let keep_logs = KeepLogs(cluster.log_dir());
     let cp = cluster.control_plane();
     let ns = cp.namespace("e2e").await.unwrap();
     let client = ns.client();
@@ -221,18 +238,6 @@ async fn custom_resources_drive_real_vms_across_nodes() {
         let figures = json!({ "scale_3_to_30_s": (scale_3_to_30_s * 1000.0).round() / 1000.0 });
         std::fs::write(path, figures.to_string()).expect("write e2e figures");
     }
-    // For the breakdown of the scale-up: the operator's and daemons' logs as
-    // they are right after it (the cluster's own copy goes with the cluster).
-    if let Some(keep) = std::env::var_os("VMSTREAM_E2E_KEEP_LOGS") {
-        let keep = std::path::PathBuf::from(keep);
-        std::fs::create_dir_all(&keep).expect("create the log copy directory");
-        for entry in std::fs::read_dir(cluster.log_dir())
-            .expect("read the log directory")
-            .flatten()
-        {
-            std::fs::copy(entry.path(), keep.join(entry.file_name())).expect("copy a log");
-        }
-    }
     all_answer(&cluster, ns.name(), &running);
     assert_eq!(vm_process_count(&cluster), 30);
     set_replicas(3).await;
@@ -260,7 +265,14 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     let orphan = running[0].name_any();
     let orphan_id = clone_vm_id(ns.name(), &orphan);
     let orphan_pid = vm_pid(&cluster, busy, &orphan_id).expect("the orphan's vm.json");
-    force_delete(&clones, &orphan).await;
+    // Deleted first (the operator, running, adds no finalizer to an object
+    // being deleted), then its finalizer dropped: gone before any daemon
+    // of its node could see the deletion.
+    clones
+        .delete(&orphan, &DeleteParams::default())
+        .await
+        .unwrap();
+    strip_finalizers(&clones, &orphan).await;
     let pids_before: BTreeSet<u32> = pids_before
         .into_iter()
         .filter(|&p| p != orphan_pid)
@@ -300,7 +312,14 @@ async fn custom_resources_drive_real_vms_across_nodes() {
         cluster.node_index(running[1].status.as_ref().unwrap().node.as_deref().unwrap());
     let victim_pid = vm_pid(&cluster, victim_node, &clone_vm_id(ns.name(), &victim))
         .expect("the victim's vm.json");
-    force_delete(&clones, &victim).await;
+    // Finalizer dropped first (no operator runs to put it back), then
+    // deleted: the object vanishes at once; the watching daemon sees no
+    // deletionTimestamp, only the object gone.
+    strip_finalizers(&clones, &victim).await;
+    clones
+        .delete(&victim, &DeleteParams::default())
+        .await
+        .unwrap();
     eventually(
         "the daemon stops the VM of the vanished clone",
         30,
@@ -459,6 +478,7 @@ async fn custom_resources_drive_real_vms_across_nodes() {
         "cgroups left: {:?}",
         vm_cgroups(&ns_name)
     );
+    drop(keep_logs);
     drop(ns);
     drop(cluster);
     let out = std::process::Command::new("ip")
