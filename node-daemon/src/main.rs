@@ -275,7 +275,7 @@ fn new_supervisor(
     state_dir: &std::path::Path,
     cgroup: &CgroupArgs,
     memory: &MemoryArgs,
-) -> MainResult<Arc<VmSupervisor>> {
+) -> MainResult<(Arc<VmSupervisor>, supervisor_api::SupervisorSocket)> {
     std::fs::create_dir_all(state_dir)
         .map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
@@ -291,13 +291,25 @@ fn new_supervisor(
         kept = report.kept.len(),
         "VM processes scanned"
     );
-    supervisor_api::serve(Arc::clone(&supervisor))
+    let socket = supervisor_api::serve(Arc::clone(&supervisor))
         .map_err(|e| format!("cannot listen on the supervisor socket: {e}"))?;
-    Ok(supervisor)
+    Ok((supervisor, socket))
+}
+
+/// How long a stopping daemon waits for forwarded requests to be answered.
+const SOCKET_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops the supervisor socket, letting requests already forwarded to VMs
+/// finish so none is applied without its answer reaching the caller.
+fn stop_socket(socket: &supervisor_api::SupervisorSocket) {
+    let left = socket.shutdown(SOCKET_GRACE);
+    if left > 0 {
+        tracing::warn!(requests = left, "stopping with requests still unanswered");
+    }
 }
 
 fn supervise(args: SuperviseArgs) -> MainResult {
-    let supervisor = new_supervisor(&args.state_dir, &args.cgroup, &args.memory)?;
+    let (supervisor, socket) = new_supervisor(&args.state_dir, &args.cgroup, &args.memory)?;
     tracing::info!(state_dir = %args.state_dir.display(), "supervising VM processes");
     runtime()?.block_on(async move {
         args.memory.spawn_budget(&supervisor);
@@ -314,6 +326,7 @@ fn supervise(args: SuperviseArgs) -> MainResult {
         shutdown_signal().await;
         reaper.abort();
     });
+    stop_socket(&socket);
     tracing::info!("supervisor stopping; VMs keep running");
     Ok(())
 }
@@ -336,7 +349,7 @@ async fn run(args: Args) -> MainResult {
         .node_name
         .clone()
         .ok_or("--node-name (or NODE_NAME) is required")?;
-    let supervisor = {
+    let (supervisor, socket) = {
         let state_dir = args.state_dir.clone();
         let cgroup = args.cgroup.clone();
         let memory = args.memory.clone();
@@ -475,6 +488,7 @@ async fn run(args: Args) -> MainResult {
     });
     shutdown_signal().await;
     let _ = stop_tx.send(true);
+    tokio::task::spawn_blocking(move || stop_socket(&socket)).await?;
     tracing::info!("node daemon stopping; VMs keep running");
     Ok(())
 }

@@ -3,12 +3,19 @@
 //! launch VMs, list them, and forward a [`Request`] to one of them. `ctl`
 //! uses it while a daemon runs and otherwise acts directly through an
 //! in-process [`VmSupervisor`] (re-adopting from disk first).
+//!
+//! A stopping daemon ([`SupervisorSocket::shutdown`]) refuses new requests
+//! with `shutting_down` (nothing was done, so `ctl` carries the request out
+//! directly instead) and waits for the requests it already forwarded to be
+//! answered: a request a VM applied never loses its answer to a daemon
+//! restart.
 
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +58,9 @@ pub struct SupervisorResponse {
     pub result: Option<SupervisorReply>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The daemon is stopping and did not act on the request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shutting_down: bool,
 }
 
 impl From<Result<SupervisorReply, String>> for SupervisorResponse {
@@ -60,11 +70,13 @@ impl From<Result<SupervisorReply, String>> for SupervisorResponse {
                 ok: true,
                 result: Some(reply),
                 error: None,
+                shutting_down: false,
             },
             Err(error) => Self {
                 ok: false,
                 result: None,
                 error: Some(error),
+                shutting_down: false,
             },
         }
     }
@@ -102,35 +114,114 @@ pub fn perform(
     }
 }
 
+/// Requests being carried out, and whether the socket is stopping.
+#[derive(Debug, Default)]
+struct InFlight {
+    stopping: bool,
+    requests: usize,
+}
+
+/// The listening supervisor socket; [`SupervisorSocket::shutdown`] stops it.
+pub struct SupervisorSocket {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    in_flight: Arc<(Mutex<InFlight>, Condvar)>,
+}
+
 /// Listens on `<state>/supervisor.sock` in background threads.
-pub fn serve(supervisor: Arc<VmSupervisor>) -> std::io::Result<()> {
+pub fn serve(supervisor: Arc<VmSupervisor>) -> std::io::Result<SupervisorSocket> {
     let path = socket_path(supervisor.state_dir());
     let _ = std::fs::remove_file(&path);
     let listener = bind_socket(&path)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let in_flight = Arc::new((Mutex::new(InFlight::default()), Condvar::new()));
+    let (accept_stop, accept_in_flight) = (Arc::clone(&stop), Arc::clone(&in_flight));
     std::thread::Builder::new()
         .name("supervisor-api".into())
         .spawn(move || {
             for stream in listener.incoming() {
+                if accept_stop.load(Ordering::SeqCst) {
+                    return; // drops the listener: queued connections are reset, unserved
+                }
                 let Ok(stream) = stream else { continue };
                 let supervisor = Arc::clone(&supervisor);
-                std::thread::spawn(move || serve_connection(&supervisor, stream));
+                let in_flight = Arc::clone(&accept_in_flight);
+                std::thread::spawn(move || serve_connection(&supervisor, stream, &in_flight));
             }
         })?;
-    Ok(())
+    Ok(SupervisorSocket {
+        path,
+        stop,
+        in_flight,
+    })
 }
 
-fn serve_connection(supervisor: &VmSupervisor, stream: UnixStream) {
+impl SupervisorSocket {
+    /// Stops taking requests (new ones are refused with `shutting_down`,
+    /// the socket file goes so `ctl` acts directly) and waits up to `grace`
+    /// for the requests already being carried out to be answered. Returns
+    /// how many were still running when it gave up.
+    pub fn shutdown(&self, grace: Duration) -> usize {
+        let (lock, changed) = &*self.in_flight;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).stopping = true;
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.path);
+        // Wake the accept loop so it sees `stop` and drops the listener.
+        let _ = UnixStream::connect(&self.path);
+        let deadline = Instant::now() + grace;
+        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while state.requests > 0 {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            state = changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.requests
+    }
+}
+
+fn serve_connection(
+    supervisor: &VmSupervisor,
+    stream: UnixStream,
+    in_flight: &(Mutex<InFlight>, Condvar),
+) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
+    let (lock, changed) = in_flight;
     while let Ok(Some(frame)) = read_frame(&mut reader, MAX_FRAME) {
+        let admitted = {
+            let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if !state.stopping {
+                state.requests += 1;
+            }
+            !state.stopping
+        };
+        if !admitted {
+            let _ = write_frame(
+                &mut writer,
+                &SupervisorResponse {
+                    ok: false,
+                    result: None,
+                    error: Some("the node daemon is stopping; nothing was done".into()),
+                    shutting_down: true,
+                },
+            );
+            return;
+        }
         let result = frame
             .and_then(|line| decode::<SupervisorRequest>(&line))
             .map_err(|e| e.to_string())
             .and_then(|request| perform(supervisor, request));
-        if write_frame(&mut writer, &SupervisorResponse::from(result)).is_err() {
+        let written = write_frame(&mut writer, &SupervisorResponse::from(result));
+        lock.lock().unwrap_or_else(|e| e.into_inner()).requests -= 1;
+        changed.notify_all();
+        if written.is_err() {
             return;
         }
     }
@@ -147,6 +238,8 @@ pub enum CtlError {
     Refused(String),
     #[error("cannot re-adopt VMs without a daemon: {0}")]
     Adopt(String),
+    #[error("the node daemon is stopping")]
+    ShuttingDown,
 }
 
 /// Sends `request` to the running daemon of `state_dir`, or — when none
@@ -158,16 +251,17 @@ pub fn ctl(
     request: SupervisorRequest,
 ) -> Result<SupervisorReply, CtlError> {
     let path = socket_path(state_dir);
-    match connect_socket(&path) {
-        Ok(stream) => ctl_over_socket(&path, stream, &request),
-        Err(_) => {
-            let supervisor = VmSupervisor::new(state_dir, exe, cgroup_roots);
-            supervisor
-                .adopt_all()
-                .map_err(|e| CtlError::Adopt(crate::vm_process::chain(&e)))?;
-            perform(&supervisor, request).map_err(CtlError::Refused)
+    if let Ok(stream) = connect_socket(&path) {
+        match ctl_over_socket(&path, stream, &request) {
+            Err(CtlError::ShuttingDown) => {} // nothing done: act directly
+            other => return other,
         }
     }
+    let supervisor = VmSupervisor::new(state_dir, exe, cgroup_roots);
+    supervisor
+        .adopt_all()
+        .map_err(|e| CtlError::Adopt(crate::vm_process::chain(&e)))?;
+    perform(&supervisor, request).map_err(CtlError::Refused)
 }
 
 fn ctl_over_socket(
@@ -188,6 +282,9 @@ fn ctl_over_socket(
     };
     let response: SupervisorResponse =
         decode(&line).map_err(|e| CtlError::BadResponse(e.to_string()))?;
+    if response.shutting_down {
+        return Err(CtlError::ShuttingDown);
+    }
     match (response.result, response.error) {
         (Some(reply), _) if response.ok => Ok(reply),
         (_, Some(error)) => Err(CtlError::Refused(error)),
@@ -241,5 +338,43 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "no VM nope");
+    }
+
+    #[test]
+    fn a_stopping_socket_refuses_new_requests_and_ctl_acts_directly() {
+        let state = tempfile::tempdir().unwrap();
+        let supervisor = Arc::new(VmSupervisor::new(state.path(), "/bin/false".into(), vec![]));
+        let socket = serve(supervisor).unwrap();
+        let path = socket_path(state.path());
+        // A connection made while the daemon serves.
+        let mut open = connect_socket(&path).unwrap();
+        assert_eq!(
+            ctl_over_socket(
+                &path,
+                connect_socket(&path).unwrap(),
+                &SupervisorRequest::List
+            )
+            .unwrap(),
+            SupervisorReply::List { vms: vec![] }
+        );
+        assert_eq!(socket.shutdown(Duration::from_secs(5)), 0);
+        assert!(!path.exists(), "the socket file goes with the daemon");
+        // The open connection's next request is refused, marked as not done.
+        write_frame(&mut open, &SupervisorRequest::List).unwrap();
+        let mut reader = BufReader::new(open);
+        let line = read_frame(&mut reader, MAX_FRAME)
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let response: SupervisorResponse = decode(&line).unwrap();
+        assert!(!response.ok && response.shutting_down, "{line}");
+        // ctl falls back to acting directly.
+        let reply = ctl(
+            state.path(),
+            "/bin/false".into(),
+            vec![],
+            SupervisorRequest::List,
+        );
+        assert_eq!(reply.unwrap(), SupervisorReply::List { vms: vec![] });
     }
 }
