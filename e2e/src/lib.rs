@@ -81,18 +81,25 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf, ClusterError> {
 pub struct NodeNetwork {
     bridge: String,
     subnet: u8,
+    /// Names this network's interfaces and namespaces.
+    tag: u32,
     namespaces: Vec<String>,
 }
 
 impl NodeNetwork {
     /// Creates the bridge (name and subnet chosen to avoid other runs).
     pub fn create() -> Result<Self, ClusterError> {
-        let tag = std::process::id() % 100_000;
-        let subnet = (std::process::id() % 200) as u8 + 20;
+        // Unique per process and per network within it (a test binary may
+        // hold several clusters): interface names stay within 15 bytes.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nth = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = (std::process::id() % 10_000) * 10 + nth % 10;
+        let subnet = ((std::process::id() + nth) % 200) as u8 + 20;
         let bridge = format!("vmstbr{tag}");
         let net = NodeNetwork {
             bridge: bridge.clone(),
             subnet,
+            tag,
             namespaces: Vec::new(),
         };
         run("ip", &["link", "add", &bridge, "type", "bridge"])?;
@@ -117,7 +124,7 @@ impl NodeNetwork {
 
     /// Adds namespace for node `index` (0-based); returns (namespace, address).
     pub fn add_node(&mut self, index: usize) -> Result<(String, Ipv4Addr), ClusterError> {
-        let tag = std::process::id() % 100_000;
+        let tag = self.tag;
         let ns = format!("vmst{tag}n{index}");
         let host_end = format!("vmst{tag}h{index}");
         let ip = Ipv4Addr::new(10, 213, self.subnet, 2 + index as u8);
@@ -144,7 +151,7 @@ impl NodeNetwork {
 
     /// Takes node `index`'s link down (`up = false`) or up again.
     pub fn set_link(&self, index: usize, up: bool) -> Result<(), ClusterError> {
-        let host_end = format!("vmst{}h{index}", std::process::id() % 100_000);
+        let host_end = format!("vmst{}h{index}", self.tag);
         run(
             "ip",
             &["link", "set", &host_end, if up { "up" } else { "down" }],
