@@ -120,6 +120,9 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     ) {
         return;
     }
+    if !vmstream_e2e::mode::local_only(TEST) {
+        return;
+    }
     if let Some(why) = vmstream_testenv::unavailable() {
         vmstream_testenv::record_skip(TEST, &why);
         return;

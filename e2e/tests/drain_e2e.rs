@@ -33,6 +33,9 @@ async fn draining_a_node_moves_its_clones_with_their_state() {
     ) {
         return;
     }
+    if !vmstream_e2e::mode::local_only(TEST) {
+        return;
+    }
     if let Some(why) = vmstream_testenv::unavailable() {
         vmstream_testenv::record_skip(TEST, &why);
         return;

@@ -48,6 +48,9 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     ) {
         return;
     }
+    if !vmstream_e2e::mode::local_only(TEST) {
+        return;
+    }
     if let Some(why) = vmstream_testenv::unavailable() {
         vmstream_testenv::record_skip(TEST, &why);
         return;

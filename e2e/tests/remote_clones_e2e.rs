@@ -33,6 +33,9 @@ async fn clones_stream_from_other_nodes_and_survive_a_dead_home_node() {
     ) {
         return;
     }
+    if !vmstream_e2e::mode::local_only(TEST) {
+        return;
+    }
     if let Some(why) = vmstream_testenv::unavailable() {
         vmstream_testenv::record_skip(TEST, &why);
         return;
