@@ -201,6 +201,65 @@ pub fn clone_action(clone: &VMClone, facts: &CloneFacts) -> CloneAction {
     }
 }
 
+/// How long a remote clone start keeps trying while the image's holders
+/// answer `UnknownImage` (the LiveImage was reported Ready but its home does
+/// not serve it yet, or a caching node dropped it) before the clone fails.
+pub const UNKNOWN_IMAGE_PATIENCE: Duration = Duration::from_secs(30);
+/// First pause before a retry of a remote start; it doubles per attempt.
+const REMOTE_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// Longest pause between retries of a remote start.
+const REMOTE_RETRY_MOST: Duration = Duration::from_secs(4);
+
+/// What to do after relaying a remote image failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteRetry {
+    /// Try again after this pause.
+    After(Duration),
+    /// The clone's start fails with the error.
+    GiveUp,
+}
+
+/// Decides about a failed relay of a remote image (pure): only a refusal
+/// naming the image unknown is retried, with a pause doubling from 250 ms
+/// up to 4 s (`attempt` 0 is the first failure), while less than
+/// [`UNKNOWN_IMAGE_PATIENCE`] has passed since the first attempt (`waited`);
+/// the last pause ends at the patience. Any other failure gives up at once.
+pub fn remote_retry(unknown_image: bool, attempt: u32, waited: Duration) -> RemoteRetry {
+    if !unknown_image || waited >= UNKNOWN_IMAGE_PATIENCE {
+        return RemoteRetry::GiveUp;
+    }
+    let pause = REMOTE_RETRY_FIRST
+        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .min(REMOTE_RETRY_MOST)
+        .min(UNKNOWN_IMAGE_PATIENCE - waited);
+    RemoteRetry::After(pause)
+}
+
+/// Whether `error` (or one of its sources) is a page server's refusal
+/// because it does not serve the image (`UnknownImage`).
+pub fn refused_as_unknown_image(error: &(dyn std::error::Error + 'static)) -> bool {
+    use vmstream_pagestream::client::{ConnectError, RequestError};
+    use vmstream_pagestream::direct::DirectError;
+    use vmstream_pagestream::wire::ReasonCode;
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let reason = if let Some(ConnectError::Rejected { reason, .. }) = e.downcast_ref() {
+            Some(reason)
+        } else if let Some(DirectError::Refused { reason, .. }) = e.downcast_ref() {
+            Some(reason)
+        } else if let Some(RequestError::Refused { reason, .. }) = e.downcast_ref() {
+            Some(reason)
+        } else {
+            None
+        };
+        if reason.is_some_and(|r| r.code == ReasonCode::UnknownImage) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// VMs owned by a VMClone or LiveImage that is not among `placed` (keys
 /// `kind/namespace/name` of the objects placed on this node): their owner
 /// may be gone. Returns (VM id, owner).
@@ -1031,7 +1090,10 @@ impl NodeActions {
                             json!({ "message": format!("streaming from {}", holders.join(", ")) }),
                         )
                         .await?;
-                        self.start_remote_clone(owner, clone, &holders)
+                        match self.relay_with_retry(clone, &holders).await {
+                            Ok(relayed) => self.launch_remote_clone(owner, relayed),
+                            Err(e) => Err(e),
+                        }
                     }
                     Err(RemoteWait(message)) => {
                         if clone.status.as_ref().and_then(|s| s.message.as_deref())
@@ -1196,20 +1258,68 @@ impl NodeActions {
         Ok(holders)
     }
 
-    fn start_remote_clone(
+    /// Relays the clone's remote image (`PageService::relay_remote`),
+    /// retrying while its holders answer `UnknownImage` (decided by
+    /// [`remote_retry`]); the first retry writes the reason into the
+    /// clone's status message.
+    async fn relay_with_retry(
         &self,
-        owner: &VmOwner,
         clone: &VMClone,
         holders: &[String],
-    ) -> Result<(), ActionError> {
+    ) -> Result<crate::page_service::RelayedImage, ActionError> {
         let service = self
             .page_service
             .get()
             .ok_or_else(|| ActionError::Local("no page service on this node".into()))?;
         let ns = clone.namespace().unwrap_or_default();
-        let relayed = service
-            .relay_remote(&ns, &clone.spec.live_image, holders)
-            .map_err(|e| ActionError::Local(chain(&e)))?;
+        let name = &clone.spec.live_image;
+        let began = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let error = match service.relay_remote(&ns, name, holders) {
+                Ok(relayed) => return Ok(relayed),
+                Err(e) => e,
+            };
+            let unknown = refused_as_unknown_image(&error);
+            match remote_retry(unknown, attempt, began.elapsed()) {
+                RemoteRetry::GiveUp if unknown => {
+                    return Err(ActionError::Local(format!(
+                        "no holder of LiveImage {name} ({}) served it within {}s: {}",
+                        holders.join(", "),
+                        UNKNOWN_IMAGE_PATIENCE.as_secs(),
+                        chain(&error)
+                    )));
+                }
+                RemoteRetry::GiveUp => return Err(ActionError::Local(chain(&error))),
+                RemoteRetry::After(pause) => {
+                    tracing::info!(clone = %clone.name_any(), attempt, pause_ms = ms(pause), error = %chain(&error), "image not served yet; retrying");
+                    if attempt == 0 {
+                        let message = format!(
+                            "LiveImage {name} is not served by {} yet; retrying for up to {}s",
+                            holders.join(", "),
+                            UNKNOWN_IMAGE_PATIENCE.as_secs()
+                        );
+                        self.patch_clone(
+                            clone,
+                            VMClonePhase::Starting,
+                            json!({ "message": message }),
+                        )
+                        .await?;
+                    }
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Launches the clone's VM process on a relayed remote image and waits
+    /// until it runs.
+    fn launch_remote_clone(
+        &self,
+        owner: &VmOwner,
+        relayed: crate::page_service::RelayedImage,
+    ) -> Result<(), ActionError> {
         let header = vmstream_vmm::image::StateFile::read(&relayed.state_dir).map_err(|e| {
             ActionError::Local(format!(
                 "reading the fetched state file in {}: {}",
@@ -1540,5 +1650,61 @@ mod tests {
         let spec = fill_spec(&fill);
         assert_eq!((spec.zero_percent, spec.duplicate_percent), (30, 20));
         assert_eq!(spec.seed, 3);
+    }
+
+    #[test]
+    fn unknown_image_is_retried_with_backoff_for_a_bounded_time() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert_eq!(remote_retry(true, 0, ms(0)), RemoteRetry::After(ms(250)));
+        assert_eq!(remote_retry(true, 1, ms(250)), RemoteRetry::After(ms(500)));
+        assert_eq!(remote_retry(true, 3, s(2)), RemoteRetry::After(s(2)));
+        assert_eq!(remote_retry(true, 9, s(10)), RemoteRetry::After(s(4)));
+        assert_eq!(remote_retry(true, 40, s(10)), RemoteRetry::After(s(4)));
+        // The last pause ends at the patience, then the start fails.
+        assert_eq!(remote_retry(true, 12, s(29)), RemoteRetry::After(s(1)));
+        assert_eq!(remote_retry(true, 13, s(30)), RemoteRetry::GiveUp);
+        // Other failures are not retried here.
+        assert_eq!(remote_retry(false, 0, ms(0)), RemoteRetry::GiveUp);
+    }
+
+    #[test]
+    fn an_unknown_image_refusal_is_found_in_the_error_chain() {
+        use crate::page_service::PageServiceError;
+        use vmstream_pagestream::client::{ConnectError, RemoteOpenError};
+        use vmstream_pagestream::direct::DirectError;
+        use vmstream_pagestream::wire::{Reason, ReasonCode};
+        let addr: std::net::SocketAddr = "10.0.0.2:7481".parse().unwrap();
+        let reason = |code| Reason {
+            code,
+            text: "this node does not serve image \"ns/img\"".into(),
+        };
+        let state = PageServiceError::State {
+            image: "ns/img".into(),
+            source: DirectError::Handshake(ConnectError::Rejected {
+                addr,
+                reason: reason(ReasonCode::UnknownImage),
+            }),
+        };
+        assert!(refused_as_unknown_image(&state));
+        let remote = PageServiceError::Remote {
+            image: "ns/img".into(),
+            source: RemoteOpenError::Connect(ConnectError::Rejected {
+                addr,
+                reason: reason(ReasonCode::UnknownImage),
+            }),
+        };
+        assert!(refused_as_unknown_image(&remote));
+        let auth = PageServiceError::State {
+            image: "ns/img".into(),
+            source: DirectError::Handshake(ConnectError::Rejected {
+                addr,
+                reason: reason(ReasonCode::AuthFailed),
+            }),
+        };
+        assert!(!refused_as_unknown_image(&auth));
+        assert!(!refused_as_unknown_image(&PageServiceError::NoHolders(
+            "ns/img".into()
+        )));
     }
 }

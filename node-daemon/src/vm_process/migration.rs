@@ -4,10 +4,17 @@
 //! the process listens on a TCP port and runs the received VM, a vmm
 //! `Machine` hosted like any other: pause, resume, capture, stats, mailbox,
 //! a further migration, stop).
+//!
+//! Before the source pauses the VM it closes the mailbox gate
+//! ([`super::MailboxGate`]): new mailbox requests are refused (`mailbox
+//! refused: the VM is migrating`) and the calls already admitted are
+//! answered here first (waited for up to [`MAILBOX_DRAIN_TIMEOUT`]), so no
+//! request travels in the saved state to be answered where nobody waits.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmstream_migration::{MigrateError, MigrationMode, SourceOptions, TargetOptions, TargetShell};
 use vmstream_pagestream::ClusterToken;
@@ -55,6 +62,23 @@ pub fn runs_here_after(error: &MigrateError) -> bool {
     )
 }
 
+/// Longest wait for admitted mailbox calls to be answered before a
+/// migration pauses the VM; past it the migration is not started.
+pub const MAILBOX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The mailbox gate closed by a migration; opened again when dropped (the
+/// migration failed before the switch-over and the VM runs here, or it
+/// ended and the phase refuses mailbox requests by itself).
+struct ClosedMailbox<'a>(&'a Vm);
+
+impl Drop for ClosedMailbox<'_> {
+    fn drop(&mut self) {
+        let mut core = self.0.lock();
+        core.mailbox_gate.end_migration();
+        self.0.changed.notify_all();
+    }
+}
+
 fn mailbox_responses(mailbox: &Mailbox) -> u64 {
     mailbox
         .save()
@@ -72,6 +96,42 @@ impl Vm {
             return Ok(Arc::clone(machine.mailbox()));
         }
         Err("the VM has no machine".to_string())
+    }
+
+    /// Closes the mailbox gate for a migration and waits up to `timeout`
+    /// until no admitted mailbox call is in flight. Refused (gate open
+    /// again) if the VM does not run, another migration is under way or
+    /// calls are still in flight at the deadline.
+    fn close_mailbox(&self, timeout: Duration) -> Result<ClosedMailbox<'_>, String> {
+        let began = Instant::now();
+        let deadline = began + timeout;
+        let mut core = self.lock();
+        let phase = self.phase(&mut core);
+        core.mailbox_gate.begin_migration(&phase)?;
+        let waited_for = core.mailbox_gate.in_flight();
+        while !core.mailbox_gate.drained() {
+            let now = Instant::now();
+            if now >= deadline {
+                let left = core.mailbox_gate.in_flight();
+                core.mailbox_gate.end_migration();
+                self.changed.notify_all();
+                return Err(format!(
+                    "{left} mailbox call(s) still unanswered after {timeout:?}"
+                ));
+            }
+            core = self
+                .changed
+                .wait_timeout(core, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(core);
+        tracing::info!(
+            waited_for,
+            waited_ms = ms(began.elapsed()),
+            "mailbox closed for the migration"
+        );
+        Ok(ClosedMailbox(self))
     }
 
     /// Becomes a migration target listening on `listen`; the VM arrives in
@@ -172,6 +232,8 @@ impl Vm {
 
     /// Migrates the running VM to `target`. On success this process's copy
     /// is stopped and the process stays in phase `stopping` until stopped.
+    /// Mailbox requests are refused while it migrates (see the module
+    /// documentation).
     pub(super) fn migrate(
         &self,
         target: SocketAddr,
@@ -197,6 +259,12 @@ impl Vm {
             bandwidth_bytes_per_s,
             target_has_image,
         );
+        // From here until the phase says stopping (or the VM runs here
+        // again) mailbox requests are refused; the admitted ones are
+        // answered before the migration pauses the VM.
+        let _closed = self
+            .close_mailbox(MAILBOX_DRAIN_TIMEOUT)
+            .map_err(|e| format!("migration to {target} not started (the VM runs on here): {e}"))?;
         match vmstream_migration::migrate(&machine, target, &options) {
             Ok(report) => {
                 let taken = {
