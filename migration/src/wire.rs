@@ -359,7 +359,11 @@ pub fn write_frame(w: &mut impl Write, header: &Header, parts: &[&[u8]]) -> io::
 
 /// Writes a header already encoded (with the CRC of exactly `parts`) and
 /// the payload: lets a sender compute CRCs ahead on another thread.
-pub fn write_encoded(w: &mut impl Write, raw: &[u8; HEADER_LEN], parts: &[&[u8]]) -> io::Result<()> {
+pub fn write_encoded(
+    w: &mut impl Write,
+    raw: &[u8; HEADER_LEN],
+    parts: &[&[u8]],
+) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
     slices.push(IoSlice::new(raw));
     slices.extend(
