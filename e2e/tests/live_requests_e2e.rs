@@ -38,6 +38,10 @@ const NEEDS: &[Need] = &[
     Need::NetworkNamespaces,
 ];
 
+/// The two tests each run a 2-node cluster: one at a time on two cores
+/// (`make test` runs a file's tests in parallel).
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A 2-node cluster with a Running request clone `c` in a fresh namespace.
 struct Scene {
     cluster: Cluster,
@@ -224,6 +228,7 @@ fn print_report(what: &str, report: &DriverReport, source: &str, target: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_migrated_under_load_answers_every_request_exactly_once() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let Some(scene) =
         scene("e2e::a_clone_migrated_under_load_answers_every_request_exactly_once").await
     else {
@@ -262,6 +267,7 @@ async fn a_clone_migrated_under_load_answers_every_request_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_request_streams_across_a_migration_are_applied_exactly_once() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let Some(scene) =
         scene("e2e::concurrent_request_streams_across_a_migration_are_applied_exactly_once").await
     else {
