@@ -166,93 +166,39 @@ impl Sender<'_> {
         kind: PageKind,
         flags: u32,
     ) -> std::io::Result<()> {
-        self.send_prepared(w, &self.prepare(first, count, kind, flags))
-    }
-
-    /// Encodes the frame for `count` pages of one `kind` from `first`
-    /// (the CRC covers the page data, read from the paused VM's RAM).
-    fn prepare(&self, first: usize, count: usize, kind: PageKind, flags: u32) -> Prepared {
-        let command = match kind {
-            PageKind::Data => Command::Pages,
-            PageKind::Clean => Command::Clean,
-            PageKind::Zero => Command::Zero,
+        let range = |c| {
+            Header::new(c)
+                .range(first as u64, count as u32)
+                .flags(flags)
         };
-        let header = Header::new(command)
-            .range(first as u64, count as u32)
-            .flags(flags);
-        let raw = match kind {
-            PageKind::Data => header.encode(&[self.memory.pages_slice(first, count)]),
-            PageKind::Clean | PageKind::Zero => header.encode(&[]),
-        };
-        Prepared {
-            raw,
-            first,
-            count,
-            kind,
-        }
-    }
-
-    /// Splits `first..first + count` into runs of one kind and prepares
-    /// their frames.
-    fn prepare_run(&self, first: usize, count: usize, flags: u32, mut each: impl FnMut(Prepared)) {
-        let mut page = first;
-        while page < first + count {
-            let kind = self.memory.classify(page);
-            let mut end = page + 1;
-            while end < first + count && self.memory.classify(end) == kind {
-                end += 1;
-            }
-            each(self.prepare(page, end - page, kind, flags));
-            page = end;
-        }
-    }
-
-    /// Writes a prepared frame and counts it.
-    fn send_prepared(&self, w: &mut TcpStream, frame: &Prepared) -> std::io::Result<()> {
-        let (first, count) = (frame.first, frame.count);
-        match frame.kind {
+        match kind {
             PageKind::Data => {
                 let data = self.memory.pages_slice(first, count);
-                wire::write_encoded(w, &frame.raw, &[data])?;
-                let len = data.len() as u64;
+                self.frame(w, &range(Command::Pages), &[data])?;
                 self.counters
-                    .bytes
-                    .fetch_add(wire::HEADER_LEN as u64 + len, Ordering::Relaxed);
-                self.counters.page_bytes.fetch_add(len, Ordering::Relaxed);
+                    .page_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 self.counters
                     .pages_sent
                     .fetch_add(count as u64, Ordering::Relaxed);
             }
-            PageKind::Clean | PageKind::Zero => {
-                wire::write_encoded(w, &frame.raw, &[])?;
+            PageKind::Clean => {
+                self.frame(w, &range(Command::Clean), &[])?;
                 self.counters
-                    .bytes
-                    .fetch_add(wire::HEADER_LEN as u64, Ordering::Relaxed);
-                let pages = if frame.kind == PageKind::Clean {
-                    &self.counters.pages_clean
-                } else {
-                    &self.counters.pages_zero
-                };
-                pages.fetch_add(count as u64, Ordering::Relaxed);
+                    .pages_clean
+                    .fetch_add(count as u64, Ordering::Relaxed);
+            }
+            PageKind::Zero => {
+                self.frame(w, &range(Command::Zero), &[])?;
+                self.counters
+                    .pages_zero
+                    .fetch_add(count as u64, Ordering::Relaxed);
             }
         }
         self.account(first, count);
         Ok(())
     }
 }
-
-/// A page frame whose header (with the payload's CRC) is already encoded.
-struct Prepared {
-    raw: [u8; wire::HEADER_LEN],
-    first: usize,
-    count: usize,
-    kind: PageKind,
-}
-
-/// Frames the push prepares ahead of the connection: CRCs are computed on
-/// one thread while another writes, so on a two-core host the checksum is
-/// not on the sending thread's critical path (a frame is ≤ 1 MiB).
-const PREPARED_AHEAD: usize = 4;
 
 /// A fingerprint of a live image both sides must hold: its size and its
 /// non-zero page bitmap.
@@ -742,58 +688,36 @@ fn postcopy_epoch(
             }
         });
         let push_started = Instant::now();
+        let mut pushed = 0u64;
         let mut push = || -> std::io::Result<()> {
             {
                 let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
                 send_bitmap(&mut w, Command::Candidates, candidates, counters)?;
             }
-            // One thread picks the next runs (neighbours of faults first)
-            // and encodes their frames; this one writes them.
-            std::thread::scope(|inner| {
-                let (ready, frames) = std::sync::mpsc::sync_channel::<Prepared>(PREPARED_AHEAD);
-                let (sender, broken, hints) = (&sender, &broken, &hints);
-                let order = &mut *order;
-                inner.spawn(move || {
-                    loop {
-                        if broken.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        for page in hints.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-                            order.forget(page);
-                            order.fault_at(page);
-                        }
-                        let Some((first, count)) =
-                            order.next_run(MAX_BATCH_PAGES as usize, |p| sent.get(p))
-                        else {
-                            return;
-                        };
-                        let mut closed = false;
-                        sender.prepare_run(first, count, 0, |frame| {
-                            closed = closed || ready.send(frame).is_err();
-                        });
-                        if closed {
-                            return;
-                        }
+            loop {
+                if broken.load(Ordering::SeqCst) {
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                }
+                for page in hints.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+                    order.forget(page);
+                    order.fault_at(page);
+                }
+                let Some((first, count)) =
+                    order.next_run(MAX_BATCH_PAGES as usize, |p| sent.get(p))
+                else {
+                    break;
+                };
+                let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
+                sender.send_run(&mut w, first, count, 0)?;
+                drop(w);
+                pushed += (count * PAGE_SIZE) as u64;
+                if let Some(limit) = options.bandwidth_limit {
+                    let due = Duration::from_secs_f64(pushed as f64 / limit.max(1) as f64);
+                    if let Some(wait) = due.checked_sub(push_started.elapsed()) {
+                        std::thread::sleep(wait);
                     }
-                });
-                let mut pushed = 0u64;
-                // On an error `frames` drops here, which stops the preparer.
-                frames.iter().try_for_each(|frame| {
-                    let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
-                    sender.send_prepared(&mut w, &frame)?;
-                    drop(w);
-                    if frame.kind == PageKind::Data {
-                        pushed += (frame.count * PAGE_SIZE) as u64;
-                    }
-                    if let Some(limit) = options.bandwidth_limit {
-                        let due = Duration::from_secs_f64(pushed as f64 / limit.max(1) as f64);
-                        if let Some(wait) = due.checked_sub(push_started.elapsed()) {
-                            std::thread::sleep(wait);
-                        }
-                    }
-                    Ok::<(), std::io::Error>(())
-                })
-            })?;
+                }
+            }
             let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
             sender.frame(&mut w, &Header::new(Command::Done), &[])?;
             w.flush()

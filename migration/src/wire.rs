@@ -354,18 +354,9 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Header, ReadFr
 
 /// Writes `header` and the payload `parts` with vectored writes (no copy).
 pub fn write_frame(w: &mut impl Write, header: &Header, parts: &[&[u8]]) -> io::Result<()> {
-    write_encoded(w, &header.encode(parts), parts)
-}
-
-/// Writes a header already encoded (with the CRC of exactly `parts`) and
-/// the payload: lets a sender compute CRCs ahead on another thread.
-pub fn write_encoded(
-    w: &mut impl Write,
-    raw: &[u8; HEADER_LEN],
-    parts: &[&[u8]],
-) -> io::Result<()> {
+    let raw = header.encode(parts);
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
-    slices.push(IoSlice::new(raw));
+    slices.push(IoSlice::new(&raw));
     slices.extend(
         parts
             .iter()
