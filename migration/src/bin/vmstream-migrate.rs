@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use vmstream_migration::{TargetOptions, receive};
 use vmstream_pagestream::ClusterToken;
-use vmstream_vmm::devices::mailbox::{report, request};
+use vmstream_vmm::devices::mailbox::{Report, report, request};
 use vmstream_vmm::guests::TouchCommand;
 use vmstream_vmm::image::PageStore;
 use vmstream_vmm::vstate::vm::KvmHost;
@@ -129,8 +129,14 @@ fn run(
             }
             (Some("result"), Some(seq)) => {
                 let seq: u64 = seq.trim().parse().unwrap_or(u64::MAX);
+                let is_answer = |r: &Report| r.kind == report::RESULT && r.args[7] == seq;
+                // The guest may have answered on the source before the
+                // pause: the saved state keeps the latest report of each
+                // kind (a restored mailbox's history starts empty).
                 vm.mailbox()
-                    .wait_report(0, timeout, |r| r.kind == report::RESULT && r.args[7] == seq)
+                    .latest(report::RESULT)
+                    .filter(|r| is_answer(r))
+                    .or_else(|| vm.mailbox().wait_report(0, timeout, |r| is_answer(r)))
                     .map(|r| serde_json::json!({ "args": r.args }))
             }
             (Some("touch"), Some(json)) => match serde_json::from_str::<TouchCommand>(json) {

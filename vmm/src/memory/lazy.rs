@@ -983,45 +983,19 @@ impl Shared {
         bounce: &mut Vec<u8>,
     ) -> Result<usize, FillError> {
         let len = (end - first) * PAGE_SIZE;
-        let src = match mapped {
-            Some(src) => src,
+        let src: &[u8] = match mapped {
+            // SAFETY: a source mapping is valid for the pages it holds and
+            // lives as long as the source, which outlives this call.
+            Some(src) => unsafe { std::slice::from_raw_parts(src, len) },
             None => {
                 if bounce.len() < len {
                     bounce.resize(len, 0);
                 }
                 source.read_pages(first, end - first, &mut bounce[..len])?;
-                bounce.as_ptr()
+                &bounce[..len]
             }
         };
-        // SAFETY: `src` is valid for `len` bytes (a source mapping that lives
-        // as long as the source, or our bounce buffer); the destination is
-        // inside the registered guest RAM range, and UFFDIO_COPY only fills
-        // pages that are missing.
-        let result = unsafe { self.uffd.copy(src.cast(), self.addr(first), len, true) };
-        let done_pages = match result {
-            Ok(n) if n == len => {
-                self.mark_filled(first, end);
-                self.count_copied(end - first);
-                return Ok(end - first);
-            }
-            Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) => n / PAGE_SIZE,
-            Err(e) if end - first == 1 => {
-                return self.single_page_failed("COPY", first, errno_of(&e));
-            }
-            Err(_) => 0,
-        };
-        if end - first == 1 && done_pages == 0 {
-            return self.single_page_failed("COPY", first, libc::EAGAIN);
-        }
-        // Partly done or a page already present: finish page by page.
-        self.mark_filled(first, first + done_pages);
-        self.count_copied(done_pages);
-        let mut n = done_pages;
-        for page in first + done_pages..end {
-            let one = mapped.map(|m| m.wrapping_add((page - first) * PAGE_SIZE));
-            n += self.copy_run(source, one, page, page + 1, bounce)?;
-        }
-        Ok(n)
+        self.install_run(src, first, end)
     }
 
     /// `UFFDIO_COPY` of `src` into `first..end`; pages found present are
