@@ -406,7 +406,10 @@ fn run() -> Fallible<serde_json::Map<String, serde_json::Value>> {
     );
     put("migration_raw_tcp_gbps", throughput * 8.0 / 1e9);
     eprintln!("total, cold host memory: {cold:?}");
-    put("migration_total_s_1gib_cold_host_memory", cold.total_ms / 1e3);
+    put(
+        "migration_total_s_1gib_cold_host_memory",
+        cold.total_ms / 1e3,
+    );
     put(
         "migration_total_over_floor_1gib_cold_host_memory",
         cold.total_ms / 1e3 / (GIB as f64 / throughput),
