@@ -316,6 +316,8 @@ fn run() -> Fallible<serde_json::Map<String, serde_json::Value>> {
 
     // Bytes ratio: a 1 GiB lazy clone that read 4096 pages and wrote 3000.
     let image1 = CloneSource::open(&work.path().join("img1")).map_err(|e| e.to_string())?;
+    let migrate_with_image1 =
+        |vm: &Machine, mode| migrate_once(&hop, &host, vm, Some(Arc::clone(image1.pages())), mode);
     let vm = clone_of(&host, &image1, CloneMemory::Lazy(LazyOptions::default()))?;
     let ram = vm.ram();
     for i in 0..4096usize {
@@ -328,13 +330,7 @@ fn run() -> Fallible<serde_json::Map<String, serde_json::Value>> {
     vm.pause().map_err(|e| e.to_string())?;
     let dirty = pages_differing(&vm, image1.pages());
     vm.resume();
-    let report = migrate_once(
-        &hop,
-        &host,
-        &vm,
-        Some(Arc::clone(image1.pages())),
-        MigrationMode::Postcopy,
-    )?;
+    let report = migrate_with_image1(&vm, MigrationMode::Postcopy)?;
     vm.stop();
     eprintln!("bytes ratio: dirty {dirty} pages; report {report:?}");
     put(
@@ -370,23 +366,11 @@ fn run() -> Fallible<serde_json::Map<String, serde_json::Value>> {
     // touching and freeing 1.5 GiB so the target's allocations are backed
     // (the headline: what the migration itself costs, as on bare metal).
     let vm = all_written()?;
-    let cold = migrate_once(
-        &hop,
-        &host,
-        &vm,
-        Some(Arc::clone(image1.pages())),
-        MigrationMode::Postcopy,
-    )?;
+    let cold = migrate_with_image1(&vm, MigrationMode::Postcopy)?;
     vm.stop();
     let vm = all_written()?;
     back_free_memory(GIB + GIB / 2);
-    let report = migrate_once(
-        &hop,
-        &host,
-        &vm,
-        Some(Arc::clone(image1.pages())),
-        MigrationMode::Postcopy,
-    )?;
+    let report = migrate_with_image1(&vm, MigrationMode::Postcopy)?;
     vm.stop();
     // The best of three raw runs: the floor is the hop at its fastest.
     let mut throughput: f64 = 0.0;
@@ -427,13 +411,7 @@ fn run() -> Fallible<serde_json::Map<String, serde_json::Value>> {
     // while the VM runs; the pause then only reads KVM's dirty log (with
     // content hashing it would hash every page sent).
     let vm = all_written()?;
-    let report = migrate_once(
-        &hop,
-        &host,
-        &vm,
-        Some(Arc::clone(image1.pages())),
-        MigrationMode::Precopy,
-    )?;
+    let report = migrate_with_image1(&vm, MigrationMode::Precopy)?;
     vm.stop();
     eprintln!("precopy: {report:?}");
     put(
