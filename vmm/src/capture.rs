@@ -170,13 +170,17 @@ pub fn start_capture(machine: &Machine, dir: &Path) -> Result<PendingCapture, Ca
     }
     timings.pause = pause_start.elapsed();
     let save_start = Instant::now();
-    let state = match machine.save_state() {
+    let mut state = match machine.save_state() {
         Ok(state) => state,
         Err(e) => {
             machine.resume();
             return Err(e.into());
         }
     };
+    // Requests the host queued for the source are its callers' business:
+    // a live image is a template, and its clones must not apply them with
+    // nobody waiting for the answers.
+    state.devices.mailbox.pending.clear();
     timings.save_state = save_start.elapsed();
 
     let (base, populated, quiesce) = match machine.backing() {

@@ -446,3 +446,31 @@ fn clones_recapture_with_their_writes_and_the_base_pages() {
         });
     }
 }
+
+#[test]
+fn an_image_does_not_carry_the_sources_queued_requests() {
+    let Some(host) = kvm_or_skip("an_image_does_not_carry_the_sources_queued_requests") else {
+        return;
+    };
+    let options = BootOptions {
+        params: vec![INTERVAL - 1],
+        fill: None,
+    };
+    // The counter guest never polls the mailbox: the request stays queued.
+    let source_vm = boot_ready(&host, config(1, 16), GuestProgram::Counter, &options);
+    source_vm.mailbox().submit(0, request::TOUCH, [1; 8]);
+    let dir = tempfile::tempdir().unwrap();
+    capture(&source_vm, dir.path()).expect("capture");
+    assert_eq!(
+        source_vm.mailbox().save().pending.len(),
+        1,
+        "the source keeps its caller's request"
+    );
+    source_vm.stop();
+    let image = CloneSource::open(dir.path()).expect("open image");
+    assert!(
+        image.state().devices.mailbox.pending.is_empty(),
+        "clones would apply a request nobody waits for: {:?}",
+        image.state().devices.mailbox.pending
+    );
+}
