@@ -620,6 +620,87 @@ where
     }
 }
 
+/// Applies (server-side) a VMClone `name` of LiveImage `image`, with
+/// `spec` fields added to it (e.g. `{"placement": {...}}`).
+pub async fn apply_clone(
+    clones: &kube::Api<vmstream_api::v1alpha1::VMClone>,
+    name: &str,
+    image: &str,
+    spec: serde_json::Value,
+) {
+    let mut spec_json = serde_json::json!({ "liveImage": image });
+    if let (Some(all), serde_json::Value::Object(extra)) = (spec_json.as_object_mut(), spec) {
+        all.extend(extra);
+    }
+    clones
+        .patch(
+            name,
+            &kube::api::PatchParams::apply("e2e").force(),
+            &kube::api::Patch::Apply(serde_json::json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
+                "metadata": {"name": name},
+                "spec": spec_json
+            })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply VMClone {name}: {e}"));
+}
+
+/// Waits up to `secs` for VMClone `name` to be Running (panics at once if
+/// it Failed) and returns it.
+pub async fn clone_running(
+    clones: &kube::Api<vmstream_api::v1alpha1::VMClone>,
+    name: &str,
+    secs: u64,
+) -> vmstream_api::v1alpha1::VMClone {
+    use vmstream_api::v1alpha1::VMClonePhase;
+    eventually(&format!("VMClone {name} Running"), secs, || async {
+        let c = clones.get(name).await.ok()?;
+        assert_ne!(
+            c.phase(),
+            VMClonePhase::Failed,
+            "{name} failed: {:?}",
+            c.status
+        );
+        (c.phase() == VMClonePhase::Running).then_some(c)
+    })
+    .await
+}
+
+/// Applies a VMMigration `name` with `spec` and waits up to `secs` for it
+/// to succeed (panics at once if it failed); returns its status.
+pub async fn migrate(
+    migrations: &kube::Api<vmstream_api::v1alpha1::VMMigration>,
+    name: &str,
+    spec: serde_json::Value,
+    secs: u64,
+) -> vmstream_api::v1alpha1::VMMigrationStatus {
+    use vmstream_api::v1alpha1::VMMigrationPhase;
+    migrations
+        .patch(
+            name,
+            &kube::api::PatchParams::apply("e2e").force(),
+            &kube::api::Patch::Apply(serde_json::json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMMigration",
+                "metadata": {"name": name},
+                "spec": spec
+            })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply VMMigration {name}: {e}"));
+    eventually(&format!("VMMigration {name} Succeeded"), secs, || async {
+        let m = migrations.get(name).await.ok()?;
+        assert_ne!(
+            m.phase(),
+            VMMigrationPhase::Failed,
+            "migration {name} failed: {:?}",
+            m.status
+        );
+        (m.phase() == VMMigrationPhase::Succeeded).then_some(m.status?)
+    })
+    .await
+}
+
 /// The VM id the node daemon gives the VMClone `name` in namespace `ns`.
 pub fn clone_vm_id(ns: &str, name: &str) -> String {
     format!("vmc.{ns}.{name}")

@@ -28,7 +28,7 @@ use vmstream_api::v1alpha1::{
 };
 use vmstream_e2e::mode::ClusterUnderTest;
 use vmstream_e2e::requests::RequestPath;
-use vmstream_e2e::{ClusterOptions, clone_vm_id, eventually, served};
+use vmstream_e2e::{ClusterOptions, apply_clone, clone_vm_id, eventually, migrate, served};
 use vmstream_test_support::{Need, require};
 
 const TEST: &str = "e2e::cluster_level_suite_on_a_local_or_existing_cluster";
@@ -310,18 +310,7 @@ async fn cluster_level_suite_on_a_local_or_existing_cluster() {
     ));
 
     // 4. A fresh clone migrated by a VMMigration.
-    clones
-        .patch(
-            "mover",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
-                "metadata": {"name": "mover"},
-                "spec": {"liveImage": "request-64m"}
-            })),
-        )
-        .await
-        .unwrap();
+    apply_clone(&clones, "mover", "request-64m", json!({})).await;
     let source = eventually("mover Running", 120, || async {
         let c = clones.get("mover").await.ok()?;
         let node = c.status.as_ref()?.node.clone()?;
@@ -329,24 +318,7 @@ async fn cluster_level_suite_on_a_local_or_existing_cluster() {
     })
     .await;
     let served_before = guests.served(&source, "mover", 21);
-    migrations
-        .patch(
-            "mover-move",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMMigration",
-                "metadata": {"name": "mover-move"},
-                "spec": {"vmClone": "mover"}
-            })),
-        )
-        .await
-        .unwrap();
-    let status = eventually("mover's VMMigration Succeeded", 180, || async {
-        let m = migrations.get("mover-move").await.ok()?;
-        assert_ne!(m.phase(), VMMigrationPhase::Failed, "{:?}", m.status);
-        (m.phase() == VMMigrationPhase::Succeeded).then_some(m.status?)
-    })
-    .await;
+    let status = migrate(&migrations, "mover-move", json!({"vmClone": "mover"}), 180).await;
     let target = status.target_node.clone().expect("target node");
     assert_ne!(target, source);
     eventually("mover Running on the target", 60, || async {

@@ -12,7 +12,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{ClonePool, LiveImage, LiveImagePhase, VMClone, VMClonePhase, VMNode};
-use vmstream_e2e::{Cluster, ClusterOptions, clone_vm_id, eventually};
+use vmstream_e2e::{Cluster, ClusterOptions, apply_clone, clone_running, clone_vm_id, eventually};
 use vmstream_test_support::{Need, require};
 
 const TEST: &str = "e2e::custom_resources_drive_real_vms_across_nodes";
@@ -409,29 +409,8 @@ async fn custom_resources_drive_real_vms_across_nodes() {
     // The source runs on after the capture.
     let after = cluster.request(source_index, &source_id, 7).unwrap();
     assert_eq!(vmstream_e2e::served(7, after), served_before + 1);
-    clones
-        .patch(
-            "from-snap",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
-                "metadata": {"name": "from-snap"},
-                "spec": {"liveImage": "snap"}
-            })),
-        )
-        .await
-        .unwrap();
-    let child = eventually("a clone of the captured image Running", 60, || async {
-        let c = clones.get("from-snap").await.ok()?;
-        assert_ne!(
-            c.phase(),
-            VMClonePhase::Failed,
-            "from-snap failed: {:?}",
-            c.status
-        );
-        (c.phase() == VMClonePhase::Running).then_some(c)
-    })
-    .await;
+    apply_clone(&clones, "from-snap", "snap", json!({})).await;
+    let child = clone_running(&clones, "from-snap", 60).await;
     let child_node = cluster.node_index(child.status.as_ref().unwrap().node.as_deref().unwrap());
     let answer = cluster
         .request(child_node, &clone_vm_id(ns.name(), "from-snap"), 7)

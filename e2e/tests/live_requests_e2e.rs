@@ -28,7 +28,10 @@ use vmstream_api::v1alpha1::{LiveImage, VMClone, VMClonePhase, VMMigration, VMMi
 use vmstream_e2e::requests::{
     DriverOptions, DriverReport, RequestDriver, RequestPath, Route, check_concurrent_exactly_once,
 };
-use vmstream_e2e::{Cluster, ClusterOptions, clone_vm_id, eventually, ready_request_image, served};
+use vmstream_e2e::{
+    Cluster, ClusterOptions, apply_clone, clone_running, clone_vm_id, eventually,
+    ready_request_image, served,
+};
 use vmstream_test_support::{Need, require};
 
 const NEEDS: &[Need] = &[
@@ -72,23 +75,8 @@ async fn scene(test: &str) -> Option<Scene> {
     let clones: Api<VMClone> = Api::namespaced(client.clone(), ns.name());
     let migrations: Api<VMMigration> = Api::namespaced(client.clone(), ns.name());
     ready_request_image(&images, "req", 16).await;
-    clones
-        .patch(
-            "c",
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
-                "metadata": {"name": "c"},
-                "spec": {"liveImage": "req"}
-            })),
-        )
-        .await
-        .unwrap();
-    let clone = eventually("VMClone Running", 90, || async {
-        let c = clones.get("c").await.ok()?;
-        (c.phase() == VMClonePhase::Running).then_some(c)
-    })
-    .await;
+    apply_clone(&clones, "c", "req", json!({})).await;
+    let clone = clone_running(&clones, "c", 90).await;
     let source = clone.status.unwrap().node.unwrap();
     let id = clone_vm_id(ns.name(), "c");
     Some(Scene {

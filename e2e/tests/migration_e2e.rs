@@ -8,10 +8,13 @@
 //! counter continues exactly there too.
 
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+
 use serde_json::json;
-use vmstream_api::v1alpha1::{LiveImage, VMClone, VMClonePhase, VMMigration, VMMigrationPhase};
-use vmstream_e2e::{Cluster, ClusterOptions, clone_vm_id, eventually, ready_request_image, served};
+use vmstream_api::v1alpha1::{LiveImage, VMClone, VMClonePhase, VMMigration};
+use vmstream_e2e::{
+    Cluster, ClusterOptions, apply_clone, clone_running, clone_vm_id, eventually, migrate,
+    ready_request_image, served,
+};
 use vmstream_test_support::{Need, require};
 
 const TEST: &str = "e2e::vmmigration_moves_a_running_clone_between_nodes";
@@ -67,26 +70,10 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     let images: Api<LiveImage> = Api::namespaced(client.clone(), ns.name());
     let clones: Api<VMClone> = Api::namespaced(client.clone(), ns.name());
     let migrations: Api<VMMigration> = Api::namespaced(client.clone(), ns.name());
-    let apply = PatchParams::apply("e2e").force();
 
     ready_request_image(&images, "req", 16).await;
-    clones
-        .patch(
-            "c",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
-                "metadata": {"name": "c"},
-                "spec": {"liveImage": "req"}
-            })),
-        )
-        .await
-        .unwrap();
-    let clone = eventually("VMClone Running", 90, || async {
-        let c = clones.get("c").await.ok()?;
-        (c.phase() == VMClonePhase::Running).then_some(c)
-    })
-    .await;
+    apply_clone(&clones, "c", "req", json!({})).await;
+    let clone = clone_running(&clones, "c", 90).await;
     let source = clone.status.unwrap().node.unwrap();
     let a = cluster.node_index(&source);
     let id = clone_vm_id(ns.name(), "c");
@@ -97,30 +84,7 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     }
     let before = first + 3;
 
-    migrations
-        .patch(
-            "move",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMMigration",
-                "metadata": {"name": "move"},
-                "spec": {"vmClone": "c"}
-            })),
-        )
-        .await
-        .unwrap();
-    let done = eventually("VMMigration Succeeded", 90, || async {
-        let m = migrations.get("move").await.ok()?;
-        assert_ne!(
-            m.phase(),
-            VMMigrationPhase::Failed,
-            "migration failed: {:?}",
-            m.status
-        );
-        (m.phase() == VMMigrationPhase::Succeeded).then_some(m)
-    })
-    .await;
-    let status = done.status.unwrap();
+    let status = migrate(&migrations, "move", json!({"vmClone": "c"}), 90).await;
     eprintln!("migration status: {status:?}");
     assert_eq!(status.source_node.as_deref(), Some(source.as_str()));
     let target = status.target_node.clone().expect("target node");
@@ -160,30 +124,13 @@ async fn vmmigration_moves_a_running_clone_between_nodes() {
     assert_eq!(served_by(&cluster, b, &id, 7), before + 3);
 
     // Back to A: the VM that arrived by migration migrates again.
-    migrations
-        .patch(
-            "back",
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMMigration",
-                "metadata": {"name": "back"},
-                "spec": {"vmClone": "c", "targetNode": source, "mode": "Precopy"}
-            })),
-        )
-        .await
-        .unwrap();
-    let back = eventually("second VMMigration Succeeded", 90, || async {
-        let m = migrations.get("back").await.ok()?;
-        assert_ne!(
-            m.phase(),
-            VMMigrationPhase::Failed,
-            "second migration failed: {:?}",
-            m.status
-        );
-        (m.phase() == VMMigrationPhase::Succeeded).then_some(m)
-    })
+    let status = migrate(
+        &migrations,
+        "back",
+        json!({"vmClone": "c", "targetNode": source, "mode": "Precopy"}),
+        90,
+    )
     .await;
-    let status = back.status.unwrap();
     eprintln!("second migration status: {status:?}");
     assert_eq!(status.source_node.as_deref(), Some(target.as_str()));
     assert_eq!(status.target_node.as_deref(), Some(source.as_str()));
