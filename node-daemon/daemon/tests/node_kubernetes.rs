@@ -47,7 +47,7 @@ where
 #[tokio::test]
 async fn heartbeat_node_status_and_label_filtered_watch() {
     let cp = require_control_plane!("node::heartbeat_node_status_and_label_filtered_watch");
-    cp.install_crds(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
+    cp.install_crds(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds"))
         .unwrap();
     let ns = cp.namespace("node").await.unwrap();
     let node = format!("node-{}", ns.name());

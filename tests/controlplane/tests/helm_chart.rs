@@ -19,7 +19,7 @@ fn helm() -> Option<PathBuf> {
 }
 
 fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/vmstream")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/vmstream")
 }
 
 #[test]

@@ -268,7 +268,7 @@ impl Cluster {
             })?;
         let mut net = NodeNetwork::create()?;
         let cp = ControlPlane::start_with(None, net.host_ip())?;
-        cp.install_crds(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))?;
+        cp.install_crds(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds"))?;
         let system_namespace = "vmstream-system".to_string();
         cp.kubectl_ok(&["create", "namespace", &system_namespace])?;
 

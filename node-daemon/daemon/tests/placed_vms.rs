@@ -97,7 +97,7 @@ async fn placed_live_image_is_built_and_its_clone_runs() {
         return;
     }
     let cp = require_control_plane!("node::placed_live_image_is_built_and_its_clone_runs");
-    cp.install_crds(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds"))
+    cp.install_crds(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds"))
         .unwrap();
     let ns = cp.namespace("placed").await.unwrap();
     let node = format!("node-{}", ns.name());

@@ -157,7 +157,7 @@ async fn cluster_level_suite_on_a_local_or_existing_cluster() {
     let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
 
     // 1. examples/ as a user applies them.
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
     cp.kubectl_ok(&[
         "-n",
         &nsname,
