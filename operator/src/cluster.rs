@@ -1,10 +1,11 @@
 //! The cluster facts the decisions need, computed from objects: node
-//! heartbeats (Leases), VMNodes, and the memory already committed on each
-//! node. Pure: the objects come from the caches of [`crate::view`].
+//! heartbeats (Leases), VMNodes, the memory already committed on each node,
+//! and the reservations of placements not yet visible in the caches. Pure:
+//! the objects come from the caches of [`crate::view`], which imports this.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
@@ -14,9 +15,30 @@ use vmstream_api::v1alpha1::{
 use vmstream_api::{MAINTENANCE_ANNOTATION, NODE_LABEL};
 
 use crate::decide::placement::{Heartbeat, NodeFacts};
-use crate::view::Reservation;
 
 const MIB: u64 = 1 << 20;
+
+/// What a reservation holds memory for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reserved {
+    /// A VMClone labelled for the node.
+    Clone,
+    /// A boot-sourced LiveImage labelled for the node.
+    Image,
+    /// A VMMigration whose target is the node.
+    MigrationTarget,
+}
+
+/// Memory this operator placed on a node that the caches may not show yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reservation {
+    pub what: Reserved,
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub memory_bytes: u64,
+    pub at: Instant,
+}
 
 /// The heartbeat a node Lease records; `fallback` when it states no duration.
 pub fn heartbeat_of(lease: &Lease, fallback: Duration) -> Option<Heartbeat> {
@@ -178,6 +200,31 @@ pub fn node_facts_from(input: &NodeFactsInput<'_>) -> Vec<NodeFacts> {
         .collect()
 }
 
+/// True when the cached object shows what the reservation stands for, so
+/// the facts already count it.
+pub fn settled(
+    r: &Reservation,
+    images: &[Arc<LiveImage>],
+    clones: &[Arc<VMClone>],
+    migrations: &[Arc<VMMigration>],
+) -> bool {
+    let same = |ns: Option<String>, name: String| {
+        ns.as_deref() == Some(r.namespace.as_str()) && name == r.name
+    };
+    match r.what {
+        Reserved::Clone => clones
+            .iter()
+            .any(|c| same(c.namespace(), c.name_any()) && clone_node(c).is_some()),
+        Reserved::Image => images.iter().any(|i| {
+            same(i.namespace(), i.name_any()) && i.labels().contains_key(vmstream_api::NODE_LABEL)
+        }),
+        Reserved::MigrationTarget => migrations.iter().any(|m| {
+            same(m.namespace(), m.name_any())
+                && m.status.as_ref().and_then(|s| s.target_node.as_ref()) == Some(&r.node)
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,12 +301,12 @@ mod tests {
         }))
         .unwrap();
         let reserved = vec![Reservation {
-            what: crate::view::Reserved::Clone,
+            what: Reserved::Clone,
             namespace: "ns".into(),
             name: "c5".into(),
             node: "a".into(),
             memory_bytes: 16 * MIB,
-            at: std::time::Instant::now(),
+            at: Instant::now(),
         }];
         let facts = node_facts_from(&NodeFactsInput {
             nodes: &nodes,
@@ -298,5 +345,41 @@ mod tests {
             },
         );
         assert!(unschedulable(&cordoned));
+    }
+
+    fn clone_labelled(labels: serde_json::Value) -> Arc<VMClone> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
+                "metadata": {"name": "c", "namespace": "ns", "labels": labels},
+                "spec": {"liveImage": "img"}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_reservation_settles_once_the_cache_shows_the_placement() {
+        let r = Reservation {
+            what: Reserved::Clone,
+            namespace: "ns".into(),
+            name: "c".into(),
+            node: "a".into(),
+            memory_bytes: 1,
+            at: Instant::now(),
+        };
+        assert!(!settled(&r, &[], &[], &[]), "not in the cache yet");
+        assert!(
+            !settled(&r, &[], &[clone_labelled(serde_json::json!({}))], &[]),
+            "cached unplaced"
+        );
+        let placed = clone_labelled(serde_json::json!({ vmstream_api::NODE_LABEL: "a" }));
+        assert!(settled(&r, &[], &[placed], &[]));
+        let other = Reservation {
+            name: "d".into(),
+            ..r
+        };
+        let placed = clone_labelled(serde_json::json!({ vmstream_api::NODE_LABEL: "a" }));
+        assert!(!settled(&other, &[], &[placed], &[]));
     }
 }

@@ -23,34 +23,14 @@ use kube::{Api, Client, Resource, ResourceExt};
 use vmstream_api::HEARTBEAT_LEASE_PREFIX;
 use vmstream_api::v1alpha1::{LiveImage, VMClone, VMMigration, VMNode};
 
-use crate::cluster::{NodeFactsInput, clone_node, heartbeat_of, node_facts_from};
+use crate::cluster::{
+    NodeFactsInput, Reservation, Reserved, heartbeat_of, node_facts_from, settled,
+};
 use crate::decide::placement::{Heartbeat, NodeFacts};
 
 /// How long a reservation counts when the caches never show its object
 /// (e.g. it was deleted before the watch delivered it).
 pub const RESERVATION_TTL: Duration = Duration::from_secs(30);
-
-/// What a reservation holds memory for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reserved {
-    /// A VMClone labelled for the node.
-    Clone,
-    /// A boot-sourced LiveImage labelled for the node.
-    Image,
-    /// A VMMigration whose target is the node.
-    MigrationTarget,
-}
-
-/// Memory this operator placed on a node that the caches may not show yet.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Reservation {
-    pub what: Reserved,
-    pub namespace: String,
-    pub name: String,
-    pub node: String,
-    pub memory_bytes: u64,
-    pub at: Instant,
-}
 
 /// Reflector caches of what placement and liveness checks read.
 pub struct ClusterView {
@@ -194,72 +174,5 @@ impl ClusterView {
             migrations: &migrations,
             reserved: &reservations,
         })
-    }
-}
-
-/// True when the cached object shows what the reservation stands for, so
-/// the facts already count it.
-pub fn settled(
-    r: &Reservation,
-    images: &[std::sync::Arc<LiveImage>],
-    clones: &[std::sync::Arc<VMClone>],
-    migrations: &[std::sync::Arc<VMMigration>],
-) -> bool {
-    let same = |ns: Option<String>, name: String| {
-        ns.as_deref() == Some(r.namespace.as_str()) && name == r.name
-    };
-    match r.what {
-        Reserved::Clone => clones
-            .iter()
-            .any(|c| same(c.namespace(), c.name_any()) && clone_node(c).is_some()),
-        Reserved::Image => images.iter().any(|i| {
-            same(i.namespace(), i.name_any()) && i.labels().contains_key(vmstream_api::NODE_LABEL)
-        }),
-        Reserved::MigrationTarget => migrations.iter().any(|m| {
-            same(m.namespace(), m.name_any())
-                && m.status.as_ref().and_then(|s| s.target_node.as_ref()) == Some(&r.node)
-        }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    fn clone(labels: serde_json::Value) -> Arc<VMClone> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "vmstream.io/v1alpha1", "kind": "VMClone",
-                "metadata": {"name": "c", "namespace": "ns", "labels": labels},
-                "spec": {"liveImage": "img"}
-            }))
-            .unwrap(),
-        )
-    }
-
-    #[test]
-    fn a_reservation_settles_once_the_cache_shows_the_placement() {
-        let r = Reservation {
-            what: Reserved::Clone,
-            namespace: "ns".into(),
-            name: "c".into(),
-            node: "a".into(),
-            memory_bytes: 1,
-            at: Instant::now(),
-        };
-        assert!(!settled(&r, &[], &[], &[]), "not in the cache yet");
-        assert!(
-            !settled(&r, &[], &[clone(serde_json::json!({}))], &[]),
-            "cached unplaced"
-        );
-        let placed = clone(serde_json::json!({ vmstream_api::NODE_LABEL: "a" }));
-        assert!(settled(&r, &[], &[placed], &[]));
-        let other = Reservation {
-            name: "d".into(),
-            ..r
-        };
-        let placed = clone(serde_json::json!({ vmstream_api::NODE_LABEL: "a" }));
-        assert!(!settled(&other, &[], &[placed], &[]));
     }
 }

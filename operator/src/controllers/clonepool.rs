@@ -25,31 +25,15 @@ use vmstream_api::{
     NODE_LABEL, POOL_LABEL, VM_STOPPED_FINALIZER, condition, pool_label_selector, set_condition,
 };
 
-use super::vmclone::clone_request;
+use super::translate::{clone_phase, clone_request};
 use super::{Context, ensure_finalizer, patch_own_status, remove_finalizer};
-use crate::decide::phase::ClonePhase;
+use crate::cluster::Reserved;
 use crate::decide::placement::{PlacementPolicy, place_batch};
 use crate::decide::scale_in::{PoolMember, ScaleInPolicy, choose_victims};
 use crate::error::ReconcileError;
-use crate::view::Reserved;
 
 /// Finalizer on a ClonePool until all of its VMClones are gone.
 pub const POOL_FINALIZER: &str = "vmstream.io/pool-clones";
-
-/// The API's phase as the decision modules spell it.
-pub fn clone_phase(phase: VMClonePhase) -> ClonePhase {
-    match phase {
-        VMClonePhase::Pending => ClonePhase::Pending,
-        VMClonePhase::Scheduled => ClonePhase::Scheduled,
-        VMClonePhase::Starting => ClonePhase::Starting,
-        VMClonePhase::Running => ClonePhase::Running,
-        VMClonePhase::Migrating => ClonePhase::Migrating,
-        VMClonePhase::Stopping => ClonePhase::Stopping,
-        VMClonePhase::Stopped => ClonePhase::Stopped,
-        VMClonePhase::Lost => ClonePhase::Lost,
-        VMClonePhase::Failed => ClonePhase::Failed,
-    }
-}
 
 fn owner_reference(pool: &ClonePool) -> Result<OwnerReference, ReconcileError> {
     let mut owner = pool

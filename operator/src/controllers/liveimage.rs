@@ -16,11 +16,11 @@ use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMClonePhase};
 use vmstream_api::{IMAGE_IN_USE_FINALIZER, NODE_LABEL, condition, set_condition};
 
 use super::{Context, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
+use crate::cluster::Reserved;
 use crate::cluster::{clone_node, image_memory_bytes};
 use crate::decide::phase::{ImageFacts, ImagePhase, ImageStep, image_step};
 use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
 use crate::error::ReconcileError;
-use crate::view::Reserved;
 
 const RETRY: Duration = Duration::from_secs(2);
 

@@ -5,6 +5,7 @@
 
 pub mod clonepool;
 pub mod liveimage;
+pub mod translate;
 pub mod vmautoscaler;
 pub mod vmclone;
 pub mod vmmigration;

@@ -12,18 +12,18 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use vmstream_api::v1alpha1::{
-    LiveImage, LiveImagePhase, Placement, VMClone, VMClonePhase, VMMigration, VMMigrationPhase,
+    LiveImagePhase, VMClone, VMClonePhase, VMMigration, VMMigrationPhase,
 };
 use vmstream_api::{NODE_LABEL, VM_STOPPED_FINALIZER, condition, set_condition};
 
-use super::clonepool::clone_phase;
+use super::translate::{clone_phase, clone_request};
 use super::{Context, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
-use crate::cluster::{clone_node, image_memory_bytes, key};
+use crate::cluster::Reserved;
+use crate::cluster::clone_node;
 use crate::decide::drain::{DrainFacts, DrainStep, drain_step};
 use crate::decide::phase::{CloneFacts, CloneStep, clone_step};
-use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
+use crate::decide::placement::{PlacementPolicy, place};
 use crate::error::ReconcileError;
-use crate::view::Reserved;
 
 /// How often an unplaceable clone retries placement.
 const UNPLACED_RETRY: Duration = Duration::from_secs(2);
@@ -300,22 +300,4 @@ async fn drain_if_needed(
         }
     }
     Ok(())
-}
-
-/// The placement request of a clone of `image` (in namespace `ns`) with the
-/// clone's `placement`.
-pub fn clone_request(
-    ns: &str,
-    image: &LiveImage,
-    placement: Option<&Placement>,
-) -> PlacementRequest {
-    let placement = placement.cloned().unwrap_or_default();
-    PlacementRequest {
-        memory_bytes: image_memory_bytes(image),
-        image: Some(key(ns, &image.name_any())),
-        image_home: image.status.as_ref().and_then(|s| s.node.clone()),
-        node_name: placement.node_name,
-        node_selector: placement.node_selector.unwrap_or_default(),
-        exclude: Vec::new(),
-    }
 }

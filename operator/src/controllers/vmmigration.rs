@@ -16,13 +16,13 @@ use serde_json::json;
 use vmstream_api::v1alpha1::{VMClone, VMMigration, VMMigrationPhase};
 use vmstream_api::{NODE_LABEL, SOURCE_NODE_LABEL, condition, set_condition};
 
-use super::clonepool::clone_phase;
+use super::translate::clone_phase;
 use super::{Context, now_time, patch_labels, patch_status};
+use crate::cluster::Reserved;
 use crate::cluster::{clone_node, image_memory_bytes, key};
 use crate::decide::phase::{MigrationFacts, MigrationPhase, MigrationStep, migration_step};
 use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
 use crate::error::ReconcileError;
-use crate::view::Reserved;
 
 const RETRY: Duration = Duration::from_secs(1);
 
