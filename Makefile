@@ -9,7 +9,7 @@ export VMSTREAM_HELM ?= $(VMSTREAM_CACHE)/helm-$(HELM_VERSION)/helm
 export HELM_VERSION
 STATE := .vmstream
 
-.PHONY: all deps controlplane build crds crds-check fmt-check lint test e2e e2e-kind bench up down load help
+.PHONY: all deps controlplane build crds crds-check fmt-check lint structure test e2e e2e-kind bench up down load help
 
 all: build
 
@@ -47,8 +47,14 @@ fmt-check:
 lint: fmt-check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## structure: no import cycle between the files of a crate, no node-daemon source file over 900 lines
+structure:
+	@python3 hack/module-cycles.py
+	@long=$$(find node-daemon -path '*/target' -prune -o -name '*.rs' -print | xargs wc -l | awk '$$2 != "total" && $$1 > 900'); \
+	  if [[ -n "$$long" ]]; then echo "node-daemon files over 900 lines (split them along their jobs):"; echo "$$long"; exit 1; fi
+
 ## test: everything CI checks
-test: deps crds-check lint
+test: deps crds-check lint structure
 	@hack/run-tests.sh
 
 ## e2e: only the end-to-end suite (operator + 3 node daemons in network namespaces + real VMs)
