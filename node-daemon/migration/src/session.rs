@@ -104,7 +104,9 @@ pub fn client_handshake(
         .map_err(SessionError::io("setting a read timeout"))?;
     let _ = stream.set_nodelay(true);
     hello.nonce = nonce();
-    let h = Header::new(Command::Hello).flags(flags).sequence(session);
+    let h = Header::new(Command::Hello)
+        .with_flags(flags)
+        .with_request(session);
     write_frame(stream, &h, &[&hello.encode()]).map_err(SessionError::io("sending Hello"))?;
     let mut buf = Vec::new();
     expect(stream, &mut buf, Command::Challenge, "Challenge")?;
@@ -196,9 +198,9 @@ mod tests {
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let (h, hello) = read_hello(&mut s, Duration::from_secs(5)).unwrap();
-            let r = server_authenticate(&mut s, &server_token, h.sequence, &hello);
+            let r = server_authenticate(&mut s, &server_token, h.request_id, &hello);
             if r.is_ok() {
-                write_frame(&mut s, &Header::new(Command::Accept).flags(4), &[]).unwrap();
+                write_frame(&mut s, &Header::new(Command::Accept).with_flags(4), &[]).unwrap();
             }
             r
         });

@@ -168,8 +168,8 @@ impl Sender<'_> {
     ) -> std::io::Result<()> {
         let range = |c| {
             Header::new(c)
-                .range(first as u64, count as u32)
-                .flags(flags)
+                .with_range(first as u64, count as u32)
+                .with_flags(flags)
         };
         match kind {
             PageKind::Data => {
@@ -761,7 +761,7 @@ fn send_bitmap(
     let n = chunks.len();
     for (i, chunk) in chunks.iter().enumerate() {
         let flags = if i + 1 == n { FLAG_LAST } else { 0 };
-        write_frame(w, &Header::new(command).flags(flags), &[chunk])?;
+        write_frame(w, &Header::new(command).with_flags(flags), &[chunk])?;
         counters
             .bytes
             .fetch_add((wire::HEADER_LEN + chunk.len()) as u64, Ordering::Relaxed);
@@ -868,8 +868,8 @@ fn send_precopy(
      -> std::io::Result<()> {
         if let Some((first, count)) = run.take() {
             let h = Header::new(Command::Pages)
-                .range(first as u64, count as u32)
-                .flags(FLAG_PRECOPY);
+                .with_range(first as u64, count as u32)
+                .with_flags(FLAG_PRECOPY);
             let data = &batch[..count * PAGE_SIZE];
             write_frame(w, &h, &[data])?;
             counters
@@ -905,7 +905,9 @@ fn send_precopy(
                     };
                     write_frame(
                         w,
-                        &Header::new(c).range(page as u64, 1).flags(FLAG_PRECOPY),
+                        &Header::new(c)
+                            .with_range(page as u64, 1)
+                            .with_flags(FLAG_PRECOPY),
                         &[],
                     )?;
                     counters

@@ -134,7 +134,7 @@ fn accept_role(
         let Ok((h, hello)) = read_hello(&mut s, options.switchover_timeout) else {
             continue;
         };
-        if h.sequence != session || h.flags & (FLAG_RESUME | FLAG_FAULT_CONNECTION) != flags {
+        if h.request_id != session || h.flags & (FLAG_RESUME | FLAG_FAULT_CONNECTION) != flags {
             let _ = abort(&mut s, "not the connection this target waits for");
             continue;
         }
@@ -183,8 +183,8 @@ fn accept_session(
                 ),
             ));
         }
-        server_authenticate(&mut s, &options.token, h.sequence, &hello)?;
-        return Ok((s, h.sequence, hello, mode));
+        server_authenticate(&mut s, &options.token, h.request_id, &hello)?;
+        return Ok((s, h.request_id, hello, mode));
     }
 }
 
@@ -347,12 +347,12 @@ fn await_reconnect(
             // More than 1 MiB of sparse bitmap: the source re-pushes all.
             let _ = write_frame(
                 &mut control,
-                &Header::new(Command::Accept).flags(flags),
+                &Header::new(Command::Accept).with_flags(flags),
                 &[],
             );
         } else if write_frame(
             &mut control,
-            &Header::new(Command::Accept).flags(flags),
+            &Header::new(Command::Accept).with_flags(flags),
             &[&chunks[0]],
         )
         .is_err()

@@ -537,7 +537,7 @@ impl Shared {
             .fetch_add(1, Ordering::Relaxed);
         let mut link = self.fault_link.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(stream) = link.as_mut() {
-            let header = Header::new(Command::FaultRequest).range(page as u64, 1);
+            let header = Header::new(Command::FaultRequest).with_range(page as u64, 1);
             if write_frame(stream, &header, &[])
                 .and_then(|()| stream.flush())
                 .is_err()

@@ -1,36 +1,20 @@
-//! The migration wire format: one fixed 40-byte little-endian header per
-//! frame (the same layout as the page-streaming protocol's, with its own
-//! magic and command set), followed by a payload whose length the header
-//! states and whose CRC32 (with the header's first 36 bytes) the header
-//! carries. The decoder refuses a bad header before anything is allocated.
-//! Byte tables and the message flow: `docs/MIGRATION.md`.
+//! The migration protocol on the frame codec it shares with page streaming
+//! (`vmstream_pagestream::frame`: 40-byte header, CRC, typed decode errors,
+//! stream I/O): magic `"VMSM"`, version 1, its command set and limits, the
+//! flags, the Hello payload and sparse bitmaps. Byte tables and the message
+//! flow: `docs/MIGRATION.md`.
 //!
-//! Kept separate from `vmstream_pagestream::wire` because that module's
-//! `Command` enum is closed; unifying both into one header type with a
-//! per-protocol command space is noted for later.
-//!
-//! ```text
-//! off len field
-//!   0   4 magic        "VMSM"
-//!   4   2 version      1
-//!   6   2 command      Command (0 is reserved: never valid)
-//!   8   4 flags        per command (FLAG_*)
-//!  12   8 sequence     session id (Hello), request id, counts
-//!  20   8 first_page   first page of a range
-//!  28   4 page_count   pages in the range
-//!  32   4 payload_len  bytes following the header
-//!  36   4 crc32        CRC32 of bytes 0..36 and the payload
-//! ```
+//! In this protocol the header's `flags` are per command (`FLAG_*`) and
+//! `request_id` carries the session id in Hello.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::Read;
 
+use vmstream_pagestream::frame::{self, FrameCommand};
+pub use vmstream_pagestream::frame::{HEADER_LEN, write_frame};
 use vmstream_vmm::memory::PAGE_SIZE;
 
 /// Magic bytes at offset 0 of every frame.
 pub const MAGIC: [u8; 4] = *b"VMSM";
-/// Length of the fixed frame header.
-pub const HEADER_LEN: usize = 40;
-const CRC_OFFSET: usize = 36;
 /// The protocol version this build speaks.
 pub const VERSION: u16 = 1;
 /// Most pages one Pages/Clean/Zero frame covers.
@@ -103,8 +87,33 @@ pub enum Command {
 }
 
 impl Command {
+    /// Largest page range this command may name.
+    fn max_pages(self) -> u32 {
+        match self {
+            Command::Pages | Command::Clean | Command::Zero => MAX_BATCH_PAGES,
+            Command::FaultRequest => 1,
+            _ => u32::MAX,
+        }
+    }
+}
+
+/// Length of the Hello payload.
+pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 32;
+
+/// A migration frame header.
+pub type Header = frame::Header<Command>;
+/// Why bytes are not a valid migration frame.
+pub type FrameError = frame::FrameError<Command>;
+/// Why a migration frame could not be read.
+pub type ReadFrameError = frame::ReadFrameError<Command>;
+
+impl FrameCommand for Command {
+    const MAGIC: [u8; 4] = MAGIC;
+    const MIN_VERSION: u16 = VERSION;
+    const MAX_VERSION: u16 = VERSION;
+
     /// The command with wire value `v`, if any.
-    pub fn from_u16(v: u16) -> Option<Self> {
+    fn from_wire(v: u16) -> Option<Self> {
         use Command::*;
         Some(match v {
             1 => Hello,
@@ -130,7 +139,7 @@ impl Command {
     }
 
     /// Largest payload this command may carry.
-    pub fn max_payload(self) -> u32 {
+    fn payload_limit(self) -> u32 {
         use Command::*;
         match self {
             Hello => HELLO_LEN as u32,
@@ -146,233 +155,30 @@ impl Command {
         }
     }
 
-    /// Largest page range this command may name.
-    fn max_pages(self) -> u32 {
-        match self {
-            Command::Pages | Command::Clean | Command::Zero => MAX_BATCH_PAGES,
-            Command::FaultRequest => 1,
-            _ => u32::MAX,
-        }
-    }
-}
-
-/// Length of the Hello payload.
-pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 32;
-
-/// Why bytes are not a valid frame.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
-    #[error("bad magic {found:02x?} (expected \"VMSM\")")]
-    BadMagic { found: [u8; 4] },
-    #[error("unsupported protocol version {found} (this build speaks {VERSION})")]
-    UnsupportedVersion { found: u16 },
-    #[error("unknown command {value}{}", if *value == 0 { " (0 is reserved as invalid)" } else { "" })]
-    UnknownCommand { value: u16 },
-    #[error("{command:?} frame field {field} is {value}, over the limit {limit}")]
-    Oversized {
-        command: Command,
-        field: &'static str,
-        value: u64,
-        limit: u64,
-    },
-    #[error("{command:?} frame payload is {len} bytes, pages need {expected}")]
-    PayloadLength {
-        command: Command,
-        len: u32,
-        expected: u64,
-    },
-    #[error("CRC mismatch: header says {stored:#010x}, frame computes to {computed:#010x}")]
-    CrcMismatch { stored: u32, computed: u32 },
-}
-
-/// A decoded frame header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
-    pub command: Command,
-    pub flags: u32,
-    pub sequence: u64,
-    pub first_page: u64,
-    pub page_count: u32,
-    pub payload_len: u32,
-    pub crc: u32,
-}
-
-impl Header {
-    /// A header for `command` with every other field zero.
-    pub fn new(command: Command) -> Self {
-        Self {
-            command,
-            flags: 0,
-            sequence: 0,
-            first_page: 0,
-            page_count: 0,
-            payload_len: 0,
-            crc: 0,
-        }
+    fn to_wire(self) -> u16 {
+        self as u16
     }
 
-    /// Sets the page range.
-    pub fn range(mut self, first_page: u64, page_count: u32) -> Self {
-        self.first_page = first_page;
-        self.page_count = page_count;
-        self
-    }
-
-    /// Sets the flags.
-    pub fn flags(mut self, flags: u32) -> Self {
-        self.flags = flags;
-        self
-    }
-
-    /// Sets the sequence field.
-    pub fn sequence(mut self, sequence: u64) -> Self {
-        self.sequence = sequence;
-        self
-    }
-
-    /// Encodes the header for a payload made of `parts` (length and CRC
-    /// computed here).
-    pub fn encode(&self, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
-        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
-        let mut out = [0u8; HEADER_LEN];
-        out[0..4].copy_from_slice(&MAGIC);
-        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        out[6..8].copy_from_slice(&(self.command as u16).to_le_bytes());
-        out[8..12].copy_from_slice(&self.flags.to_le_bytes());
-        out[12..20].copy_from_slice(&self.sequence.to_le_bytes());
-        out[20..28].copy_from_slice(&self.first_page.to_le_bytes());
-        out[28..32].copy_from_slice(&self.page_count.to_le_bytes());
-        out[32..36].copy_from_slice(&(payload_len as u32).to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&out[..CRC_OFFSET]);
-        for p in parts {
-            crc.update(p);
-        }
-        out[36..40].copy_from_slice(&crc.finalize().to_le_bytes());
-        out
-    }
-
-    /// Decodes and checks a header (not yet the CRC, which needs the payload).
-    pub fn decode(raw: &[u8; HEADER_LEN]) -> Result<Self, FrameError> {
-        let u16_at = |o: usize| u16::from_le_bytes([raw[o], raw[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().expect("4 bytes"));
-        let u64_at = |o: usize| u64::from_le_bytes(raw[o..o + 8].try_into().expect("8 bytes"));
-        if raw[0..4] != MAGIC {
-            return Err(FrameError::BadMagic {
-                found: raw[0..4].try_into().expect("4 bytes"),
-            });
-        }
-        let version = u16_at(4);
-        if version != VERSION {
-            return Err(FrameError::UnsupportedVersion { found: version });
-        }
-        let value = u16_at(6);
-        let command = Command::from_u16(value).ok_or(FrameError::UnknownCommand { value })?;
-        let header = Self {
-            command,
-            flags: u32_at(8),
-            sequence: u64_at(12),
-            first_page: u64_at(20),
-            page_count: u32_at(28),
-            payload_len: u32_at(32),
-            crc: u32_at(36),
-        };
-        if header.payload_len > command.max_payload() {
-            return Err(FrameError::Oversized {
-                command,
-                field: "payload_len",
-                value: header.payload_len.into(),
-                limit: command.max_payload().into(),
-            });
-        }
-        if header.page_count > command.max_pages() {
-            return Err(FrameError::Oversized {
-                command,
-                field: "page_count",
-                value: header.page_count.into(),
-                limit: command.max_pages().into(),
-            });
-        }
-        if command == Command::Pages
-            && u64::from(header.payload_len) != u64::from(header.page_count) * PAGE_SIZE as u64
-        {
+    /// The page count within the command's limit; a Pages payload is
+    /// exactly its pages.
+    fn check_header(header: &Header) -> Result<(), FrameError> {
+        let command = header.command;
+        header.check_page_count(command.max_pages())?;
+        let page_bytes = u64::from(header.page_count) * PAGE_SIZE as u64;
+        if command == Command::Pages && u64::from(header.payload_len) != page_bytes {
             return Err(FrameError::PayloadLength {
                 command,
                 len: header.payload_len,
-                expected: u64::from(header.page_count) * PAGE_SIZE as u64,
-            });
-        }
-        Ok(header)
-    }
-
-    /// Checks the CRC of a received frame.
-    pub fn check_crc(&self, raw: &[u8; HEADER_LEN], payload: &[u8]) -> Result<(), FrameError> {
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&raw[..CRC_OFFSET]);
-        crc.update(payload);
-        let computed = crc.finalize();
-        if computed != self.crc {
-            return Err(FrameError::CrcMismatch {
-                stored: self.crc,
-                computed,
+                expected: page_bytes,
             });
         }
         Ok(())
     }
 }
 
-/// Why a frame could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadFrameError {
-    #[error("the peer closed the connection")]
-    Closed,
-    #[error("reading a frame failed")]
-    Io(#[source] io::Error),
-    #[error("refused frame: {0}")]
-    Frame(#[from] FrameError),
-}
-
 /// Reads one frame; the payload lands in `buf` (resized to it).
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Header, ReadFrameError> {
-    let mut raw = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match r.read(&mut raw[got..]) {
-            Ok(0) if got == 0 => return Err(ReadFrameError::Closed),
-            Ok(0) => return Err(ReadFrameError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadFrameError::Io(e)),
-        }
-    }
-    let header = Header::decode(&raw)?;
-    buf.resize(header.payload_len as usize, 0);
-    r.read_exact(buf).map_err(ReadFrameError::Io)?;
-    header.check_crc(&raw, buf)?;
-    Ok(header)
-}
-
-/// Writes `header` and the payload `parts` with vectored writes (no copy).
-pub fn write_frame(w: &mut impl Write, header: &Header, parts: &[&[u8]]) -> io::Result<()> {
-    let raw = header.encode(parts);
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
-    slices.push(IoSlice::new(&raw));
-    slices.extend(
-        parts
-            .iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| IoSlice::new(p)),
-    );
-    let mut bufs = &mut slices[..];
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    frame::read_frame(r, buf)
 }
 
 /// The Hello payload.
@@ -455,8 +261,8 @@ mod tests {
         let mut wire = Vec::new();
         let page = vec![7u8; PAGE_SIZE];
         let h = Header::new(Command::Pages)
-            .range(10, 2)
-            .flags(FLAG_FAULT_ANSWER);
+            .with_range(10, 2)
+            .with_flags(FLAG_FAULT_ANSWER);
         write_frame(&mut wire, &h, &[&page, &page]).unwrap();
         write_frame(&mut wire, &Header::new(Command::Go), &[]).unwrap();
         let mut r = &wire[..];
@@ -474,7 +280,7 @@ mod tests {
 
     #[test]
     fn bad_headers_are_refused_before_the_payload() {
-        let good = Header::new(Command::Ping).encode(&[]);
+        let good = Header::new(Command::Ping).encode_parts(&[]);
         let mut zero_cmd = good;
         zero_cmd[6] = 0;
         zero_cmd[7] = 0;
@@ -492,9 +298,11 @@ mod tests {
         version[4] = 9;
         assert!(matches!(
             Header::decode(&version),
-            Err(FrameError::UnsupportedVersion { found: 9 })
+            Err(FrameError::UnsupportedVersion { found: 9, .. })
         ));
-        let mut big = Header::new(Command::Pages).range(0, 1).encode(&[]);
+        let mut big = Header::new(Command::Pages)
+            .with_range(0, 1)
+            .encode_parts(&[]);
         big[32..36].copy_from_slice(&(MAX_PAGES_PAYLOAD + 1).to_le_bytes());
         assert!(matches!(
             Header::decode(&big),
@@ -502,8 +310,8 @@ mod tests {
         ));
         // Page count and payload length disagree.
         let short = Header::new(Command::Pages)
-            .range(0, 2)
-            .encode(&[&[0u8; PAGE_SIZE]]);
+            .with_range(0, 2)
+            .encode_parts(&[&[0u8; PAGE_SIZE]]);
         assert!(matches!(
             Header::decode(&short),
             Err(FrameError::PayloadLength { .. })

@@ -1,95 +1,33 @@
-//! Frames over a byte stream: reading one frame (header first, so a bad or
-//! oversized header is refused before anything is allocated or read), reading
-//! a payload straight into caller-chosen buffers (the node cache's pages),
-//! and writing a header plus payload parts with vectored writes (no copy).
+//! Page-streaming frames over a byte stream: the shared codec's stream I/O
+//! ([`crate::frame`]) for this protocol's commands — a header is refused
+//! before anything is allocated or read, payloads can be read straight into
+//! caller-chosen buffers, and frames are written with vectored writes.
 
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::Read;
 
-use crate::wire::{FrameError, HEADER_LEN, Header};
+use crate::frame::{self, HEADER_LEN};
+pub use crate::frame::{read_exact_vectored, write_frame};
+use crate::wire::{Command, Header};
 
-/// Why a frame could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadFrameError {
-    #[error("the peer closed the connection")]
-    Closed,
-    #[error("reading a frame failed")]
-    Io(#[source] io::Error),
-    #[error("refused frame: {0}")]
-    Frame(#[from] FrameError),
-}
+/// Why a page-streaming frame could not be read.
+pub type ReadFrameError = frame::ReadFrameError<Command>;
 
 /// Reads and decodes a header. A connection closed before the first byte
-/// is [`ReadFrameError::Closed`]; closed mid-header is an I/O error.
+/// is [`ReadFrameError::Closed`]; closed mid-header, a truncated frame.
 pub fn read_header(r: &mut impl Read) -> Result<(Header, [u8; HEADER_LEN]), ReadFrameError> {
-    let mut raw = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match r.read(&mut raw[got..]) {
-            Ok(0) if got == 0 => return Err(ReadFrameError::Closed),
-            Ok(0) => {
-                return Err(ReadFrameError::Frame(FrameError::Truncated {
-                    needed: HEADER_LEN,
-                    available: got,
-                }));
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadFrameError::Io(e)),
-        }
-    }
-    Ok((Header::decode(&raw)?, raw))
+    frame::read_header(r)
 }
 
 /// Reads one whole frame; the payload lands in `buf` (resized to it).
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Header, ReadFrameError> {
-    let (header, raw) = read_header(r)?;
-    buf.resize(header.payload_len as usize, 0);
-    r.read_exact(buf).map_err(ReadFrameError::Io)?;
-    header.check_crc(&raw, buf)?;
-    Ok(header)
-}
-
-/// Reads exactly the total length of `bufs` into them, in order.
-pub fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-    IoSliceMut::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match r.read_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Writes `header` (its length and CRC computed over `parts`) and the parts.
-pub fn write_frame(w: &mut impl Write, header: &Header, parts: &[&[u8]]) -> io::Result<()> {
-    let raw = header.encode_parts(parts);
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
-    slices.push(IoSlice::new(&raw));
-    slices.extend(
-        parts
-            .iter()
-            .filter(|p| !p.is_empty())
-            .map(|p| IoSlice::new(p)),
-    );
-    let mut bufs = &mut slices[..];
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    frame::read_frame(r, buf)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Command;
+    use crate::wire::FrameError;
+    use std::io::IoSliceMut;
 
     #[test]
     fn frames_round_trip_through_a_stream() {

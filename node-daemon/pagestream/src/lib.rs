@@ -1,5 +1,6 @@
-//! vmstream's page streaming between node daemons: the wire format
-//! ([`wire`], [`framing`]), peer authentication ([`auth`]), the page server
+//! vmstream's page streaming between node daemons: the frame codec it
+//! shares with live migration ([`frame`]), its wire format ([`wire`],
+//! [`framing`]), peer authentication ([`auth`]), the page server
 //! ([`server`]), the node image cache ([`cache`]) and the remote page source
 //! that lazy guest memory reads through ([`client`]), cache-less requests
 //! ([`direct`]) and the read-through image a daemon serves to its own VM
@@ -10,6 +11,7 @@ pub mod auth;
 pub mod cache;
 pub mod client;
 pub mod direct;
+pub mod frame;
 pub mod framing;
 pub mod netns;
 pub mod relay;

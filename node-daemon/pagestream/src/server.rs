@@ -281,7 +281,7 @@ impl Refusal {
             FrameError::UnknownCommand { .. } => "unknown_command",
             FrameError::Oversized { .. } => "oversized",
             FrameError::CrcMismatch { .. } => "crc_mismatch",
-            FrameError::Malformed { .. } => "malformed",
+            FrameError::Malformed { .. } | FrameError::PayloadLength { .. } => "malformed",
         };
         Self::new(ReasonCode::Malformed, kind, e.to_string())
     }

@@ -1,31 +1,19 @@
-//! The page-streaming wire format: one fixed 40-byte little-endian header
-//! per frame, followed by a payload whose length the header states and whose
-//! CRC32 (together with the header's first 36 bytes) the header carries.
-//! Encoding and decoding are done by hand, field by field; the decoder
-//! accepts any byte sequence and answers with a frame or a [`FrameError`]
-//! that names the problem. Byte tables: `docs/PAGE-STREAMING.md`.
+//! The page-streaming protocol on the shared frame codec ([`crate::frame`]:
+//! 40-byte header, CRC, typed decode errors): magic `"VMSP"`, its command
+//! set and limits, and the handshake, reason and index payloads, encoded
+//! and decoded field by field. Byte tables: `docs/PAGE-STREAMING.md`.
 //!
-//! ```text
-//! off len field
-//!   0   4 magic        "VMSP"
-//!   4   2 version      protocol version of this frame (1)
-//!   6   2 command      Command (0 is reserved: never valid)
-//!   8   4 flags        reserved, 0
-//!  12   8 request_id   echoed in the answer
-//!  20   8 first_page   first page of the range (ReadPages, Pages, Index*)
-//!  28   4 page_count   pages in the range
-//!  32   4 payload_len  bytes following the header
-//!  36   4 crc32        CRC32 of bytes 0..36 and the payload
-//! ```
+//! In this protocol the header's `flags` are reserved (0), `request_id` is
+//! echoed in the answer, and only ReadPages, Pages, IndexRequest and Index
+//! carry a page range.
 
 use vmstream_vmm::memory::PAGE_SIZE;
 
+pub use crate::frame::HEADER_LEN;
+use crate::frame::{self, FrameCommand, u16_at, u64_at};
+
 /// Magic bytes at offset 0 of every frame.
 pub const MAGIC: [u8; 4] = *b"VMSP";
-/// Length of the fixed frame header.
-pub const HEADER_LEN: usize = 40;
-/// Offset of the CRC field (it covers bytes `0..CRC_OFFSET` and the payload).
-const CRC_OFFSET: usize = 36;
 /// Oldest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
 /// Newest protocol version this build speaks.
@@ -90,9 +78,18 @@ pub enum Command {
     State = 12,
 }
 
-impl Command {
+/// A page-streaming frame header.
+pub type Header = frame::Header<Command>;
+/// Why bytes are not a valid page-streaming frame.
+pub type FrameError = frame::FrameError<Command>;
+
+impl FrameCommand for Command {
+    const MAGIC: [u8; 4] = MAGIC;
+    const MIN_VERSION: u16 = MIN_VERSION;
+    const MAX_VERSION: u16 = MAX_VERSION;
+
     /// The command with wire value `v`, if any.
-    pub fn from_u16(v: u16) -> Option<Self> {
+    fn from_wire(v: u16) -> Option<Self> {
         Some(match v {
             1 => Self::Hello,
             2 => Self::Challenge,
@@ -111,7 +108,7 @@ impl Command {
     }
 
     /// Largest payload this command may carry.
-    pub fn max_payload(self) -> u32 {
+    fn payload_limit(self) -> u32 {
         match self {
             Self::Hello => (HELLO_FIXED + MAX_IMAGE_ID_LEN) as u32,
             Self::Challenge => CHALLENGE_LEN as u32,
@@ -124,180 +121,21 @@ impl Command {
             Self::Pages => MAX_PAYLOAD,
         }
     }
-}
 
-/// Why bytes are not a valid frame.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
-    #[error("truncated frame: need {needed} bytes, have {available}")]
-    Truncated { needed: usize, available: usize },
-    #[error("bad magic {found:02x?} (expected \"VMSP\")")]
-    BadMagic { found: [u8; 4] },
-    #[error("unsupported protocol version {found} (this build speaks {min}..={max})")]
-    UnsupportedVersion { found: u16, min: u16, max: u16 },
-    #[error("unknown command {value}{}", if *value == 0 { " (0 is reserved as invalid)" } else { "" })]
-    UnknownCommand { value: u16 },
-    #[error("{command:?} frame field {field} is {value}, over the limit {limit}")]
-    Oversized {
-        command: Command,
-        field: &'static str,
-        value: u64,
-        limit: u64,
-    },
-    #[error("CRC mismatch: header says {stored:#010x}, frame computes to {computed:#010x}")]
-    CrcMismatch { stored: u32, computed: u32 },
-    #[error("malformed {command:?} frame: {reason}")]
-    Malformed { command: Command, reason: String },
-}
-
-/// A decoded frame header (all fields checked against the command's limits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
-    pub version: u16,
-    pub command: Command,
-    pub flags: u32,
-    pub request_id: u64,
-    pub first_page: u64,
-    pub page_count: u32,
-    pub payload_len: u32,
-    pub crc: u32,
-}
-
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-
-impl Header {
-    /// A header for `command` with every other field zero and the current
-    /// version.
-    pub fn new(command: Command) -> Self {
-        Self {
-            version: MAX_VERSION,
-            command,
-            flags: 0,
-            request_id: 0,
-            first_page: 0,
-            page_count: 0,
-            payload_len: 0,
-            crc: 0,
-        }
+    fn to_wire(self) -> u16 {
+        self as u16
     }
 
-    /// Sets the page range.
-    pub fn with_range(mut self, first_page: u64, page_count: u32) -> Self {
-        self.first_page = first_page;
-        self.page_count = page_count;
-        self
-    }
-
-    /// Sets the request id.
-    pub fn with_request(mut self, request_id: u64) -> Self {
-        self.request_id = request_id;
-        self
-    }
-
-    /// Sets the header version.
-    pub fn with_version(mut self, version: u16) -> Self {
-        self.version = version;
-        self
-    }
-
-    fn write_fields(&self, out: &mut [u8; HEADER_LEN]) {
-        out[0..4].copy_from_slice(&MAGIC);
-        out[4..6].copy_from_slice(&self.version.to_le_bytes());
-        out[6..8].copy_from_slice(&(self.command as u16).to_le_bytes());
-        out[8..12].copy_from_slice(&self.flags.to_le_bytes());
-        out[12..20].copy_from_slice(&self.request_id.to_le_bytes());
-        out[20..28].copy_from_slice(&self.first_page.to_le_bytes());
-        out[28..32].copy_from_slice(&self.page_count.to_le_bytes());
-        out[32..36].copy_from_slice(&self.payload_len.to_le_bytes());
-    }
-
-    /// Encodes the header for a payload made of `parts` (concatenated):
-    /// sets `payload_len` and the CRC. The payload is not copied.
-    pub fn encode_parts(&self, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        let mut h = *self;
-        h.payload_len = u32::try_from(len).expect("payload over 4 GiB");
-        let mut out = [0u8; HEADER_LEN];
-        h.write_fields(&mut out);
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&out[..CRC_OFFSET]);
-        for p in parts {
-            crc.update(p);
-        }
-        out[CRC_OFFSET..].copy_from_slice(&crc.finalize().to_le_bytes());
-        out
-    }
-
-    /// Encodes header and payload into one buffer.
-    pub fn encode_frame(&self, payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
-        v.extend_from_slice(&self.encode_parts(&[payload]));
-        v.extend_from_slice(payload);
-        v
-    }
-
-    /// Decodes and checks a header: magic, version, command, and the
-    /// command's limits on lengths and counts. The CRC can only be checked
-    /// once the payload is there ([`Header::check_crc`]).
-    pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
-        if bytes.len() < HEADER_LEN {
-            return Err(FrameError::Truncated {
-                needed: HEADER_LEN,
-                available: bytes.len(),
-            });
-        }
-        let magic: [u8; 4] = bytes[0..4].try_into().expect("4 bytes");
-        if magic != MAGIC {
-            return Err(FrameError::BadMagic { found: magic });
-        }
-        let version = u16_at(bytes, 4);
-        if !(MIN_VERSION..=MAX_VERSION).contains(&version) {
-            return Err(FrameError::UnsupportedVersion {
-                found: version,
-                min: MIN_VERSION,
-                max: MAX_VERSION,
-            });
-        }
-        let value = u16_at(bytes, 6);
-        let command = Command::from_u16(value).ok_or(FrameError::UnknownCommand { value })?;
-        let header = Self {
-            version,
-            command,
-            flags: u32_at(bytes, 8),
-            request_id: u64_at(bytes, 12),
-            first_page: u64_at(bytes, 20),
-            page_count: u32_at(bytes, 28),
-            payload_len: u32_at(bytes, 32),
-            crc: u32_at(bytes, CRC_OFFSET),
-        };
-        header.check_limits()?;
-        Ok(header)
-    }
-
-    fn check_limits(&self) -> Result<(), FrameError> {
-        let command = self.command;
+    /// Reserved flags are zero; only range commands carry a page range,
+    /// within their limits; Pages carry whole pages, no more than the
+    /// range; index ranges are aligned and Index payloads sized to them.
+    fn check_header(header: &Header) -> Result<(), FrameError> {
+        let command = header.command;
         let malformed = |reason: String| FrameError::Malformed { command, reason };
-        let limit = command.max_payload();
-        if self.payload_len > limit {
-            return Err(FrameError::Oversized {
-                command,
-                field: "payload_len",
-                value: self.payload_len.into(),
-                limit: limit.into(),
-            });
-        }
-        if self.flags != 0 {
+        if header.flags != 0 {
             return Err(malformed(format!(
                 "reserved flags {:#x} are set",
-                self.flags
+                header.flags
             )));
         }
         let ranged = matches!(
@@ -305,7 +143,7 @@ impl Header {
             Command::ReadPages | Command::Pages | Command::IndexRequest | Command::Index
         );
         if !ranged {
-            return if self.first_page != 0 || self.page_count != 0 {
+            return if header.first_page != 0 || header.page_count != 0 {
                 Err(malformed("a page range on a frame that takes none".into()))
             } else {
                 Ok(())
@@ -315,56 +153,49 @@ impl Header {
             Command::IndexRequest | Command::Index => MAX_INDEX_PAGES,
             _ => MAX_BATCH_PAGES,
         };
-        if self.page_count == 0 {
+        if header.page_count == 0 {
             return Err(malformed("page count 0 (an empty batch)".into()));
         }
-        if self.page_count > max_pages {
-            return Err(FrameError::Oversized {
-                command,
-                field: "page_count",
-                value: self.page_count.into(),
-                limit: max_pages.into(),
-            });
-        }
-        if self
+        header.check_page_count(max_pages)?;
+        if header
             .first_page
-            .checked_add(self.page_count.into())
+            .checked_add(header.page_count.into())
             .is_none()
         {
             return Err(malformed(format!(
                 "page range {}+{} overflows",
-                self.first_page, self.page_count
+                header.first_page, header.page_count
             )));
         }
         match command {
             Command::Pages => {
-                let len = self.payload_len as usize;
+                let len = header.payload_len as usize;
                 if !len.is_multiple_of(PAGE_SIZE) {
                     return Err(malformed(format!(
                         "payload of {len} bytes is not whole pages"
                     )));
                 }
-                if len / PAGE_SIZE > self.page_count as usize {
+                if len / PAGE_SIZE > header.page_count as usize {
                     return Err(malformed(format!(
                         "{} pages of data for a range of {} pages",
                         len / PAGE_SIZE,
-                        self.page_count
+                        header.page_count
                     )));
                 }
             }
             Command::IndexRequest | Command::Index => {
-                if !self.first_page.is_multiple_of(64) {
+                if !header.first_page.is_multiple_of(64) {
                     return Err(malformed(format!(
                         "index range starts at page {}, not a multiple of 64",
-                        self.first_page
+                        header.first_page
                     )));
                 }
                 if command == Command::Index {
-                    let expected = (self.page_count as usize).div_ceil(64) * 8;
-                    if self.payload_len as usize != expected {
+                    let expected = (header.page_count as usize).div_ceil(64) * 8;
+                    if header.payload_len as usize != expected {
                         return Err(malformed(format!(
                             "index payload of {} bytes for {} pages (expected {expected})",
-                            self.payload_len, self.page_count
+                            header.payload_len, header.page_count
                         )));
                     }
                 }
@@ -373,51 +204,13 @@ impl Header {
         }
         Ok(())
     }
-
-    /// Checks the CRC over this header's encoded fields and `payload`.
-    pub fn check_crc(&self, raw_header: &[u8], payload: &[u8]) -> Result<(), FrameError> {
-        self.check_crc_parts(raw_header, &[payload])
-    }
-
-    /// Checks the CRC over this header's encoded fields and a payload that
-    /// sits in several buffers (concatenated in order).
-    pub fn check_crc_parts(&self, raw_header: &[u8], parts: &[&[u8]]) -> Result<(), FrameError> {
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&raw_header[..CRC_OFFSET]);
-        for p in parts {
-            crc.update(p);
-        }
-        let computed = crc.finalize();
-        if computed != self.crc {
-            return Err(FrameError::CrcMismatch {
-                stored: self.crc,
-                computed,
-            });
-        }
-        Ok(())
-    }
-
-    /// The page range as `first..end`.
-    pub fn range(&self) -> std::ops::Range<u64> {
-        self.first_page..self.first_page + u64::from(self.page_count)
-    }
 }
 
 /// Decodes one complete frame from the start of `bytes`: the header, its
 /// limits, the payload length and the CRC. Returns the header, the payload
 /// and the number of bytes consumed.
 pub fn decode_frame(bytes: &[u8]) -> Result<(Header, &[u8], usize), FrameError> {
-    let header = Header::decode(bytes)?;
-    let end = HEADER_LEN + header.payload_len as usize;
-    if bytes.len() < end {
-        return Err(FrameError::Truncated {
-            needed: end,
-            available: bytes.len(),
-        });
-    }
-    let payload = &bytes[HEADER_LEN..end];
-    header.check_crc(bytes, payload)?;
-    Ok((header, payload, end))
+    frame::decode_frame(bytes)
 }
 
 /// The role of a connection, stated in the Hello.

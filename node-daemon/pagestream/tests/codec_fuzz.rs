@@ -4,6 +4,7 @@
 //! of a valid frame is ever accepted.
 
 use proptest::prelude::*;
+use vmstream_pagestream::frame::FrameCommand;
 use vmstream_pagestream::wire::{
     Command, FrameError, HEADER_LEN, Header, MAX_BATCH_PAGES, MAX_INDEX_PAGES, decode_frame,
 };
@@ -20,7 +21,7 @@ fn valid_frame() -> impl Strategy<Value = (Header, Vec<u8>)> {
         Just(Command::Error),
     ];
     let unranged = (small, any::<u64>()).prop_flat_map(|(c, id)| {
-        let max = c.max_payload().min(64) as usize;
+        let max = c.payload_limit().min(64) as usize;
         prop::collection::vec(any::<u8>(), 0..=max)
             .prop_map(move |payload| (Header::new(c).with_request(id), payload))
     });

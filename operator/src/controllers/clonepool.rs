@@ -16,17 +16,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use vmstream_api::v1alpha1::{
-    ClonePool, LiveImagePhase, ScaleInPolicy as ApiScaleInPolicy, VMClone, VMClonePhase,
-    VMCloneSpec,
+    ClonePool, ClonePoolStatus, LiveImagePhase, ScaleInPolicy as ApiScaleInPolicy, VMClone,
+    VMClonePhase, VMCloneSpec,
 };
 use vmstream_api::{
     NODE_LABEL, POOL_LABEL, VM_STOPPED_FINALIZER, condition, pool_label_selector, set_condition,
 };
 
+use super::Context;
+use super::patch::{ensure_finalizer, patch_own_status, remove_finalizer};
 use super::translate::{clone_phase, clone_request};
-use super::{Context, ensure_finalizer, patch_own_status, remove_finalizer};
 use crate::cluster::Reserved;
 use crate::decide::placement::{PlacementPolicy, place_batch};
 use crate::decide::scale_in::{PoolMember, ScaleInPolicy, choose_victims};
@@ -336,19 +336,19 @@ pub async fn reconcile(pool: Arc<ClonePool>, ctx: Arc<Context>) -> Result<Action
             pool.meta().generation,
         ),
     );
-    let status = json!({
-        "replicas": count,
-        "readyReplicas": ready,
-        "labelSelector": pool_label_selector(&pool.name_any()),
-        "observedGeneration": pool.meta().generation,
-        "conditions": conditions,
-    });
+    let status = ClonePoolStatus {
+        replicas: i32::try_from(count).unwrap_or(i32::MAX),
+        ready_replicas: i32::try_from(ready).unwrap_or(i32::MAX),
+        label_selector: Some(pool_label_selector(&pool.name_any())),
+        observed_generation: pool.meta().generation,
+        conditions,
+    };
     let current = pool.status.clone().unwrap_or_default();
     let unchanged = current.replicas as usize == count
         && current.ready_replicas as usize == ready
         && current.label_selector.is_some()
         && current.observed_generation == pool.meta().generation
-        && current.conditions == conditions;
+        && current.conditions == status.conditions;
     // While clones come up one after another only readyReplicas moves:
     // those writes are spaced READY_STATUS_SPACING apart (the last one is
     // written when the requeue comes), so a burst of starts is not
@@ -362,7 +362,7 @@ pub async fn reconcile(pool: Arc<ClonePool>, ctx: Arc<Context>) -> Result<Action
             ctx.succeeded(&pool);
             return Ok(Action::requeue(wait));
         }
-        patch_own_status(&pools, &pool, status).await?;
+        patch_own_status(&pools, &pool, &status).await?;
         ctx.status_written(&pool);
     }
     ctx.succeeded(&pool);

@@ -11,11 +11,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, VMClone, VMClonePhase};
 use vmstream_api::{IMAGE_IN_USE_FINALIZER, NODE_LABEL, condition, set_condition};
 
-use super::{Context, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
+use super::Context;
+use super::patch::{PhaseStatus, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
 use crate::cluster::Reserved;
 use crate::cluster::{clone_node, image_memory_bytes};
 use crate::decide::phase::{ImageFacts, ImagePhase, ImageStep, image_step};
@@ -152,18 +152,14 @@ async fn write(
             image.meta().generation,
         ),
     );
-    patch_status(
-        api,
-        image,
-        json!({
-            "phase": phase,
-            "node": node,
-            "message": if message.is_empty() { None } else { Some(message) },
-            "conditions": conditions,
-            "observedGeneration": image.meta().generation,
-        }),
-    )
-    .await?;
+    let status = PhaseStatus {
+        phase,
+        node,
+        message: (!message.is_empty()).then_some(message),
+        conditions: &conditions,
+        observed_generation: image.meta().generation,
+    };
+    patch_status(api, image, &status).await?;
     Ok(())
 }
 
@@ -176,7 +172,7 @@ async fn schedule_on(
     let labelled = if image.labels().get(NODE_LABEL).map(String::as_str) == Some(node) {
         image.clone()
     } else {
-        patch_labels(api, image, json!({ NODE_LABEL: node })).await?
+        patch_labels(api, image, &[(NODE_LABEL, node)]).await?
     };
     write(
         api,
@@ -233,7 +229,7 @@ async fn place_boot(
     let placing = ctx.placement_lock.lock().await;
     match place(&request, &ctx.view.node_facts(), &policy) {
         Ok(node) => {
-            let labelled = patch_labels(api, image, json!({ NODE_LABEL: node })).await?;
+            let labelled = patch_labels(api, image, &[(NODE_LABEL, &node)]).await?;
             ctx.view.reserve(
                 Reserved::Image,
                 &image.namespace().unwrap_or_default(),

@@ -1,29 +1,26 @@
 //! The reconcilers, one module per kind, and what they share: the
-//! [`Context`], the error policy with per-object backoff, and the small
-//! write helpers (merge patches under the `vmstream-operator` field manager,
-//! finalizers with resourceVersion preconditions, events).
+//! [`Context`] (client, events, metrics, caches), the error policy with
+//! per-object backoff, and the controllers' wiring. The typed merge patches
+//! they write with are in [`patch`].
 
 pub mod clonepool;
 pub mod liveimage;
+pub mod patch;
 pub mod translate;
 pub mod vmautoscaler;
 pub mod vmclone;
 pub mod vmmigration;
 
 use std::collections::HashMap;
-use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
-use serde_json::json;
 use vmstream_api::v1alpha1::{ClonePool, LiveImage, VMAutoscaler, VMClone, VMMigration};
 
 use crate::config::OperatorConfig;
@@ -193,170 +190,6 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
         "reconcile failed"
     );
     Action::requeue(delay)
-}
-
-pub fn patch_params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PatchParams::default()
-    }
-}
-
-fn name_of<K: Resource>(obj: &K) -> Result<String, ReconcileError> {
-    obj.meta()
-        .name
-        .clone()
-        .ok_or(ReconcileError::MissingField("metadata.name"))
-}
-
-/// Merge-patch `status` of `obj`, failing on a concurrent change (the
-/// patch carries the resourceVersion read), so a read-modify-write of the
-/// conditions list never drops what a node daemon wrote meanwhile.
-pub async fn patch_status<K>(
-    api: &Api<K>,
-    obj: &K,
-    status: serde_json::Value,
-) -> Result<K, ReconcileError>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    let name = name_of(obj)?;
-    let patch = json!({
-        "metadata": { "resourceVersion": obj.meta().resource_version },
-        "status": status,
-    });
-    api.patch_status(&name, &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| ReconcileError::Patch {
-            kind: kind_str::<K>(),
-            what: "status",
-            name,
-            source,
-        })
-}
-
-/// Merge-patch `status` of an object whose status only the operator writes
-/// (ClonePool, VMAutoscaler): no resourceVersion precondition, so a watch
-/// cache lagging behind our own last write costs no conflict round.
-pub async fn patch_own_status<K>(
-    api: &Api<K>,
-    obj: &K,
-    status: serde_json::Value,
-) -> Result<K, ReconcileError>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    let name = name_of(obj)?;
-    api.patch_status(
-        &name,
-        &patch_params(),
-        &Patch::Merge(&json!({ "status": status })),
-    )
-    .await
-    .map_err(|source| ReconcileError::Patch {
-        kind: kind_str::<K>(),
-        what: "status",
-        name,
-        source,
-    })
-}
-
-/// Merge-patch `metadata.labels` of `obj` (resourceVersion precondition).
-pub async fn patch_labels<K>(
-    api: &Api<K>,
-    obj: &K,
-    labels: serde_json::Value,
-) -> Result<K, ReconcileError>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    let name = name_of(obj)?;
-    let patch = json!({
-        "metadata": { "resourceVersion": obj.meta().resource_version, "labels": labels },
-    });
-    api.patch(&name, &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| ReconcileError::Patch {
-            kind: kind_str::<K>(),
-            what: "labels",
-            name,
-            source,
-        })
-}
-
-async fn write_finalizers<K>(api: &Api<K>, obj: &K, list: Vec<String>) -> Result<K, ReconcileError>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    let name = name_of(obj)?;
-    let patch = json!({
-        "metadata": { "resourceVersion": obj.meta().resource_version, "finalizers": list },
-    });
-    api.patch(&name, &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| ReconcileError::Patch {
-            kind: kind_str::<K>(),
-            what: "finalizers",
-            name,
-            source,
-        })
-}
-
-/// Add `finalizer` unless present; returns the object as written.
-pub async fn ensure_finalizer<K>(
-    api: &Api<K>,
-    obj: &K,
-    finalizer: &str,
-) -> Result<K, ReconcileError>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    if obj.finalizers().iter().any(|f| f == finalizer) {
-        return Ok(obj.clone());
-    }
-    let mut list = obj.finalizers().to_vec();
-    list.push(finalizer.into());
-    write_finalizers(api, obj, list).await
-}
-
-/// Remove `finalizer` if present.
-pub async fn remove_finalizer<K>(
-    api: &Api<K>,
-    obj: &K,
-    finalizer: &str,
-) -> Result<(), ReconcileError>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    if !obj.finalizers().iter().any(|f| f == finalizer) {
-        return Ok(());
-    }
-    let list = obj
-        .finalizers()
-        .iter()
-        .filter(|f| *f != finalizer)
-        .cloned()
-        .collect();
-    match write_finalizers(api, obj, list).await {
-        // Already gone: the finalizer was the last thing holding it.
-        Err(ReconcileError::Patch {
-            source: kube::Error::Api(s),
-            ..
-        }) if s.code == 404 => Ok(()),
-        other => other.map(|_| ()),
-    }
-}
-
-fn kind_str<K: Resource<DynamicType = ()>>() -> &'static str {
-    match K::kind(&()).as_ref() {
-        "ClonePool" => "ClonePool",
-        "VMClone" => "VMClone",
-        "LiveImage" => "LiveImage",
-        "VMMigration" => "VMMigration",
-        "VMAutoscaler" => "VMAutoscaler",
-        "VMNode" => "VMNode",
-        _ => "object",
-    }
 }
 
 /// The current time as a `metav1.Time`.

@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::autoscaling::v1::Scale;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
 use serde_json::json;
 use vmstream_api::v1alpha1::{
     self as api, ClonePool, MetricType, ScalingPolicyType, VMAutoscaler, VMClonePhase, VMNode,
@@ -20,7 +21,8 @@ use vmstream_api::v1alpha1::{
 use vmstream_api::{condition, set_condition};
 
 use super::clonepool::pool_clones;
-use super::{Context, now_time, patch_own_status, patch_params};
+use super::patch::{ConditionsStatus, patch_own_status, patch_params};
+use super::{Context, now_time};
 use crate::cluster::key;
 use crate::decide::autoscale::{
     self, AutoscaleInput, CloneReadiness, CloneSample, MetricSource, MetricSpec, MetricTarget,
@@ -84,18 +86,34 @@ fn readiness(clone: &api::VMClone) -> CloneReadiness {
     }
 }
 
-fn metric_status_json(m: &autoscale::MetricStatus) -> serde_json::Value {
+fn metric_status(m: &autoscale::MetricStatus) -> api::MetricStatus {
     let (type_, name) = match &m.source {
         MetricSource::Cpu => (MetricType::Cpu, None),
         MetricSource::Memory => (MetricType::Memory, None),
         MetricSource::Custom(n) => (MetricType::Custom, Some(n.clone())),
     };
-    json!({
-        "type": type_,
-        "name": name,
-        "averageValue": m.average_value,
-        "averageUtilization": m.average_utilization,
-    })
+    api::MetricStatus {
+        type_,
+        name,
+        average_value: m.average_value,
+        average_utilization: m.average_utilization,
+    }
+}
+
+/// The status an autoscaler pass writes. Every field is written, the lists
+/// even when empty and `lastScaleTime` as null when unset: a merge patch
+/// replaces them, so scale events that left every window are dropped.
+#[derive(Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PassStatus<'a> {
+    current_replicas: i32,
+    desired_replicas: i32,
+    current_metrics: Vec<api::MetricStatus>,
+    last_scale_time: Option<Time>,
+    recommendations: Vec<api::Recommendation>,
+    scale_events: Vec<api::ScaleEvent>,
+    conditions: &'a [Condition],
+    observed_generation: Option<i64>,
 }
 
 pub async fn reconcile(
@@ -136,7 +154,10 @@ pub async fn reconcile(
             ),
         );
         if conditions != status.conditions {
-            patch_own_status(&api, vmas.as_ref(), json!({ "conditions": conditions })).await?;
+            let written = ConditionsStatus {
+                conditions: &conditions,
+            };
+            patch_own_status(&api, vmas.as_ref(), &written).await?;
         }
         ctx.succeeded(vmas.as_ref());
         return Ok(every);
@@ -247,26 +268,89 @@ pub async fn reconcile(
             condition(c.type_, c.status, c.reason, &c.message, generation),
         );
     }
-    let time = |t: Timestamp| Time(t);
-    patch_own_status(
-        &api,
-        vmas.as_ref(),
-        json!({
-            "currentReplicas": decision.current_replicas,
-            "desiredReplicas": decision.desired_replicas,
-            "currentMetrics": decision.metrics.iter().map(metric_status_json).collect::<Vec<_>>(),
-            "lastScaleTime": last_scale_time,
-            "recommendations": decision.recommendations.iter().map(|r| json!({
-                "timestamp": time(r.timestamp), "replicas": r.replicas,
-            })).collect::<Vec<_>>(),
-            "scaleEvents": decision.scale_events.iter().map(|e| json!({
-                "timestamp": time(e.timestamp), "change": e.change,
-            })).collect::<Vec<_>>(),
-            "conditions": conditions,
-            "observedGeneration": generation,
-        }),
-    )
-    .await?;
+    let written = PassStatus {
+        current_replicas: decision.current_replicas,
+        desired_replicas: decision.desired_replicas,
+        current_metrics: decision.metrics.iter().map(metric_status).collect(),
+        last_scale_time,
+        recommendations: decision
+            .recommendations
+            .iter()
+            .map(|r| api::Recommendation {
+                timestamp: Time(r.timestamp),
+                replicas: r.replicas,
+            })
+            .collect(),
+        scale_events: decision
+            .scale_events
+            .iter()
+            .map(|e| api::ScaleEvent {
+                timestamp: Time(e.timestamp),
+                change: e.change,
+            })
+            .collect(),
+        conditions: &conditions,
+        observed_generation: generation,
+    };
+    patch_own_status(&api, vmas.as_ref(), &written).await?;
     ctx.succeeded(vmas.as_ref());
     Ok(every)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pass_status(conditions: &[Condition], scaled: bool) -> PassStatus<'_> {
+        let at = Time("2026-01-01T00:00:00Z".parse().unwrap());
+        PassStatus {
+            current_replicas: 2,
+            desired_replicas: 3,
+            current_metrics: vec![api::MetricStatus {
+                type_: MetricType::Cpu,
+                name: None,
+                average_value: 75.0,
+                average_utilization: Some(75),
+            }],
+            last_scale_time: scaled.then(|| at.clone()),
+            recommendations: vec![api::Recommendation {
+                timestamp: at.clone(),
+                replicas: 3,
+            }],
+            scale_events: if scaled {
+                vec![api::ScaleEvent {
+                    timestamp: at,
+                    change: 1,
+                }]
+            } else {
+                Vec::new()
+            },
+            conditions,
+            observed_generation: Some(4),
+        }
+    }
+
+    /// Every key a pass writes is a field of VMAutoscalerStatus.
+    #[test]
+    fn pass_status_fields_are_autoscaler_status_fields() {
+        let conditions = [condition(
+            "AbleToScale",
+            true,
+            "SucceededRescale",
+            "",
+            Some(4),
+        )];
+        let written = serde_json::to_value(pass_status(&conditions, true)).unwrap();
+        let read: api::VMAutoscalerStatus = serde_json::from_value(written.clone()).unwrap();
+        assert_eq!(written, serde_json::to_value(read).unwrap());
+    }
+
+    #[test]
+    fn a_pass_clears_old_scale_events_and_unset_scale_time() {
+        let written = serde_json::to_value(pass_status(&[], false)).unwrap();
+        assert_eq!(written["scaleEvents"], json!([]));
+        assert_eq!(written["lastScaleTime"], json!(null));
+        assert_eq!(written["conditions"], json!([]));
+    }
 }

@@ -16,8 +16,9 @@ use vmstream_api::v1alpha1::{
 };
 use vmstream_api::{NODE_LABEL, VM_STOPPED_FINALIZER, condition, set_condition};
 
+use super::Context;
+use super::patch::{PhaseStatus, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
 use super::translate::{clone_phase, clone_request};
-use super::{Context, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
 use crate::cluster::Reserved;
 use crate::cluster::clone_node;
 use crate::decide::drain::{DrainFacts, DrainStep, drain_step};
@@ -138,18 +139,14 @@ async fn write_phase(
             clone.meta().generation,
         ),
     );
-    patch_status(
-        api,
-        clone,
-        json!({
-            "phase": phase,
-            "node": node,
-            "message": if message.is_empty() { None } else { Some(message) },
-            "conditions": conditions,
-            "observedGeneration": clone.meta().generation,
-        }),
-    )
-    .await?;
+    let status = PhaseStatus {
+        phase,
+        node,
+        message: (!message.is_empty()).then_some(message),
+        conditions: &conditions,
+        observed_generation: clone.meta().generation,
+    };
+    patch_status(api, clone, &status).await?;
     Ok(())
 }
 
@@ -190,7 +187,7 @@ async fn place_clone(
     let nodes = ctx.view.node_facts();
     match place(&request, &nodes, &policy) {
         Ok(node) => {
-            let labelled = patch_labels(api, clone, json!({ NODE_LABEL: node })).await?;
+            let labelled = patch_labels(api, clone, &[(NODE_LABEL, &node)]).await?;
             ctx.view.reserve(
                 Reserved::Clone,
                 ns,

@@ -12,12 +12,12 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
-use vmstream_api::v1alpha1::{VMClone, VMMigration, VMMigrationPhase};
+use vmstream_api::v1alpha1::{VMClone, VMMigration, VMMigrationPhase, VMMigrationStatus};
 use vmstream_api::{NODE_LABEL, SOURCE_NODE_LABEL, condition, set_condition};
 
+use super::patch::{patch_labels, patch_status};
 use super::translate::clone_phase;
-use super::{Context, now_time, patch_labels, patch_status};
+use super::{Context, now_time};
 use crate::cluster::Reserved;
 use crate::cluster::{clone_node, image_memory_bytes, key};
 use crate::decide::phase::{MigrationFacts, MigrationPhase, MigrationStep, migration_step};
@@ -66,7 +66,7 @@ async fn hand_clone_to_target(
     {
         return Ok(());
     }
-    patch_labels(clones, &clone, json!({ NODE_LABEL: target })).await?;
+    patch_labels(clones, &clone, &[(NODE_LABEL, target)]).await?;
     ctx.event(
         &clone,
         false,
@@ -185,17 +185,14 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
                         mig.meta().generation,
                     ),
                 );
-                patch_status(
-                    &api,
-                    mig.as_ref(),
-                    json!({
-                        "phase": VMMigrationPhase::Pending,
-                        "message": message,
-                        "conditions": conditions,
-                        "observedGeneration": mig.meta().generation,
-                    }),
-                )
-                .await?;
+                let written = VMMigrationStatus {
+                    phase: Some(VMMigrationPhase::Pending),
+                    message: Some(message),
+                    conditions,
+                    observed_generation: mig.meta().generation,
+                    ..VMMigrationStatus::default()
+                };
+                patch_status(&api, mig.as_ref(), &written).await?;
             }
             Action::requeue(RETRY)
         }
@@ -210,18 +207,15 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
                     mig.meta().generation,
                 ),
             );
-            patch_status(
-                &api,
-                mig.as_ref(),
-                json!({
-                    "phase": VMMigrationPhase::Failed,
-                    "message": message,
-                    "completionTime": now_time(),
-                    "conditions": conditions,
-                    "observedGeneration": mig.meta().generation,
-                }),
-            )
-            .await?;
+            let written = VMMigrationStatus {
+                phase: Some(VMMigrationPhase::Failed),
+                message: Some(message.clone()),
+                completion_time: Some(now_time()),
+                conditions,
+                observed_generation: mig.meta().generation,
+                ..VMMigrationStatus::default()
+            };
+            patch_status(&api, mig.as_ref(), &written).await?;
             ctx.event(mig.as_ref(), true, "MigrationFailed", message)
                 .await;
             Action::await_change()
@@ -230,7 +224,7 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
             let labelled = patch_labels(
                 &api,
                 mig.as_ref(),
-                json!({ NODE_LABEL: target, SOURCE_NODE_LABEL: source }),
+                &[(NODE_LABEL, &target), (SOURCE_NODE_LABEL, &source)],
             )
             .await?;
             let message = format!("migrating from {source} to {target}");
@@ -244,20 +238,17 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
                     mig.meta().generation,
                 ),
             );
-            patch_status(
-                &api,
-                &labelled,
-                json!({
-                    "phase": VMMigrationPhase::Scheduled,
-                    "sourceNode": source,
-                    "targetNode": target,
-                    "startTime": now_time(),
-                    "message": message,
-                    "conditions": conditions,
-                    "observedGeneration": mig.meta().generation,
-                }),
-            )
-            .await?;
+            let written = VMMigrationStatus {
+                phase: Some(VMMigrationPhase::Scheduled),
+                source_node: Some(source),
+                target_node: Some(target.clone()),
+                start_time: Some(now_time()),
+                message: Some(message.clone()),
+                conditions,
+                observed_generation: mig.meta().generation,
+                ..VMMigrationStatus::default()
+            };
+            patch_status(&api, &labelled, &written).await?;
             if let Some((_, memory)) = &candidates {
                 ctx.view.reserve(
                     Reserved::MigrationTarget,
