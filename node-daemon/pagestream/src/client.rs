@@ -14,136 +14,19 @@
 //! claims are released, the fetcher backs off and tries the next holder,
 //! until the retry budget is spent; only then does `read_pages` fail.
 
-use std::collections::VecDeque;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmstream_vmm::image::Bitmap;
 use vmstream_vmm::memory::{PAGE_SIZE, PageSource, PageSourceError};
 
-use crate::auth::{ClusterToken, nonce};
 use crate::cache::{CacheOpenError, FetchPath, NodeImageCache, PageState};
-use crate::framing::{ReadFrameError, read_frame, read_header, write_frame};
-use crate::wire::{
-    Accept, Challenge, Command, FrameError, HANDSHAKE_VERSION, Header, Hello, MAX_BATCH_PAGES,
-    MAX_INDEX_PAGES, MAX_VERSION, MIN_VERSION, Reason, Role, decode_index, valid_image_id,
-};
-
-/// Where and how to fetch an image's pages.
-#[derive(Debug, Clone)]
-pub struct RemoteConfig {
-    /// The image id the holders serve it under.
-    pub image_id: String,
-    /// Nodes that hold the image (home first), tried in turn on failure.
-    pub holders: Vec<SocketAddr>,
-    /// The cluster secret.
-    pub token: ClusterToken,
-    /// Time to establish one TCP connection.
-    pub connect_timeout: Duration,
-    /// Time a peer may take to answer a request before it is taken for dead.
-    pub request_timeout: Duration,
-    /// Total time a fault keeps retrying before `read_pages` fails.
-    pub retry_budget: Duration,
-    /// First and longest wait between retries.
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    /// Bulk requests in flight at once, per bulk connection.
-    pub bulk_window: usize,
-    /// Bulk connections (each with its own thread) a prefetch opens. They
-    /// share the work through the cache's claims; two let the receiving,
-    /// checking and writing of one batch overlap another's on both ends.
-    pub bulk_connections: usize,
-}
-
-impl RemoteConfig {
-    /// A configuration with default timeouts.
-    pub fn new(image_id: &str, holders: Vec<SocketAddr>, token: ClusterToken) -> Self {
-        Self {
-            image_id: image_id.to_owned(),
-            holders,
-            token,
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(5),
-            retry_budget: Duration::from_secs(120),
-            backoff_initial: Duration::from_millis(20),
-            backoff_max: Duration::from_secs(1),
-            bulk_window: 8,
-            bulk_connections: 2,
-        }
-    }
-}
-
-/// Why a connection to a holder could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("cannot connect to {addr}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("handshake with {addr} failed")]
-    Read {
-        addr: SocketAddr,
-        #[source]
-        source: ReadFrameError,
-    },
-    #[error("cannot send the handshake to {addr}")]
-    Write {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{addr} refused the handshake: {} ({:?})", reason.text, reason.code)]
-    Rejected { addr: SocketAddr, reason: Reason },
-    #[error("{addr} sent a bad {command:?} during the handshake")]
-    BadFrame {
-        addr: SocketAddr,
-        command: Command,
-        #[source]
-        source: FrameError,
-    },
-    #[error("{addr} answered the handshake with {command:?}")]
-    Unexpected { addr: SocketAddr, command: Command },
-    #[error("{addr} chose protocol version {version}, outside {MIN_VERSION}..={MAX_VERSION}")]
-    Version { addr: SocketAddr, version: u16 },
-    #[error("{addr} could not prove it knows the cluster token")]
-    ServerNotAuthenticated { addr: SocketAddr },
-    #[error("{addr} serves image {image:?} with {found:?}, expected {expected:?}")]
-    ImageMismatch {
-        addr: SocketAddr,
-        image: String,
-        found: Accept,
-        expected: Accept,
-    },
-    #[error("no holder is configured for the image")]
-    NoHolders,
-}
-
-/// Why one request failed (the connection is dropped and the pages retried).
-#[derive(Debug, thiserror::Error)]
-pub enum RequestError {
-    #[error("request to {addr} failed")]
-    Io {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("answer from {addr} refused")]
-    Frame {
-        addr: SocketAddr,
-        #[source]
-        source: ReadFrameError,
-    },
-    #[error("{addr} refused the request: {} ({:?})", reason.text, reason.code)]
-    Refused { addr: SocketAddr, reason: Reason },
-    #[error("{addr} answered out of protocol: {what}")]
-    Protocol { addr: SocketAddr, what: String },
-}
+pub use crate::config::RemoteConfig;
+pub use crate::connection::{ConnectError, RequestError};
+use crate::connection::{Connection, connect_any};
+use crate::wire::{Accept, Command, MAX_BATCH_PAGES, Role, valid_image_id};
 
 /// Why a remote image could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -169,302 +52,12 @@ pub struct RemoteStats {
 }
 
 #[derive(Debug, Default)]
-struct Counters {
-    connects: AtomicU64,
-    fault_requests: AtomicU64,
-    fault_failures: AtomicU64,
-    bulk_requests: AtomicU64,
-    bulk_failures: AtomicU64,
-}
-
-/// An authenticated connection, right after the handshake.
-pub(crate) struct Handshaken {
-    pub stream: TcpStream,
-    /// The protocol version the server chose.
-    pub version: u16,
-    /// The server's Accept (page counts of the image).
-    pub accept: Accept,
-    /// A frame buffer to keep using on this connection.
-    pub buf: Vec<u8>,
-}
-
-/// Connects to `addr` and completes the mutual handshake for
-/// `config.image_id` in `role` (shared by the cached [`RemotePages`] and the
-/// cache-less `direct` client).
-pub(crate) fn handshake(
-    addr: SocketAddr,
-    role: Role,
-    config: &RemoteConfig,
-) -> Result<Handshaken, ConnectError> {
-    let mut stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
-        .map_err(|source| ConnectError::Connect { addr, source })?;
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(config.request_timeout));
-    let _ = stream.set_write_timeout(Some(config.request_timeout));
-    let client_nonce = nonce();
-    let hello = Hello {
-        min_version: MIN_VERSION,
-        max_version: MAX_VERSION,
-        role,
-        client_nonce,
-        image_id: config.image_id.clone(),
-    };
-    let write_err = |source| ConnectError::Write { addr, source };
-    write_frame(
-        &mut stream,
-        &Header::new(Command::Hello).with_version(HANDSHAKE_VERSION),
-        &[&hello.encode()],
-    )
-    .map_err(write_err)?;
-    let mut buf = Vec::new();
-    let read_err = |source| ConnectError::Read { addr, source };
-    let bad = |command, source| ConnectError::BadFrame {
-        addr,
-        command,
-        source,
-    };
-    let h = read_frame(&mut stream, &mut buf).map_err(read_err)?;
-    let challenge = match h.command {
-        Command::Challenge => Challenge::decode(&buf).map_err(|e| bad(Command::Challenge, e))?,
-        Command::Reject => {
-            let reason =
-                Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
-            return Err(ConnectError::Rejected { addr, reason });
-        }
-        command => return Err(ConnectError::Unexpected { addr, command }),
-    };
-    if !(MIN_VERSION..=MAX_VERSION).contains(&challenge.version) {
-        return Err(ConnectError::Version {
-            addr,
-            version: challenge.version,
-        });
-    }
-    if !config
-        .token
-        .verify_server_proof(&client_nonce, &config.image_id, &challenge.server_proof)
-    {
-        return Err(ConnectError::ServerNotAuthenticated { addr });
-    }
-    let tag = config
-        .token
-        .client_tag(&challenge.server_nonce, &config.image_id);
-    write_frame(
-        &mut stream,
-        &Header::new(Command::Auth).with_version(challenge.version),
-        &[&tag],
-    )
-    .map_err(write_err)?;
-    let h = read_frame(&mut stream, &mut buf).map_err(read_err)?;
-    let accept = match h.command {
-        Command::Accept => Accept::decode(&buf).map_err(|e| bad(Command::Accept, e))?,
-        Command::Reject => {
-            let reason =
-                Reason::decode(Command::Reject, &buf).map_err(|e| bad(Command::Reject, e))?;
-            return Err(ConnectError::Rejected { addr, reason });
-        }
-        command => return Err(ConnectError::Unexpected { addr, command }),
-    };
-    Ok(Handshaken {
-        stream,
-        version: challenge.version,
-        accept,
-        buf,
-    })
-}
-
-/// One authenticated connection to a holder.
-struct PeerConnection {
-    stream: TcpStream,
-    addr: SocketAddr,
-    version: u16,
-    accept: Accept,
-    next_id: u64,
-    buf: Vec<u8>,
-}
-
-impl PeerConnection {
-    fn open(addr: SocketAddr, role: Role, config: &RemoteConfig) -> Result<Self, ConnectError> {
-        let Handshaken {
-            stream,
-            version,
-            accept,
-            buf,
-        } = handshake(addr, role, config)?;
-        Ok(Self {
-            stream,
-            addr,
-            version,
-            accept,
-            next_id: 1,
-            buf,
-        })
-    }
-
-    fn send(&mut self, command: Command, first: usize, end: usize) -> Result<u64, RequestError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let h = Header::new(command)
-            .with_version(self.version)
-            .with_request(id)
-            .with_range(first as u64, (end - first) as u32);
-        write_frame(&mut self.stream, &h, &[]).map_err(|source| RequestError::Io {
-            addr: self.addr,
-            source,
-        })?;
-        Ok(id)
-    }
-
-    /// Reads the header of the answer to request `id` for `first..end` of
-    /// kind `expected`; an Error answer becomes [`RequestError::Refused`].
-    fn answer_header(
-        &mut self,
-        expected: Command,
-        id: u64,
-        first: usize,
-        end: usize,
-    ) -> Result<(Header, [u8; crate::wire::HEADER_LEN]), RequestError> {
-        let addr = self.addr;
-        let (h, raw) =
-            read_header(&mut self.stream).map_err(|source| RequestError::Frame { addr, source })?;
-        let protocol = |what: String| RequestError::Protocol { addr, what };
-        if h.command == Command::Error {
-            self.buf.resize(h.payload_len as usize, 0);
-            io::Read::read_exact(&mut self.stream, &mut self.buf)
-                .map_err(|source| RequestError::Io { addr, source })?;
-            h.check_crc(&raw, &self.buf)
-                .map_err(|e| RequestError::Frame {
-                    addr,
-                    source: e.into(),
-                })?;
-            let reason =
-                Reason::decode(Command::Error, &self.buf).map_err(|e| RequestError::Frame {
-                    addr,
-                    source: e.into(),
-                })?;
-            return Err(RequestError::Refused { addr, reason });
-        }
-        if h.command != expected {
-            return Err(protocol(format!(
-                "{:?} where {expected:?} was due",
-                h.command
-            )));
-        }
-        if h.request_id != id || h.range() != (first as u64..end as u64) {
-            return Err(protocol(format!(
-                "answer to request {} for pages {:?}, expected request {id} for {first}..{end}",
-                h.request_id,
-                h.range()
-            )));
-        }
-        Ok((h, raw))
-    }
-
-    /// Receives the Pages answer to request `id`, verifies it and writes
-    /// it into the cache file; the caller holds the claims on its non-zero
-    /// pages. Nothing is marked present here.
-    fn receive_pages(
-        &mut self,
-        cache: &NodeImageCache,
-        id: u64,
-        first: usize,
-        end: usize,
-    ) -> Result<(), RequestError> {
-        let addr = self.addr;
-        let (h, raw) = self.answer_header(Command::Pages, id, first, end)?;
-        let expected = (first..end).filter(|&p| cache.nonzero().get(p)).count() * PAGE_SIZE;
-        if h.payload_len as usize != expected {
-            return Err(RequestError::Protocol {
-                addr,
-                what: format!(
-                    "{} bytes of pages for {first}..{end}, the image's index says {expected}",
-                    h.payload_len
-                ),
-            });
-        }
-        self.buf.resize(expected, 0);
-        io::Read::read_exact(&mut self.stream, &mut self.buf)
-            .map_err(|source| RequestError::Io { addr, source })?;
-        h.check_crc(&raw, &self.buf)
-            .map_err(|e| RequestError::Frame {
-                addr,
-                source: e.into(),
-            })?;
-        // Verified: now (and only now) into the cache file.
-        cache
-            .write_claimed(first, end, &self.buf)
-            .map_err(|source| RequestError::Io { addr, source })
-    }
-
-    /// Reads the image's non-zero bitmap, in chunks.
-    fn read_index(&mut self) -> Result<Vec<u64>, RequestError> {
-        let pages = self.accept.pages as usize;
-        let mut words = Vec::with_capacity(pages.div_ceil(64));
-        let mut first = 0;
-        while first < pages {
-            let end = (first + MAX_INDEX_PAGES as usize).min(pages);
-            let id = self.send(Command::IndexRequest, first, end)?;
-            let (h, raw) = self.answer_header(Command::Index, id, first, end)?;
-            self.buf.resize(h.payload_len as usize, 0);
-            let addr = self.addr;
-            io::Read::read_exact(&mut self.stream, &mut self.buf)
-                .map_err(|source| RequestError::Io { addr, source })?;
-            h.check_crc(&raw, &self.buf)
-                .map_err(|e| RequestError::Frame {
-                    addr,
-                    source: e.into(),
-                })?;
-            words.extend(decode_index(&self.buf));
-            first = end;
-        }
-        let count: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
-        if count != self.accept.nonzero_pages || Bitmap::from_words(pages, &words).is_none() {
-            return Err(RequestError::Protocol {
-                addr: self.addr,
-                what: format!(
-                    "index has {count} non-zero pages, the Accept said {}",
-                    self.accept.nonzero_pages
-                ),
-            });
-        }
-        Ok(words)
-    }
-}
-
-/// Connects to the first holder that accepts, starting at `*cursor` and
-/// advancing it past holders that fail. Checks the holder serves the same
-/// image (page counts).
-fn connect_any(
-    config: &RemoteConfig,
-    role: Role,
-    cursor: &mut usize,
-    expected: Option<Accept>,
-) -> Result<PeerConnection, ConnectError> {
-    let n = config.holders.len();
-    if n == 0 {
-        return Err(ConnectError::NoHolders);
-    }
-    let mut last = None;
-    for _ in 0..n {
-        let addr = config.holders[*cursor % n];
-        let result = PeerConnection::open(addr, role, config).and_then(|c| match expected {
-            Some(e) if c.accept != e => Err(ConnectError::ImageMismatch {
-                addr,
-                image: config.image_id.clone(),
-                found: c.accept,
-                expected: e,
-            }),
-            _ => Ok(c),
-        });
-        match result {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                tracing::warn!(holder = %addr, role = ?role, error = %crate::error_chain(&e), "page holder unavailable");
-                *cursor = (*cursor + 1) % n;
-                last = Some(e);
-            }
-        }
-    }
-    Err(last.expect("at least one holder was tried"))
+pub(crate) struct Counters {
+    pub connects: AtomicU64,
+    pub fault_requests: AtomicU64,
+    pub fault_failures: AtomicU64,
+    pub bulk_requests: AtomicU64,
+    pub bulk_failures: AtomicU64,
 }
 
 /// Groups claimed pages (sorted) into request ranges: consecutive claimed
@@ -489,54 +82,23 @@ pub fn group_claimed(
     out
 }
 
-/// Plans the next bulk run from `start`: the first page that `claim` turns
-/// into ours (`Missing`), extended over further claimable and zero pages up
-/// to `max` pages and `limit`, ending on a claimed page. Returns the run and
-/// the position to continue from.
-pub fn plan_run(
-    start: usize,
-    limit: usize,
-    max: usize,
-    mut claim: impl FnMut(usize) -> PageState,
-) -> Option<((usize, usize), usize)> {
-    let mut p = start;
-    let first = loop {
-        if p >= limit {
-            return None;
-        }
-        if claim(p) == PageState::Missing {
-            break p;
-        }
-        p += 1;
-    };
-    let mut end = first + 1;
-    let mut q = first + 1;
-    while q < limit && q - first < max {
-        match claim(q) {
-            PageState::Missing => end = q + 1,
-            PageState::Zero => {}
-            PageState::Present | PageState::Busy => break,
-        }
-        q += 1;
-    }
-    Some(((first, end), q.max(end)))
-}
-
 struct FaultLane {
-    conn: Option<PeerConnection>,
+    conn: Option<Connection>,
     cursor: usize,
 }
 
-struct Inner {
-    config: RemoteConfig,
-    cache: Arc<NodeImageCache>,
-    accept: Accept,
+/// The state a [`RemotePages`] shares with its bulk prefetch threads.
+pub(crate) struct Inner {
+    pub config: RemoteConfig,
+    pub cache: Arc<NodeImageCache>,
+    /// The image's page counts, checked against every holder's Accept.
+    pub accept: Accept,
     fault: Mutex<FaultLane>,
-    counters: Counters,
-    stop: AtomicBool,
+    pub counters: Counters,
+    pub stop: AtomicBool,
     /// Ranges the bulk prefetcher planned, in order (diagnostics); its lock
     /// also serializes the planning of the bulk connections.
-    bulk_log: Mutex<Vec<(usize, usize)>>,
+    pub bulk_log: Mutex<Vec<(usize, usize)>>,
 }
 
 /// A [`PageSource`] that streams an image from other nodes through the
@@ -592,9 +154,9 @@ impl RemotePages {
                 Err(e) => return Err(e),
             }
         };
-        let pages = conn.accept.pages as usize;
+        let pages = conn.accept().pages as usize;
         let cache = NodeImageCache::open(cache_dir, &config.image_id, pages, &words)?;
-        conn.buf = Vec::new();
+        conn.release_buffer();
         let me = Self::with_cache(config, cache);
         me.inner.counters.connects.fetch_add(1, Ordering::Relaxed);
         let mut lane = me.inner.fault.lock().unwrap_or_else(|e| e.into_inner());
@@ -841,165 +403,6 @@ impl Inner {
             }
         }
     }
-
-    /// One bulk connection's prefetch (`lane` numbers the connections of
-    /// one prefetch); runs until every page is present, the prefetch is
-    /// stopped, or the retry budget is spent.
-    fn bulk_loop(&self, working_set: &[u64], lane: usize) {
-        let cache = &self.cache;
-        let pages = cache.pages();
-        let max = MAX_BATCH_PAGES as usize;
-        let mut conn: Option<PeerConnection> = None;
-        let mut cursor = 0;
-        tracing::debug!(image = %self.config.image_id, lane, "bulk connection starts");
-        let mut inflight: VecDeque<(u64, usize, usize)> = VecDeque::new();
-        let mut ws_pos = 0;
-        let mut seq_pos = 0;
-        let mut backoff = self.config.backoff_initial;
-        let mut failing_since: Option<Instant> = None;
-        let release_all = |inflight: &mut VecDeque<(u64, usize, usize)>| {
-            for (_, a, b) in inflight.drain(..) {
-                cache.release(a, b);
-            }
-        };
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                release_all(&mut inflight);
-                return;
-            }
-            if conn.is_none() {
-                match connect_any(&self.config, Role::Bulk, &mut cursor, Some(self.accept)) {
-                    Ok(c) => {
-                        self.counters.connects.fetch_add(1, Ordering::Relaxed);
-                        conn = Some(c);
-                    }
-                    Err(e) => {
-                        let since = *failing_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > self.config.retry_budget {
-                            tracing::error!(error = %crate::error_chain(&e), "bulk prefetch gives up: no holder reachable");
-                            return;
-                        }
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(self.config.backoff_max);
-                        continue;
-                    }
-                }
-            }
-            let c = conn.as_mut().expect("connected above");
-            let mut send_failed = false;
-            while inflight.len() < self.config.bulk_window.max(1) {
-                // Planned and logged under the log's lock: with several bulk
-                // connections, none plans a page outside the working set
-                // before every working-set page is planned and logged.
-                let run = {
-                    let mut log = self.bulk_log.lock().unwrap_or_else(|e| e.into_inner());
-                    let run = if ws_pos < working_set.len() {
-                        next_working_set_run(cache, working_set, &mut ws_pos, max)
-                    } else {
-                        plan_run(seq_pos, pages, max, |p| cache.claim(p)).map(|(run, next)| {
-                            seq_pos = next;
-                            run
-                        })
-                    };
-                    log.extend(run);
-                    run
-                };
-                let Some((a, b)) = run else {
-                    if ws_pos < working_set.len() {
-                        continue;
-                    }
-                    break;
-                };
-                match c.send(Command::ReadPages, a, b) {
-                    Ok(id) => inflight.push_back((id, a, b)),
-                    Err(_) => {
-                        cache.release(a, b);
-                        send_failed = true;
-                        break;
-                    }
-                }
-            }
-            let Some(&(id, a, b)) = inflight.front() else {
-                if send_failed {
-                    conn = None;
-                    continue;
-                }
-                if cache.is_complete() {
-                    return;
-                }
-                // Pages released by failed fetches elsewhere, or still being
-                // fetched by faults: sweep again after a short wait.
-                let seen = cache.generation();
-                if (0..pages).any(|p| cache.state(p) == PageState::Busy) {
-                    cache.wait_change(seen, Duration::from_millis(50));
-                }
-                seq_pos = 0;
-                continue;
-            };
-            self.counters.bulk_requests.fetch_add(1, Ordering::Relaxed);
-            let result = if send_failed {
-                Err(RequestError::Protocol {
-                    addr: c.addr,
-                    what: "send failed".into(),
-                })
-            } else {
-                c.receive_pages(cache, id, a, b)
-            };
-            match result {
-                Ok(()) => {
-                    inflight.pop_front();
-                    cache.complete(a, b, FetchPath::Bulk);
-                    failing_since = None;
-                    backoff = self.config.backoff_initial;
-                }
-                Err(e) => {
-                    self.counters.bulk_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(image = %self.config.image_id, error = %crate::error_chain(&e), "bulk transfer failed; reconnecting");
-                    release_all(&mut inflight);
-                    conn = None;
-                    cursor = (cursor + 1) % self.config.holders.len().max(1);
-                    // Restart the sweep so released pages are picked up.
-                    seq_pos = 0;
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > self.config.retry_budget {
-                        tracing::error!(image = %self.config.image_id, "bulk prefetch gives up: transfers keep failing");
-                        return;
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(self.config.backoff_max);
-                }
-            }
-        }
-    }
-}
-
-/// The next run of the working set (consecutive listed pages that are
-/// consecutive in memory and claimable), advancing `pos`.
-fn next_working_set_run(
-    cache: &NodeImageCache,
-    ws: &[u64],
-    pos: &mut usize,
-    max: usize,
-) -> Option<(usize, usize)> {
-    while *pos < ws.len() {
-        let p = ws[*pos] as usize;
-        *pos += 1;
-        if p >= cache.pages() || cache.claim(p) != PageState::Missing {
-            continue;
-        }
-        let mut end = p + 1;
-        while *pos < ws.len()
-            && ws[*pos] as usize == end
-            && end - p < max
-            && end < cache.pages()
-            && cache.claim(end) == PageState::Missing
-        {
-            end += 1;
-            *pos += 1;
-        }
-        return Some((p, end));
-    }
-    None
 }
 
 impl PageSource for RemotePages {
@@ -1062,19 +465,5 @@ mod tests {
         );
         assert_eq!(group_claimed(&[1, 2, 5], zero, 3), vec![(1, 3), (5, 6)]);
         assert_eq!(group_claimed(&[], zero, 3), vec![]);
-    }
-
-    #[test]
-    fn bulk_runs_start_on_a_claim_cross_zeros_and_stop_at_others_pages() {
-        use PageState::*;
-        let states = [Present, Missing, Zero, Missing, Busy, Missing, Zero, Zero];
-        let claim = |p: usize| states[p];
-        assert_eq!(plan_run(0, 8, 256, claim), Some(((1, 4), 4)));
-        // Trailing zeros are not part of the run, but are skipped.
-        assert_eq!(plan_run(5, 8, 256, claim), Some(((5, 6), 8)));
-        assert_eq!(plan_run(6, 8, 256, claim), None);
-        // The length limit holds.
-        let all = |_| Missing;
-        assert_eq!(plan_run(0, 1000, 256, all), Some(((0, 256), 256)));
     }
 }

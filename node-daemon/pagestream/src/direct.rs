@@ -13,222 +13,40 @@
 //! request retried (next holder, backoff) until the retry budget is spent.
 
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use vmstream_vmm::image::Bitmap;
 use vmstream_vmm::memory::{PAGE_SIZE, PageSource, PageSourceError};
 
-use crate::client::{ConnectError, Handshaken, RemoteConfig, handshake};
-use crate::framing::{ReadFrameError, read_frame, write_frame};
-use crate::wire::{
-    Accept, Command, Header, MAX_BATCH_PAGES, MAX_INDEX_PAGES, Reason, Role, decode_index,
-};
+use crate::config::RemoteConfig;
+pub use crate::connection::Connection;
+use crate::connection::{ConnectError, RequestError, connect_any};
+use crate::wire::{MAX_BATCH_PAGES, Reason, Role};
 
 /// Why a direct request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DirectError {
     #[error("handshake failed")]
     Handshake(#[from] ConnectError),
-    #[error("cannot send to {addr}")]
-    Write {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("bad or missing frame from {addr}")]
-    Read {
-        addr: SocketAddr,
-        #[source]
-        source: ReadFrameError,
-    },
+    /// The server refused the request (its reason says why: callers react
+    /// to `UnknownImage`, `NotHeld`, ...).
     #[error("{addr} refused: {} ({:?})", reason.text, reason.code)]
     Refused { addr: SocketAddr, reason: Reason },
-    #[error("{addr} answered out of protocol: {what}")]
-    Protocol { addr: SocketAddr, what: String },
-    #[error("{addr} could not prove it knows the cluster token")]
-    ServerNotAuthenticated { addr: SocketAddr },
+    #[error("request failed")]
+    Request(#[source] RequestError),
     #[error("no holder is configured for the image")]
     NoHolders,
 }
 
-/// One authenticated connection to a page server for one image.
-pub struct Connection {
-    stream: TcpStream,
-    addr: SocketAddr,
-    version: u16,
-    accept: Accept,
-    next_id: u64,
-    buf: Vec<u8>,
-}
-
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection")
-            .field("addr", &self.addr)
-            .field("accept", &self.accept)
-            .finish()
-    }
-}
-
-impl Connection {
-    /// Connects to `addr` and completes the mutual handshake for
-    /// `config.image_id`.
-    pub fn open(addr: SocketAddr, role: Role, config: &RemoteConfig) -> Result<Self, DirectError> {
-        let Handshaken {
-            stream,
-            version,
-            accept,
-            buf,
-        } = handshake(addr, role, config)?;
-        Ok(Self {
-            stream,
-            addr,
-            version,
-            accept,
-            next_id: 1,
-            buf,
-        })
-    }
-
-    /// The server's Accept (page counts of the image).
-    pub fn accept(&self) -> Accept {
-        self.accept
-    }
-
-    /// Sends one request and reads its answer (payload in `self.buf`),
-    /// checking command, request id and range.
-    fn request(
-        &mut self,
-        command: Command,
-        answer: Command,
-        first: usize,
-        end: usize,
-    ) -> Result<Header, DirectError> {
-        let addr = self.addr;
-        let id = self.next_id;
-        self.next_id += 1;
-        let h = Header::new(command)
-            .with_version(self.version)
-            .with_request(id)
-            .with_range(first as u64, (end - first) as u32);
-        write_frame(&mut self.stream, &h, &[])
-            .map_err(|source| DirectError::Write { addr, source })?;
-        let got = read_frame(&mut self.stream, &mut self.buf)
-            .map_err(|source| DirectError::Read { addr, source })?;
-        if got.command == Command::Error {
-            let reason =
-                Reason::decode(Command::Error, &self.buf).map_err(|e| DirectError::Read {
-                    addr,
-                    source: e.into(),
-                })?;
-            return Err(DirectError::Refused { addr, reason });
-        }
-        if got.command != answer
-            || got.request_id != id
-            || got.range() != (first as u64..end as u64)
-        {
-            return Err(DirectError::Protocol {
-                addr,
-                what: format!(
-                    "{:?} for request {} pages {:?}, expected {answer:?} for request {id} pages {first}..{end}",
-                    got.command,
-                    got.request_id,
-                    got.range()
-                ),
-            });
-        }
-        Ok(got)
-    }
-
-    /// The image's non-zero bitmap (checked against the Accept).
-    pub fn read_index(&mut self) -> Result<Bitmap, DirectError> {
-        let pages = self.accept.pages as usize;
-        let mut words = Vec::with_capacity(pages.div_ceil(64));
-        let mut first = 0;
-        while first < pages {
-            let end = (first + MAX_INDEX_PAGES as usize).min(pages);
-            self.request(Command::IndexRequest, Command::Index, first, end)?;
-            words.extend(decode_index(&self.buf));
-            first = end;
-        }
-        Bitmap::from_words(pages, &words)
-            .filter(|b| b.count_ones() as u64 == self.accept.nonzero_pages)
-            .ok_or_else(|| DirectError::Protocol {
-                addr: self.addr,
-                what: format!(
-                    "index does not match the Accept's {} non-zero pages",
-                    self.accept.nonzero_pages
-                ),
-            })
-    }
-
-    /// Reads pages `first..end` (at most [`MAX_BATCH_PAGES`]) into `out`
-    /// (`(end - first) * PAGE_SIZE` bytes; zero pages are zero-filled).
-    pub fn read_pages(
-        &mut self,
-        nonzero: &Bitmap,
-        first: usize,
-        end: usize,
-        out: &mut [u8],
-    ) -> Result<(), DirectError> {
-        let expected = (first..end).filter(|&p| nonzero.get(p)).count();
-        if expected == 0 {
-            out.fill(0);
-            return Ok(());
-        }
-        self.request(Command::ReadPages, Command::Pages, first, end)?;
-        if self.buf.len() != expected * PAGE_SIZE {
-            return Err(DirectError::Protocol {
-                addr: self.addr,
-                what: format!(
-                    "{} bytes of pages for {first}..{end}, the index says {} pages",
-                    self.buf.len(),
-                    expected
-                ),
-            });
-        }
-        let mut at = 0;
-        for (i, chunk) in out.chunks_exact_mut(PAGE_SIZE).enumerate() {
-            if nonzero.get(first + i) {
-                chunk.copy_from_slice(&self.buf[at..at + PAGE_SIZE]);
-                at += PAGE_SIZE;
-            } else {
-                chunk.fill(0);
-            }
-        }
-        Ok(())
-    }
-
-    /// The image's state file (`state.bin`), whole.
-    pub fn state_file(&mut self) -> Result<Vec<u8>, DirectError> {
-        self.request(Command::StateRequest, Command::State, 0, 0)?;
-        Ok(std::mem::take(&mut self.buf))
-    }
-}
-
-/// Connects to the first of `config.holders` (from `*cursor`) that
-/// accepts, advancing the cursor past those that fail.
-fn connect_any(
-    config: &RemoteConfig,
-    role: Role,
-    cursor: &mut usize,
-) -> Result<Connection, DirectError> {
-    let n = config.holders.len();
-    let mut last = DirectError::NoHolders;
-    for _ in 0..n {
-        let addr = config.holders[*cursor % n];
-        match Connection::open(addr, role, config) {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                tracing::warn!(holder = %addr, error = %crate::error_chain(&e), "page holder unavailable");
-                *cursor = (*cursor + 1) % n;
-                last = e;
-            }
+impl From<RequestError> for DirectError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Refused { addr, reason } => Self::Refused { addr, reason },
+            other => Self::Request(other),
         }
     }
-    Err(last)
 }
 
 /// Fetches the image's state file from the first holder in
@@ -238,7 +56,10 @@ fn connect_any(
 pub fn fetch_state_file(config: &RemoteConfig) -> Result<Vec<u8>, DirectError> {
     let mut last = DirectError::NoHolders;
     for &addr in &config.holders {
-        match Connection::open(addr, Role::Fault, config).and_then(|mut c| c.state_file()) {
+        let fetched = Connection::open(addr, Role::Fault, config)
+            .map_err(DirectError::from)
+            .and_then(|mut c| Ok(c.state_file()?));
+        match fetched {
             Ok(bytes) => return Ok(bytes),
             Err(e) => {
                 tracing::warn!(holder = %addr, error = %crate::error_chain(&e), "state file not fetched from this holder");
@@ -289,14 +110,18 @@ impl DirectPages {
         let mut backoff = config.backoff_initial;
         let mut cursor = 0;
         loop {
-            let attempt = connect_any(&config, Role::Fault, &mut cursor).and_then(|mut c| {
-                let index = c.read_index()?;
-                Ok((c, index))
-            });
+            let attempt = connect_any(&config, Role::Fault, &mut cursor, None)
+                .map_err(DirectError::from)
+                .and_then(|mut c| {
+                    let words = c.read_index()?;
+                    let index = Bitmap::from_words(c.accept().pages as usize, &words)
+                        .expect("read_index checked the bitmap");
+                    Ok((c, index))
+                });
             match attempt {
                 Ok((conn, nonzero)) => {
                     return Ok(Self {
-                        pages: conn.accept.pages as usize,
+                        pages: conn.accept().pages as usize,
                         nonzero,
                         lane: Mutex::new(Lane {
                             conn: Some(conn),
@@ -323,16 +148,17 @@ impl DirectPages {
     fn try_read(&self, lane: &mut Lane, first: usize, buf: &mut [u8]) -> Result<(), DirectError> {
         if lane.conn.is_none() {
             let mut cursor = lane.cursor;
-            let conn = connect_any(&self.config, Role::Fault, &mut cursor);
+            let conn = connect_any(&self.config, Role::Fault, &mut cursor, None);
             lane.cursor = cursor;
             let conn = conn?;
-            if conn.accept.pages as usize != self.pages
-                || conn.accept.nonzero_pages != self.nonzero.count_ones() as u64
+            let accept = conn.accept();
+            if accept.pages as usize != self.pages
+                || accept.nonzero_pages != self.nonzero.count_ones() as u64
             {
-                return Err(DirectError::Protocol {
-                    addr: conn.addr,
-                    what: format!("serves a different image ({:?})", conn.accept),
-                });
+                return Err(DirectError::Request(RequestError::Protocol {
+                    addr: conn.addr(),
+                    what: format!("serves a different image ({accept:?})"),
+                }));
             }
             lane.conn = Some(conn);
         }

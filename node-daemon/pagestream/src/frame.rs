@@ -264,12 +264,13 @@ fn crc_of(raw_header: &[u8], parts: &[&[u8]]) -> u32 {
     crc.finalize()
 }
 
+/// A decoded frame: the header, the payload and the bytes consumed.
+pub type Decoded<'a, C> = (Header<C>, &'a [u8], usize);
+
 /// Decodes one complete frame from the start of `bytes`: the header, its
 /// limits, the payload length and the CRC. Returns the header, the payload
 /// and the number of bytes consumed.
-pub fn decode_frame<C: FrameCommand>(
-    bytes: &[u8],
-) -> Result<(Header<C>, &[u8], usize), FrameError<C>> {
+pub fn decode_frame<C: FrameCommand>(bytes: &[u8]) -> Result<Decoded<'_, C>, FrameError<C>> {
     let header = Header::<C>::decode(bytes)?;
     let end = HEADER_LEN + header.payload_len as usize;
     if bytes.len() < end {

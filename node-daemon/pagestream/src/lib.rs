@@ -10,10 +10,13 @@
 pub mod auth;
 pub mod cache;
 pub mod client;
+mod config;
+pub mod connection;
 pub mod direct;
 pub mod frame;
 pub mod framing;
 pub mod netns;
+mod prefetch;
 pub mod relay;
 pub mod server;
 pub mod wire;
