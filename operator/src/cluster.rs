@@ -4,6 +4,7 @@
 //! the objects come from the caches of [`crate::view`], which imports this.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,34 @@ use vmstream_api::{MAINTENANCE_ANNOTATION, NODE_LABEL};
 use crate::decide::placement::{Heartbeat, NodeFacts};
 
 const MIB: u64 = 1 << 20;
+
+/// Which object of a kind: its namespace and name. Displays as
+/// `namespace/name`, the form VMNode `status.images` lists images in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of `obj` (namespace empty when it has none).
+    pub fn of(obj: &impl ResourceExt) -> Self {
+        Self::new(obj.namespace().unwrap_or_default(), obj.name_any())
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
 
 /// What a reservation holds memory for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,8 +62,8 @@ pub enum Reserved {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reservation {
     pub what: Reserved,
-    pub namespace: String,
-    pub name: String,
+    /// The object placed (of the kind `what` says).
+    pub object: ObjectKey,
     pub node: String,
     pub memory_bytes: u64,
     pub at: Instant,
@@ -79,11 +108,6 @@ pub fn clone_node(clone: &VMClone) -> Option<String> {
         .or_else(|| clone.status.as_ref().and_then(|s| s.node.clone()))
 }
 
-/// `namespace/name`.
-pub fn key(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
-}
-
 /// True when the node takes no new work.
 pub fn unschedulable(node: &VMNode) -> bool {
     node.spec.unschedulable || in_maintenance(node)
@@ -111,15 +135,10 @@ pub struct NodeFactsInput<'a> {
 /// the memory of the VMs placed there (clones not yet stopped, boot images
 /// being built, clones migrating in, reservations).
 pub fn node_facts_from(input: &NodeFactsInput<'_>) -> Vec<NodeFacts> {
-    let memory_of: BTreeMap<String, u64> = input
+    let memory_of: BTreeMap<ObjectKey, u64> = input
         .images
         .iter()
-        .map(|i| {
-            (
-                key(&i.namespace().unwrap_or_default(), &i.name_any()),
-                image_memory_bytes(i),
-            )
-        })
+        .map(|i| (ObjectKey::of(&**i), image_memory_bytes(i)))
         .collect();
     let mut committed: BTreeMap<String, (u64, u32)> = BTreeMap::new();
     let mut add = |node: &str, memory: u64| {
@@ -128,7 +147,7 @@ pub fn node_facts_from(input: &NodeFactsInput<'_>) -> Vec<NodeFacts> {
         entry.1 += 1;
     };
     let clone_memory = |c: &VMClone| {
-        let image = key(&c.namespace().unwrap_or_default(), &c.spec.live_image);
+        let image = ObjectKey::new(c.namespace().unwrap_or_default(), &c.spec.live_image);
         memory_of.get(&image).copied().unwrap_or(0)
     };
     for clone in input.clones {
@@ -139,10 +158,10 @@ pub fn node_facts_from(input: &NodeFactsInput<'_>) -> Vec<NodeFacts> {
         }
     }
     // A migration in flight brings its clone's memory to the target.
-    let clone_by_key: BTreeMap<String, &VMClone> = input
+    let clone_by_key: BTreeMap<ObjectKey, &VMClone> = input
         .clones
         .iter()
-        .map(|c| (key(&c.namespace().unwrap_or_default(), &c.name_any()), &**c))
+        .map(|c| (ObjectKey::of(&**c), &**c))
         .collect();
     for mig in input.migrations {
         let status = mig.status.clone().unwrap_or_default();
@@ -151,7 +170,7 @@ pub fn node_facts_from(input: &NodeFactsInput<'_>) -> Vec<NodeFacts> {
             Some(VMMigrationPhase::Scheduled | VMMigrationPhase::Running)
         );
         if let (true, Some(target)) = (in_flight, status.target_node) {
-            let clone = key(&mig.namespace().unwrap_or_default(), &mig.spec.vm_clone);
+            let clone = ObjectKey::new(mig.namespace().unwrap_or_default(), &mig.spec.vm_clone);
             add(
                 &target,
                 clone_by_key.get(&clone).map_or(0, |c| clone_memory(c)),
@@ -208,18 +227,15 @@ pub fn settled(
     clones: &[Arc<VMClone>],
     migrations: &[Arc<VMMigration>],
 ) -> bool {
-    let same = |ns: Option<String>, name: String| {
-        ns.as_deref() == Some(r.namespace.as_str()) && name == r.name
-    };
     match r.what {
         Reserved::Clone => clones
             .iter()
-            .any(|c| same(c.namespace(), c.name_any()) && clone_node(c).is_some()),
+            .any(|c| ObjectKey::of(&**c) == r.object && clone_node(c).is_some()),
         Reserved::Image => images.iter().any(|i| {
-            same(i.namespace(), i.name_any()) && i.labels().contains_key(vmstream_api::NODE_LABEL)
+            ObjectKey::of(&**i) == r.object && i.labels().contains_key(vmstream_api::NODE_LABEL)
         }),
         Reserved::MigrationTarget => migrations.iter().any(|m| {
-            same(m.namespace(), m.name_any())
+            ObjectKey::of(&**m) == r.object
                 && m.status.as_ref().and_then(|s| s.target_node.as_ref()) == Some(&r.node)
         }),
     }
@@ -302,8 +318,7 @@ mod tests {
         .unwrap();
         let reserved = vec![Reservation {
             what: Reserved::Clone,
-            namespace: "ns".into(),
-            name: "c5".into(),
+            object: ObjectKey::new("ns", "c5"),
             node: "a".into(),
             memory_bytes: 16 * MIB,
             at: Instant::now(),
@@ -326,6 +341,12 @@ mod tests {
             (by_name("b").committed_memory_bytes, by_name("b").placed_vms),
             (32 * MIB, 2)
         );
+    }
+
+    /// Images are matched against VMNode `status.images` in this form.
+    #[test]
+    fn an_object_key_displays_as_namespace_slash_name() {
+        assert_eq!(ObjectKey::new("ns", "img").to_string(), "ns/img");
     }
 
     #[test]
@@ -362,8 +383,7 @@ mod tests {
     fn a_reservation_settles_once_the_cache_shows_the_placement() {
         let r = Reservation {
             what: Reserved::Clone,
-            namespace: "ns".into(),
-            name: "c".into(),
+            object: ObjectKey::new("ns", "c"),
             node: "a".into(),
             memory_bytes: 1,
             at: Instant::now(),
@@ -376,7 +396,7 @@ mod tests {
         let placed = clone_labelled(serde_json::json!({ vmstream_api::NODE_LABEL: "a" }));
         assert!(settled(&r, &[], &[placed], &[]));
         let other = Reservation {
-            name: "d".into(),
+            object: ObjectKey::new("ns", "d"),
             ..r
         };
         let placed = clone_labelled(serde_json::json!({ vmstream_api::NODE_LABEL: "a" }));

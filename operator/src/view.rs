@@ -24,7 +24,7 @@ use vmstream_api::HEARTBEAT_LEASE_PREFIX;
 use vmstream_api::v1alpha1::{LiveImage, VMClone, VMMigration, VMNode};
 
 use crate::cluster::{
-    NodeFactsInput, Reservation, Reserved, heartbeat_of, node_facts_from, settled,
+    NodeFactsInput, ObjectKey, Reservation, Reserved, heartbeat_of, node_facts_from, settled,
 };
 use crate::decide::placement::{Heartbeat, NodeFacts};
 
@@ -140,13 +140,12 @@ impl ClusterView {
 
     /// Records memory placed on `node` by a write the caches may not show
     /// yet. Call under the placement lock, right after the write.
-    pub fn reserve(&self, what: Reserved, namespace: &str, name: &str, node: &str, memory: u64) {
+    pub fn reserve(&self, what: Reserved, object: ObjectKey, node: &str, memory: u64) {
         let mut list = self.reservations.lock().unwrap_or_else(|e| e.into_inner());
-        list.retain(|r| !(r.what == what && r.namespace == namespace && r.name == name));
+        list.retain(|r| !(r.what == what && r.object == object));
         list.push(Reservation {
             what,
-            namespace: namespace.into(),
-            name: name.into(),
+            object,
             node: node.into(),
             memory_bytes: memory,
             at: Instant::now(),

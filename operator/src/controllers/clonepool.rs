@@ -27,7 +27,7 @@ use vmstream_api::{
 use super::Context;
 use super::patch::{ensure_finalizer, patch_own_status, remove_finalizer};
 use super::translate::{clone_phase, clone_request};
-use crate::cluster::Reserved;
+use crate::cluster::{ObjectKey, Reserved};
 use crate::decide::placement::{PlacementPolicy, place_batch};
 use crate::decide::scale_in::{PoolMember, ScaleInPolicy, choose_victims};
 use crate::error::ReconcileError;
@@ -189,7 +189,7 @@ async fn scale_up(
             Ok((clone, node)) => {
                 if let Some(node) = &node {
                     ctx.view
-                        .reserve(Reserved::Clone, ns, &clone.name_any(), node, memory);
+                        .reserve(Reserved::Clone, ObjectKey::of(&clone), node, memory);
                     ctx.metrics.placed("VMClone");
                 }
                 created.total += 1;

@@ -16,7 +16,7 @@ use vmstream_api::{IMAGE_IN_USE_FINALIZER, NODE_LABEL, condition, set_condition}
 
 use super::Context;
 use super::patch::{PhaseStatus, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
-use crate::cluster::Reserved;
+use crate::cluster::{ObjectKey, Reserved};
 use crate::cluster::{clone_node, image_memory_bytes};
 use crate::decide::phase::{ImageFacts, ImagePhase, ImageStep, image_step};
 use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
@@ -232,8 +232,7 @@ async fn place_boot(
             let labelled = patch_labels(api, image, &[(NODE_LABEL, &node)]).await?;
             ctx.view.reserve(
                 Reserved::Image,
-                &image.namespace().unwrap_or_default(),
-                &image.name_any(),
+                ObjectKey::of(image),
                 &node,
                 request.memory_bytes,
             );

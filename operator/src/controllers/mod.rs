@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use kube::api::DynamicObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -38,13 +39,13 @@ pub struct Context {
     pub metrics: Arc<OperatorMetrics>,
     pub config: OperatorConfig,
     /// Consecutive failures per object, for the error backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<ObjectRef<DynamicObject>, u32>>,
     /// When each periodic object (VMAutoscaler) was last evaluated, by
     /// object and generation.
-    last_pass: Mutex<HashMap<String, Instant>>,
+    last_pass: Mutex<HashMap<(ObjectRef<DynamicObject>, i64), Instant>>,
     /// When the operator last wrote each object's status (see
     /// [`Context::status_write_wait`]).
-    last_status_write: Mutex<HashMap<String, Instant>>,
+    last_status_write: Mutex<HashMap<ObjectRef<DynamicObject>, Instant>>,
     /// Held from reading node facts to writing the chosen node (and its
     /// reservation), so two concurrent reconciles never both count the same
     /// free memory.
@@ -106,7 +107,7 @@ impl Context {
         obj: &K,
         every: Duration,
     ) -> Option<Duration> {
-        let key = format!("{}@{}", object_key(obj), obj.meta().generation.unwrap_or(0));
+        let key = (identity(obj), obj.meta().generation.unwrap_or(0));
         let mut map = self.last_pass.lock().ok()?;
         let now = Instant::now();
         if let Some(last) = map.get(&key) {
@@ -127,14 +128,14 @@ impl Context {
         spacing: Duration,
     ) -> Option<Duration> {
         let map = self.last_status_write.lock().ok()?;
-        let since = map.get(&object_key(obj))?.elapsed();
+        let since = map.get(&identity(obj))?.elapsed();
         (since < spacing).then(|| spacing - since)
     }
 
     /// Records a status write for [`Context::status_write_wait`].
     pub fn status_written<K: Resource<DynamicType = ()>>(&self, obj: &K) {
         if let Ok(mut map) = self.last_status_write.lock() {
-            map.insert(object_key(obj), Instant::now());
+            map.insert(identity(obj), Instant::now());
         }
     }
 
@@ -142,7 +143,7 @@ impl Context {
     pub fn succeeded<K: Resource<DynamicType = ()>>(&self, obj: &K) {
         self.metrics.reconciled(&K::kind(&()));
         if let Ok(mut f) = self.failures.lock() {
-            f.remove(&object_key(obj));
+            f.remove(&identity(obj));
         }
     }
 
@@ -153,7 +154,7 @@ impl Context {
             return Duration::from_millis(200);
         }
         let n = self.failures.lock().map_or(0, |mut f| {
-            let n = f.entry(object_key(obj)).or_insert(0);
+            let n = f.entry(identity(obj)).or_insert(0);
             *n = n.saturating_add(1);
             *n
         });
@@ -163,13 +164,9 @@ impl Context {
     }
 }
 
-fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    format!(
-        "{}/{}/{}",
-        K::kind(&()),
-        obj.meta().namespace.as_deref().unwrap_or_default(),
-        obj.meta().name.as_deref().unwrap_or_default()
-    )
+/// `obj`'s identity across kinds, for the per-object bookkeeping.
+fn identity<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectRef<DynamicObject> {
+    ObjectRef::from_obj(obj).erase()
 }
 
 /// Shared error policy: count the error by kind and variant, retry with backoff.

@@ -5,7 +5,7 @@
 use kube::ResourceExt;
 use vmstream_api::v1alpha1::{LiveImage, Placement, VMClonePhase};
 
-use crate::cluster::{image_memory_bytes, key};
+use crate::cluster::{ObjectKey, image_memory_bytes};
 use crate::decide::phase::ClonePhase;
 use crate::decide::placement::PlacementRequest;
 
@@ -34,7 +34,7 @@ pub fn clone_request(
     let placement = placement.cloned().unwrap_or_default();
     PlacementRequest {
         memory_bytes: image_memory_bytes(image),
-        image: Some(key(ns, &image.name_any())),
+        image: Some(ObjectKey::new(ns, image.name_any()).to_string()),
         image_home: image.status.as_ref().and_then(|s| s.node.clone()),
         node_name: placement.node_name,
         node_selector: placement.node_selector.unwrap_or_default(),

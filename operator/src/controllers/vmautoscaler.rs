@@ -23,7 +23,7 @@ use vmstream_api::{condition, set_condition};
 use super::clonepool::pool_clones;
 use super::patch::{ConditionsStatus, patch_own_status, patch_params};
 use super::{Context, now_time};
-use crate::cluster::key;
+use crate::cluster::ObjectKey;
 use crate::decide::autoscale::{
     self, AutoscaleInput, CloneReadiness, CloneSample, MetricSource, MetricSpec, MetricTarget,
     PolicyKind, Recommendation, ScaleEvent, ScalingPolicy, ScalingRules, SelectPolicy, VmUsage,
@@ -171,13 +171,13 @@ pub async fn reconcile(
             kind: "VMNode",
             source,
         })?;
-    let usage: BTreeMap<String, VmUsage> = nodes
+    let usage: BTreeMap<ObjectKey, VmUsage> = nodes
         .items
         .iter()
         .flat_map(|n| n.status.iter().flat_map(|s| s.vms.iter()))
         .map(|vm| {
             (
-                key(&vm.namespace, &vm.name),
+                ObjectKey::new(&vm.namespace, &vm.name),
                 VmUsage {
                     cpu_utilization: vm.cpu_utilization,
                     memory_bytes: vm.memory_bytes,
@@ -192,7 +192,7 @@ pub async fn reconcile(
         .map(|c| CloneSample {
             name: c.name_any(),
             readiness: readiness(c),
-            usage: usage.get(&key(&ns, &c.name_any())).copied(),
+            usage: usage.get(&ObjectKey::of(c)).copied(),
         })
         .collect();
     let behavior = vmas.spec.behavior.clone().unwrap_or_default();

@@ -19,8 +19,8 @@ use vmstream_api::{NODE_LABEL, VM_STOPPED_FINALIZER, condition, set_condition};
 use super::Context;
 use super::patch::{PhaseStatus, ensure_finalizer, patch_labels, patch_status, remove_finalizer};
 use super::translate::{clone_phase, clone_request};
-use crate::cluster::Reserved;
 use crate::cluster::clone_node;
+use crate::cluster::{ObjectKey, Reserved};
 use crate::decide::drain::{DrainFacts, DrainStep, drain_step};
 use crate::decide::phase::{CloneFacts, CloneStep, clone_step};
 use crate::decide::placement::{PlacementPolicy, place};
@@ -190,8 +190,7 @@ async fn place_clone(
             let labelled = patch_labels(api, clone, &[(NODE_LABEL, &node)]).await?;
             ctx.view.reserve(
                 Reserved::Clone,
-                ns,
-                &clone.name_any(),
+                ObjectKey::of(clone),
                 &node,
                 request.memory_bytes,
             );

@@ -18,8 +18,8 @@ use vmstream_api::{NODE_LABEL, SOURCE_NODE_LABEL, condition, set_condition};
 use super::patch::{patch_labels, patch_status};
 use super::translate::clone_phase;
 use super::{Context, now_time};
-use crate::cluster::Reserved;
-use crate::cluster::{clone_node, image_memory_bytes, key};
+
+use crate::cluster::{ObjectKey, Reserved, clone_node, image_memory_bytes};
 use crate::decide::phase::{MigrationFacts, MigrationPhase, MigrationStep, migration_step};
 use crate::decide::placement::{PlacementPolicy, PlacementRequest, place};
 use crate::error::ReconcileError;
@@ -157,7 +157,9 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
             .unwrap_or_default();
         let request = PlacementRequest {
             memory_bytes: memory,
-            image: clone.as_ref().map(|c| key(&ns, &c.spec.live_image)),
+            image: clone
+                .as_ref()
+                .map(|c| ObjectKey::new(&ns, &c.spec.live_image).to_string()),
             image_home: None,
             node_name: None,
             node_selector: placement.node_selector.unwrap_or_default(),
@@ -252,8 +254,7 @@ pub async fn reconcile(mig: Arc<VMMigration>, ctx: Arc<Context>) -> Result<Actio
             if let Some((_, memory)) = &candidates {
                 ctx.view.reserve(
                     Reserved::MigrationTarget,
-                    &ns,
-                    &mig.name_any(),
+                    ObjectKey::of(mig.as_ref()),
                     &target,
                     *memory,
                 );
