@@ -9,10 +9,10 @@ use clap::{Subcommand, ValueEnum};
 use vmstream_vmm::guests::GuestProgram;
 use vmstream_vmm::image::StateFile;
 
+use crate::object_key::ObjectKey;
 use crate::supervisor::VmLaunch;
 use crate::supervisor_api::SupervisorRequest;
 use crate::vm_protocol::{CloneBackend, Request, StartSpec};
-use crate::vm_record::VmOwner;
 
 /// A micro guest, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -159,14 +159,8 @@ pub enum CtlCommandError {
 }
 
 /// Parses `Kind/namespace/name`.
-pub fn parse_owner(text: &str) -> Option<VmOwner> {
-    let mut parts = text.splitn(3, '/');
-    let (kind, namespace, name) = (parts.next()?, parts.next()?, parts.next()?);
-    (!kind.is_empty() && !namespace.is_empty() && !name.is_empty()).then(|| VmOwner {
-        kind: kind.into(),
-        namespace: namespace.into(),
-        name: name.into(),
-    })
+pub fn parse_owner(text: &str) -> Option<ObjectKey> {
+    text.parse().ok()
 }
 
 fn vm(id: String, request: Request) -> SupervisorRequest {

@@ -7,15 +7,19 @@
 
 pub mod cgroup;
 pub mod ctl;
+pub mod error_chain;
 pub mod heartbeat;
 pub mod host;
 pub mod memory_budget;
 pub mod migration_actions;
 pub mod node_actions;
 pub mod node_status;
+pub mod object_key;
 pub mod page_service;
 pub mod placed;
 pub mod proc_stats;
+pub mod state_layout;
+pub mod status_patch;
 pub mod supervisor;
 pub mod supervisor_api;
 pub mod vm_process;

@@ -16,12 +16,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use vmstream_node::ctl::{CtlCommand, request_of};
+use vmstream_node::error_chain::chain;
 use vmstream_node::heartbeat::Heartbeat;
 use vmstream_node::node_status::{self, NodeIdentity, SharedReport};
+use vmstream_node::object_key::ObjectKey;
 use vmstream_node::supervisor::VmSupervisor;
-use vmstream_node::vm_process::{VmProcessConfig, chain};
+use vmstream_node::vm_process::VmProcessConfig;
 use vmstream_node::vm_protocol::StartSpec;
-use vmstream_node::vm_record::VmOwner;
 use vmstream_node::{
     cgroup, host, memory_budget, migration_actions, node_actions, page_service, placed,
     supervisor_api,
@@ -250,7 +251,7 @@ fn vm_mode(args: VmArgs) -> MainResult {
         Some(json) => Some(serde_json::from_str(json).map_err(|e| format!("--start: {e}"))?),
         None => None,
     };
-    let owner: Option<VmOwner> = match &args.owner {
+    let owner: Option<ObjectKey> = match &args.owner {
         Some(json) => Some(serde_json::from_str(json).map_err(|e| format!("--owner: {e}"))?),
         None => None,
     };

@@ -73,7 +73,7 @@ impl MemoryBudget {
             match supervisor.call(&id, &Request::Stats) {
                 Ok(Reply::Stats(stats)) => sampled.push((listing.record, stats)),
                 Ok(other) => round.errors.push((id, format!("stats answered {other:?}"))),
-                Err(e) => round.errors.push((id, crate::vm_process::chain(&e))),
+                Err(e) => round.errors.push((id, crate::error_chain::chain(&e))),
             }
         }
         let mut scans = self.scans.lock().unwrap_or_else(|e| e.into_inner());
@@ -122,7 +122,7 @@ impl MemoryBudget {
                 Ok(other) => round
                     .errors
                     .push((id, format!("reclaim answered {other:?}"))),
-                Err(e) => round.errors.push((id, crate::vm_process::chain(&e))),
+                Err(e) => round.errors.push((id, crate::error_chain::chain(&e))),
             }
         }
         round

@@ -25,24 +25,23 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use vmstream_api::v1alpha1::{
-    LiveImage, MigrationMode, VMClone, VMMigration, VMMigrationPhase, VMNode,
+    LiveImage, MigrationMode, VMClone, VMCloneStatus, VMMigration, VMMigrationPhase,
+    VMMigrationStatus, VMNode,
 };
 use vmstream_api::{NODE_LABEL, condition, set_condition};
 
-use crate::heartbeat::FIELD_MANAGER;
-use crate::node_actions::image_dir;
-use crate::supervisor::{VmLaunch, VmSupervisor};
-use crate::vm_process::chain;
+use crate::error_chain::chain;
+use crate::object_key::ObjectKey;
+use crate::state_layout::StateLayout;
+use crate::status_patch::merge_status;
+use crate::supervisor::{SupervisorError, VmLaunch, VmSupervisor};
 use crate::vm_protocol::{MigrateMode, Reply, Request, VmPhase};
-use crate::vm_record::{VmOwner, owner_id};
 
 /// This node's part in a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
     Source,
     Target,
@@ -72,7 +71,26 @@ pub enum MigrationAction {
     /// migration, or the source's stopped copy after the hand-over).
     StopVm,
     /// The migration cannot go on: write phase Failed with this reason.
-    Fail(String),
+    Fail(MigrationFailure),
+}
+
+/// Why a migration cannot go on, decided without trying anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MigrationFailure {
+    #[error("targetAddress {0:?} is not host:port")]
+    BadTargetAddress(String),
+    #[error("the clone's VM process is not on the source node")]
+    VmNotOnSource,
+}
+
+impl MigrationFailure {
+    /// The `reason` of the Succeeded condition.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BadTargetAddress(_) => "BadTargetAddress",
+            Self::VmNotOnSource => "VMNotOnSource",
+        }
+    }
 }
 
 /// Decides about a migration this node takes part in as `role`.
@@ -102,9 +120,9 @@ pub fn migration_action(
         (Role::Source, VMMigrationPhase::Running) => match (&facts.local_vm, address) {
             (Some(VmPhase::Running), Some(address)) => match address.parse() {
                 Ok(addr) => Migrate(addr),
-                Err(_) => Fail(format!("targetAddress {address:?} is not host:port")),
+                Err(_) => Fail(MigrationFailure::BadTargetAddress(address.to_owned())),
             },
-            (None, Some(_)) => Fail("the clone's VM process is not on the source node".into()),
+            (None, Some(_)) => Fail(MigrationFailure::VmNotOnSource),
             _ => Nothing,
         },
         // The VM runs on the target; once the clone's label moved there,
@@ -141,23 +159,63 @@ pub fn listen_ip(stream_addr: Option<&str>) -> Option<IpAddr> {
 /// Errors carrying out a migration action.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationActionError {
-    #[error("reading or writing {kind} {namespace}/{name}")]
+    #[error("reading or writing {object}")]
     Api {
-        kind: &'static str,
-        namespace: String,
-        name: String,
+        object: ObjectKey,
         #[source]
         source: Box<kube::Error>,
     },
-    #[error("{0}")]
-    Local(String),
+    #[error("LiveImage {image} has no memory size")]
+    NoMemorySize { image: ObjectKey },
+    #[error("starting the target VM {id}")]
+    Target {
+        id: String,
+        #[source]
+        source: Box<SupervisorError>,
+    },
+    #[error("stopping VM {id}")]
+    Stop {
+        id: String,
+        #[source]
+        source: Box<SupervisorError>,
+    },
+    #[error("migrating VM {id} to {target}")]
+    Migrate {
+        id: String,
+        target: SocketAddr,
+        #[source]
+        source: Box<SupervisorError>,
+    },
+    #[error("VM {id} answered {request} with {reply}")]
+    UnexpectedReply {
+        id: String,
+        request: &'static str,
+        reply: String,
+    },
+    #[error("the work on VM {id} panicked: {why}")]
+    Panicked { id: String, why: String },
+}
+
+impl MigrationActionError {
+    /// The `reason` of the Succeeded condition this failure is reported with.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Api { .. } => "APIError",
+            Self::NoMemorySize { .. } => "NoMemorySize",
+            Self::Target { .. } => "TargetStartFailed",
+            Self::Stop { .. } => "StopFailed",
+            Self::Migrate { .. } => "MigrationFailed",
+            Self::UnexpectedReply { .. } => "UnexpectedReply",
+            Self::Panicked { .. } => "Panicked",
+        }
+    }
 }
 
 /// The daemon's migration work.
 pub struct MigrationActions {
     pub client: kube::Client,
     pub node: String,
-    pub state_dir: PathBuf,
+    pub layout: StateLayout,
     pub supervisor: Arc<VmSupervisor>,
     /// Migrations to this node.
     pub incoming: Store<VMMigration>,
@@ -169,7 +227,7 @@ pub struct MigrationActions {
     pub listen_ip: IpAddr,
     /// The cluster token both sides authenticate with.
     pub token_file: PathBuf,
-    busy: Mutex<BTreeSet<String>>,
+    busy: Mutex<BTreeSet<(Role, ObjectKey)>>,
 }
 
 /// Writes the migration token file (`<state>/migration-token`, mode 0600)
@@ -188,7 +246,7 @@ pub fn write_token_file(state_dir: &Path, token: Option<&Path>) -> std::io::Resu
             tracing::warn!("no cluster token configured: migrations use the development token");
             b"vmstream-development-migration-token".to_vec()
         });
-    let path = state_dir.join("migration-token");
+    let path = StateLayout::new(state_dir).migration_token_file();
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -219,7 +277,7 @@ impl MigrationActions {
         Arc::new(Self {
             client,
             node,
-            state_dir,
+            layout: StateLayout::new(state_dir),
             supervisor,
             incoming,
             outgoing,
@@ -230,7 +288,7 @@ impl MigrationActions {
         })
     }
 
-    fn busy(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    fn busy(&self) -> std::sync::MutexGuard<'_, BTreeSet<(Role, ObjectKey)>> {
         self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -255,21 +313,15 @@ impl MigrationActions {
                 .map(|m| (Role::Target, m))
                 .chain(self.outgoing.state().into_iter().map(|m| (Role::Source, m)));
             for (role, migration) in work {
-                let (Some(ns), name) = (migration.namespace(), migration.name_any()) else {
+                let Some(migration_key) = ObjectKey::of(migration.as_ref()) else {
                     continue;
                 };
-                let clone_name = migration.spec.vm_clone.clone();
-                let owner = VmOwner {
-                    kind: "VMClone".into(),
-                    namespace: ns.clone(),
-                    name: clone_name.clone(),
-                };
-                let key = format!("{role:?}/{ns}/{name}");
+                let owner = migration_key.clone_in_namespace(&migration.spec.vm_clone);
+                let key = (role, migration_key);
                 let facts = MigrationFacts {
-                    local_vm: phases.get(&owner_id(&owner)).cloned(),
+                    local_vm: phases.get(&owner.vm_id()).cloned(),
                     clone_here: self.clones.state().iter().any(|c| {
-                        c.namespace().as_deref() == Some(&ns)
-                            && c.name_any() == clone_name
+                        ObjectKey::of(c.as_ref()).as_ref() == Some(&owner)
                             && c.labels().get(NODE_LABEL) == Some(&self.node)
                     }),
                     busy: self.busy().contains(&key),
@@ -278,13 +330,13 @@ impl MigrationActions {
                 if action == MigrationAction::Nothing || !self.busy().insert(key.clone()) {
                     continue;
                 }
-                tracing::info!(migration = %key, ?action, "acting on VMMigration");
+                tracing::info!(migration = %key.1, ?role, ?action, "acting on VMMigration");
                 let this = Arc::clone(&self);
                 let handle = tokio::runtime::Handle::current();
                 tokio::task::spawn_blocking(move || {
                     let result = handle.block_on(this.act(&migration, &owner, action));
                     if let Err(e) = result {
-                        tracing::warn!(migration = %key, error = %chain(&e), "VMMigration action failed");
+                        tracing::warn!(migration = %key.1, role = ?key.0, error = %chain(&e), "VMMigration action failed");
                     }
                     this.busy().remove(&key);
                 });
@@ -295,29 +347,36 @@ impl MigrationActions {
     async fn act(
         &self,
         migration: &VMMigration,
-        owner: &VmOwner,
+        owner: &ObjectKey,
         action: MigrationAction,
     ) -> Result<(), MigrationActionError> {
-        let id = owner_id(owner);
+        let id = owner.vm_id();
         match action {
             MigrationAction::Nothing => Ok(()),
             MigrationAction::StopVm => {
                 self.supervisor
                     .stop(&id)
-                    .map_err(|e| MigrationActionError::Local(chain(&e)))?;
+                    .map_err(|e| MigrationActionError::Stop {
+                        id: id.clone(),
+                        source: Box::new(e),
+                    })?;
                 tracing::info!(vm = %id, "migration: VM process stopped");
                 Ok(())
             }
-            MigrationAction::Fail(message) => self.fail(migration, &message).await,
+            MigrationAction::Fail(failure) => {
+                self.fail(migration, failure.reason(), &failure.to_string())
+                    .await
+            }
             MigrationAction::PrepareTarget => match self.prepare_target(owner, &id).await {
                 Ok(addr) => {
                     self.patch(
                         migration,
-                        json!({
-                            "phase": VMMigrationPhase::Running,
-                            "targetAddress": addr.to_string(),
-                            "message": format!("target listening on {addr}"),
-                        }),
+                        &VMMigrationStatus {
+                            phase: Some(VMMigrationPhase::Running),
+                            target_address: Some(addr.to_string()),
+                            message: Some(format!("target listening on {addr}")),
+                            ..VMMigrationStatus::default()
+                        },
                     )
                     .await
                 }
@@ -326,7 +385,7 @@ impl MigrationActions {
                     if self.supervisor.get(&id).is_some() {
                         let _ = self.supervisor.stop(&id);
                     }
-                    self.fail(migration, &message).await
+                    self.fail(migration, e.reason(), &message).await
                 }
             },
             MigrationAction::Migrate(addr) => self.migrate(migration, owner, &id, addr).await,
@@ -336,19 +395,19 @@ impl MigrationActions {
     /// Starts the clone's VM process as a migration target; its address.
     async fn prepare_target(
         &self,
-        owner: &VmOwner,
+        owner: &ObjectKey,
         id: &str,
     ) -> Result<SocketAddr, MigrationActionError> {
         let ns = &owner.namespace;
         let clone = Api::<VMClone>::namespaced(self.client.clone(), ns)
             .get(&owner.name)
             .await
-            .map_err(|e| self.api_error("VMClone", ns, &owner.name, e))?;
-        let image_name = clone.spec.live_image.clone();
+            .map_err(api_error(owner))?;
+        let image_key = owner.image_in_namespace(&clone.spec.live_image);
         let image = Api::<LiveImage>::namespaced(self.client.clone(), ns)
-            .get(&image_name)
+            .get(&image_key.name)
             .await
-            .map_err(|e| self.api_error("LiveImage", ns, &image_name, e))?;
+            .map_err(api_error(&image_key))?;
         let memory_bytes = image
             .status
             .as_ref()
@@ -361,10 +420,8 @@ impl MigrationActions {
                     .as_ref()
                     .map(|b| u64::from(b.memory_mib) << 20)
             })
-            .ok_or_else(|| {
-                MigrationActionError::Local(format!(
-                    "LiveImage {ns}/{image_name} has no memory size"
-                ))
+            .ok_or_else(|| MigrationActionError::NoMemorySize {
+                image: image_key.clone(),
             })?;
         let vcpus = image
             .spec
@@ -372,11 +429,7 @@ impl MigrationActions {
             .boot
             .as_ref()
             .map_or(1, |b| u8::try_from(b.vcpus).unwrap_or(1));
-        let dir = image_dir(&self.state_dir, ns, &image_name);
-        let local = dir
-            .join(vmstream_vmm::image::STATE_FILE)
-            .is_file()
-            .then_some(dir);
+        let local = self.layout.complete_image(&image_key);
         let launch = VmLaunch {
             id: id.to_string(),
             owner: Some(owner.clone()),
@@ -392,26 +445,34 @@ impl MigrationActions {
             token_file: self.token_file.clone(),
         };
         let supervisor = Arc::clone(&self.supervisor);
-        let id = id.to_string();
+        let vm = id.to_string();
         let reply = tokio::task::spawn_blocking(move || {
             supervisor.launch(&launch)?;
-            supervisor.call(&id, &request)
+            supervisor.call(&vm, &request)
         })
         .await
-        .map_err(|e| MigrationActionError::Local(e.to_string()))?
-        .map_err(|e| MigrationActionError::Local(chain(&e)))?;
+        .map_err(|e| MigrationActionError::Panicked {
+            id: id.to_string(),
+            why: e.to_string(),
+        })?
+        .map_err(|e| MigrationActionError::Target {
+            id: id.to_string(),
+            source: Box::new(e),
+        })?;
         match reply {
             Reply::Receiving { addr } => Ok(addr),
-            other => Err(MigrationActionError::Local(format!(
-                "unexpected reply to receive: {other:?}"
-            ))),
+            other => Err(MigrationActionError::UnexpectedReply {
+                id: id.to_string(),
+                request: "receive",
+                reply: format!("{other:?}"),
+            }),
         }
     }
 
     async fn migrate(
         &self,
         migration: &VMMigration,
-        owner: &VmOwner,
+        owner: &ObjectKey,
         id: &str,
         addr: SocketAddr,
     ) -> Result<(), MigrationActionError> {
@@ -424,8 +485,10 @@ impl MigrationActions {
         let clone = Api::<VMClone>::namespaced(self.client.clone(), ns)
             .get(&owner.name)
             .await
-            .map_err(|e| self.api_error("VMClone", ns, &owner.name, e))?;
-        let image_key = format!("{ns}/{}", clone.spec.live_image);
+            .map_err(api_error(owner))?;
+        let image_key = owner
+            .image_in_namespace(&clone.spec.live_image)
+            .namespaced_name();
         let target_has_image = Api::<VMNode>::all(self.client.clone())
             .get_opt(&target)
             .await
@@ -446,19 +509,21 @@ impl MigrationActions {
         let vm = id.to_string();
         let result = tokio::task::spawn_blocking(move || supervisor.call(&vm, &request))
             .await
-            .map_err(|e| MigrationActionError::Local(e.to_string()))?;
+            .map_err(|e| MigrationActionError::Panicked {
+                id: id.to_string(),
+                why: e.to_string(),
+            })?;
         match result {
             Ok(Reply::Migrated(report)) => {
                 // The clone now runs on the target: say so before the
                 // operator moves its label there.
-                Api::<VMClone>::namespaced(self.client.clone(), ns)
-                    .patch_status(
-                        &owner.name,
-                        &self.params(),
-                        &Patch::Merge(json!({ "status": { "node": target } })),
-                    )
+                let node = VMCloneStatus {
+                    node: Some(target.clone()),
+                    ..VMCloneStatus::default()
+                };
+                merge_status::<VMClone, _>(&self.client, ns, &owner.name, &node)
                     .await
-                    .map_err(|e| self.api_error("VMClone", ns, &owner.name, e))?;
+                    .map_err(api_error(owner))?;
                 let mut conditions = migration
                     .status
                     .as_ref()
@@ -480,35 +545,47 @@ impl MigrationActions {
                 );
                 self.patch(
                     migration,
-                    json!({
-                        "phase": VMMigrationPhase::Succeeded,
-                        "downtimeMs": ms_time(report.downtime_ms),
-                        "totalTimeMs": ms_time(report.total_ms),
-                        "bytesSent": report.bytes_sent,
-                        "pagesSent": report.pages_sent,
-                        "pagesFaulted": report.target.pages_requested_by_faults,
-                        "faultWaitMs": ms_time(report.target.fault_wait_ms),
-                        "completionTime": Time(Timestamp::now()),
-                        "message": message,
-                        "conditions": conditions,
-                    }),
+                    &VMMigrationStatus {
+                        phase: Some(VMMigrationPhase::Succeeded),
+                        downtime_ms: Some(ms_time(report.downtime_ms)),
+                        total_time_ms: Some(ms_time(report.total_ms)),
+                        bytes_sent: Some(report.bytes_sent),
+                        pages_sent: Some(report.pages_sent),
+                        pages_faulted: Some(report.target.pages_requested_by_faults),
+                        fault_wait_ms: Some(ms_time(report.target.fault_wait_ms)),
+                        completion_time: Some(Time(Timestamp::now())),
+                        message: Some(message),
+                        conditions,
+                        ..VMMigrationStatus::default()
+                    },
                 )
                 .await
             }
             Ok(other) => {
-                self.fail(
-                    migration,
-                    &format!("unexpected reply to migrate: {other:?}"),
-                )
-                .await
+                let e = MigrationActionError::UnexpectedReply {
+                    id: id.to_string(),
+                    request: "migrate",
+                    reply: format!("{other:?}"),
+                };
+                self.fail(migration, e.reason(), &e.to_string()).await
             }
-            Err(e) => self.fail(migration, &chain(&e)).await,
+            Err(source) => {
+                let e = MigrationActionError::Migrate {
+                    id: id.to_string(),
+                    target: addr,
+                    source: Box::new(source),
+                };
+                self.fail(migration, e.reason(), &chain(&e)).await
+            }
         }
     }
 
+    /// Writes phase Failed with `message`, the Succeeded condition's
+    /// reason `reason`.
     async fn fail(
         &self,
         migration: &VMMigration,
+        reason: &str,
         message: &str,
     ) -> Result<(), MigrationActionError> {
         let mut conditions = migration
@@ -521,67 +598,53 @@ impl MigrationActions {
             condition(
                 "Succeeded",
                 false,
-                "Failed",
+                reason,
                 message,
                 migration.meta().generation,
             ),
         );
         self.patch(
             migration,
-            json!({
-                "phase": VMMigrationPhase::Failed,
-                "message": message,
-                "completionTime": Time(Timestamp::now()),
-                "conditions": conditions,
-            }),
+            &VMMigrationStatus {
+                phase: Some(VMMigrationPhase::Failed),
+                message: Some(message.to_owned()),
+                completion_time: Some(Time(Timestamp::now())),
+                conditions,
+                ..VMMigrationStatus::default()
+            },
         )
         .await
-    }
-
-    fn params(&self) -> PatchParams {
-        PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        }
-    }
-
-    fn api_error(
-        &self,
-        kind: &'static str,
-        ns: &str,
-        name: &str,
-        e: kube::Error,
-    ) -> MigrationActionError {
-        MigrationActionError::Api {
-            kind,
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            source: Box::new(e),
-        }
     }
 
     async fn patch(
         &self,
         migration: &VMMigration,
-        status: serde_json::Value,
+        status: &VMMigrationStatus,
     ) -> Result<(), MigrationActionError> {
-        let ns = migration.namespace().unwrap_or_default();
-        Api::<VMMigration>::namespaced(self.client.clone(), &ns)
-            .patch_status(
-                &migration.name_any(),
-                &self.params(),
-                &Patch::Merge(json!({ "status": status })),
-            )
+        let key = ObjectKey::vm_migration(
+            migration.namespace().unwrap_or_default(),
+            migration.name_any(),
+        );
+        merge_status::<VMMigration, _>(&self.client, &key.namespace, &key.name, status)
             .await
-            .map_err(|e| self.api_error("VMMigration", &ns, &migration.name_any(), e))?;
-        Ok(())
+            .map_err(api_error(&key))
+    }
+}
+
+/// A failed read or write of `object`.
+fn api_error(object: &ObjectKey) -> impl FnOnce(kube::Error) -> MigrationActionError {
+    let object = object.clone();
+    move |e| MigrationActionError::Api {
+        object,
+        source: Box::new(e),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmstream_api::v1alpha1::{VMMigrationSpec, VMMigrationStatus};
+    use serde_json::json;
+    use vmstream_api::v1alpha1::VMMigrationSpec;
 
     fn migration(phase: VMMigrationPhase, address: Option<&str>) -> VMMigration {
         let mut m = VMMigration::new(
@@ -666,12 +729,12 @@ mod tests {
         );
         assert!(matches!(
             migration_action(Role::Source, &running, &facts(None, true)),
-            MigrationAction::Fail(m) if m.contains("not on the source")
+            MigrationAction::Fail(m) if m.to_string().contains("not on the source")
         ));
         let bad = migration(VMMigrationPhase::Running, Some("nowhere"));
         assert!(matches!(
             migration_action(Role::Source, &bad, &facts(Some(VmPhase::Running), true)),
-            MigrationAction::Fail(m) if m.contains("host:port")
+            MigrationAction::Fail(m) if m.to_string().contains("host:port")
         ));
     }
 

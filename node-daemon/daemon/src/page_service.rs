@@ -35,6 +35,9 @@ use vmstream_pagestream::{
 };
 use vmstream_vmm::image::{PageStoreWriter, STATE_FILE, StateFile};
 
+use crate::object_key::ObjectKey;
+use crate::state_layout::StateLayout;
+
 /// Environment variable carrying the cluster token (the Helm chart sets it
 /// from a Secret).
 pub const TOKEN_ENV: &str = "VMSTREAM_STREAM_TOKEN";
@@ -118,12 +121,12 @@ pub struct RelayedImage {
 
 /// The node's page servers and remote-image caches.
 pub struct PageService {
-    state_dir: PathBuf,
+    layout: StateLayout,
     token: ClusterToken,
     token_file: PathBuf,
     public: Option<PageServer>,
     relay: PageServer,
-    served: Mutex<Vec<String>>,
+    served: Mutex<Vec<ObjectKey>>,
     remotes: Mutex<HashMap<String, Arc<RemotePages>>>,
 }
 
@@ -134,16 +137,6 @@ impl std::fmt::Debug for PageService {
             .field("relay", &self.relay.local_addr())
             .finish()
     }
-}
-
-/// `namespace/name`, the image id images are served under.
-pub fn image_id(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
-}
-
-/// `<state>/cache/<ns>/<name>`.
-pub fn cache_dir(state_dir: &Path, namespace: &str, name: &str) -> PathBuf {
-    state_dir.join("cache").join(namespace).join(name)
 }
 
 fn resolve(addr: &str) -> Option<SocketAddr> {
@@ -211,11 +204,12 @@ impl PageService {
             })
             .map_err(io("bind the loopback relay server"))?;
         std::fs::create_dir_all(state_dir).map_err(io("create the state directory"))?;
-        let token_file = state_dir.join("stream-token");
+        let layout = StateLayout::new(state_dir);
+        let token_file = layout.stream_token_file();
         write_private(&token_file, token_bytes)
             .map_err(io(format!("write {}", token_file.display())))?;
         let service = Arc::new(Self {
-            state_dir: state_dir.to_path_buf(),
+            layout,
             token,
             token_file,
             public,
@@ -244,23 +238,20 @@ impl PageService {
 
     /// Serves every complete local image not served yet (call after
     /// images become Ready or caches are promoted).
-    pub fn serve_local_images(&self, images: &[String]) {
+    pub fn serve_local_images(&self, images: &[ObjectKey]) {
         let Some(public) = &self.public else {
             return;
         };
         let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
-        for id in images {
-            if served.contains(id) {
+        for image in images {
+            if served.contains(image) {
                 continue;
             }
-            let Some((ns, name)) = id.split_once('/') else {
-                continue;
-            };
-            let dir = crate::node_actions::image_dir(&self.state_dir, ns, name);
-            match ImageDir::open(&dir) {
-                Ok(image) => {
-                    public.add_image(id, Arc::new(image));
-                    served.push(id.clone());
+            let id = image.namespaced_name();
+            match ImageDir::open(&self.layout.image_dir(image)) {
+                Ok(files) => {
+                    public.add_image(&id, Arc::new(files));
+                    served.push(image.clone());
                     tracing::info!(image = %id, "serving local image");
                 }
                 Err(e) => {
@@ -271,54 +262,41 @@ impl PageService {
     }
 
     /// Stops serving a local image (it is being removed).
-    pub fn forget_local_image(&self, id: &str) {
+    pub fn forget_local_image(&self, image: &ObjectKey) {
         if let Some(public) = &self.public {
-            public.remove_image(id);
+            public.remove_image(&image.namespaced_name());
         }
         self.served
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|i| i != id);
+            .retain(|i| i != image);
     }
 
     fn reopen_caches(self: &Arc<Self>) {
-        let Ok(namespaces) = std::fs::read_dir(self.state_dir.join("cache")) else {
-            return;
-        };
-        for ns in namespaces.flatten() {
-            let Ok(names) = std::fs::read_dir(ns.path()) else {
-                continue;
-            };
-            for name in names.flatten() {
-                let dir = name.path();
-                let holders: Vec<String> = std::fs::read_to_string(dir.join(HOLDERS_FILE))
-                    .unwrap_or_default()
-                    .lines()
-                    .map(str::to_owned)
-                    .collect();
-                let (ns, name) = (
-                    ns.file_name().to_string_lossy().into_owned(),
-                    name.file_name().to_string_lossy().into_owned(),
-                );
-                if let Err(e) = self.relay_remote(&ns, &name, &holders) {
-                    tracing::warn!(namespace = %ns, name = %name, error = %vmstream_pagestream::error_chain(&e), "cannot reopen a node cache");
-                }
+        for image in self.layout.caches() {
+            let dir = self.layout.cache_dir(&image);
+            let holders: Vec<String> = std::fs::read_to_string(dir.join(HOLDERS_FILE))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            if let Err(e) = self.relay_remote(&image, &holders) {
+                tracing::warn!(namespace = %image.namespace, name = %image.name, error = %vmstream_pagestream::error_chain(&e), "cannot reopen a node cache");
             }
         }
     }
 
-    /// Makes the remote image `ns/name` available to local VM processes:
+    /// Makes the remote `image` available to local VM processes:
     /// opens (or reuses) its node cache, fetching the index and the state
     /// file from `holders` when the cache is new, serves it on the relay and
     /// starts the background prefetch. Idempotent.
     pub fn relay_remote(
         self: &Arc<Self>,
-        namespace: &str,
-        name: &str,
+        image: &ObjectKey,
         holders: &[String],
     ) -> Result<RelayedImage, PageServiceError> {
-        let id = image_id(namespace, name);
-        let dir = cache_dir(&self.state_dir, namespace, name);
+        let id = image.namespaced_name();
+        let dir = self.layout.cache_dir(image);
         let relayed = RelayedImage {
             state_dir: dir.clone(),
             image_id: id.clone(),
@@ -365,35 +343,30 @@ impl PageService {
         remotes.insert(id.clone(), Arc::clone(&remote));
         drop(remotes);
         tracing::info!(image = %id, holders = ?holders, "relaying remote image to local VMs");
-        self.prefetch_and_promote(namespace, name, remote);
+        self.prefetch_and_promote(image, remote);
         Ok(relayed)
     }
 
-    fn prefetch_and_promote(
-        self: &Arc<Self>,
-        namespace: &str,
-        name: &str,
-        remote: Arc<RemotePages>,
-    ) {
+    fn prefetch_and_promote(self: &Arc<Self>, image: &ObjectKey, remote: Arc<RemotePages>) {
         let working_set = remote.cache().saved_working_set().to_vec();
         match remote.start_prefetch(working_set) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot start the prefetch"),
         }
         let this = Arc::clone(self);
-        let (ns, name) = (namespace.to_owned(), name.to_owned());
+        let image = image.clone();
         let spawned = std::thread::Builder::new()
             .name("cache-promote".into())
             .spawn(move || {
                 remote.wait_prefetch();
                 if !remote.cache().is_complete() {
-                    tracing::warn!(image = %image_id(&ns, &name), "prefetch ended with the cache incomplete; it is not promoted");
+                    tracing::warn!(image = %image.namespaced_name(), "prefetch ended with the cache incomplete; it is not promoted");
                     return;
                 }
-                match this.promote(&ns, &name, &remote) {
-                    Ok(true) => tracing::info!(image = %image_id(&ns, &name), "node cache complete: promoted to a local image"),
+                match this.promote(&image, &remote) {
+                    Ok(true) => tracing::info!(image = %image.namespaced_name(), "node cache complete: promoted to a local image"),
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(image = %image_id(&ns, &name), error = %vmstream_pagestream::error_chain(&e), "cannot promote the complete node cache"),
+                    Err(e) => tracing::warn!(image = %image.namespaced_name(), error = %vmstream_pagestream::error_chain(&e), "cannot promote the complete node cache"),
                 }
             });
         if let Err(e) = spawned {
@@ -403,18 +376,13 @@ impl PageService {
 
     /// Writes the complete cache as a local image (`<state>/images/...`,
     /// via a `.partial` directory and a rename). `false` if one exists.
-    fn promote(
-        &self,
-        namespace: &str,
-        name: &str,
-        remote: &RemotePages,
-    ) -> Result<bool, PageServiceError> {
-        let dest = crate::node_actions::image_dir(&self.state_dir, namespace, name);
-        if dest.join(STATE_FILE).is_file() {
+    fn promote(&self, image: &ObjectKey, remote: &RemotePages) -> Result<bool, PageServiceError> {
+        if self.layout.complete_image(image).is_some() {
             return Ok(false);
         }
+        let dest = self.layout.image_dir(image);
         let cache = remote.cache();
-        let partial = dest.with_extension("promote");
+        let partial = self.layout.promoting_image_dir(image);
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).map_err(io(format!("create {}", partial.display())))?;
         let bytes = cache.bytes(0, cache.pages());

@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vmstream_api::v1alpha1::VmUsage;
 
+use crate::error_chain::chain;
+use crate::object_key::{ObjectKey, ObjectKind};
 use crate::proc_stats::process_alive;
+use crate::state_layout::{StateLayout, VmPaths};
 use crate::vm_protocol::{
     Reply, Request, Response, StartSpec, VmPhase, VmStats, decode, read_frame, write_frame,
 };
-use crate::vm_record::{
-    RecordError, VmIdError, VmOwner, VmPaths, VmRecord, connect_socket, validate_id, vms_dir,
-};
+use crate::vm_record::{RecordError, VmIdError, VmRecord, connect_socket, validate_id};
 
 /// How long a new VM process may take to answer its first ping.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,7 +41,7 @@ const RECORDLESS_GRACE: Duration = Duration::from_secs(60);
 pub struct VmLaunch {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<VmOwner>,
+    pub owner: Option<ObjectKey>,
     pub vcpus: u8,
     pub memory_bytes: u64,
     /// Start at once; `None` leaves a warm shell waiting for `start`.
@@ -184,7 +185,7 @@ pub struct UsageSample {
 
 /// The published usage of a VM from its stats and the previous sample.
 pub fn usage_from(
-    owner: &VmOwner,
+    owner: &ObjectKey,
     previous: Option<&UsageSample>,
     stats: &VmStats,
 ) -> (VmUsage, UsageSample) {
@@ -282,7 +283,7 @@ fn request_timeout(request: &Request) -> Duration {
 /// Spawns, tracks and re-adopts the node's VM processes.
 #[derive(Debug)]
 pub struct VmSupervisor {
-    state_dir: PathBuf,
+    layout: StateLayout,
     exe: PathBuf,
     cgroup_roots: Vec<PathBuf>,
     table: Mutex<BTreeMap<String, VmEntry>>,
@@ -298,7 +299,7 @@ impl VmSupervisor {
     /// VM processes try the given cgroup v2 roots (empty: no cgroups).
     pub fn new(state_dir: &Path, exe: PathBuf, cgroup_roots: Vec<PathBuf>) -> Self {
         Self {
-            state_dir: state_dir.to_path_buf(),
+            layout: StateLayout::new(state_dir),
             exe,
             cgroup_roots,
             table: Mutex::new(BTreeMap::new()),
@@ -324,7 +325,12 @@ impl VmSupervisor {
     }
 
     pub fn state_dir(&self) -> &Path {
-        &self.state_dir
+        self.layout.root()
+    }
+
+    /// The layout of the state directory the VMs live in.
+    pub fn layout(&self) -> &StateLayout {
+        &self.layout
     }
 
     fn table(&self) -> MutexGuard<'_, BTreeMap<String, VmEntry>> {
@@ -339,7 +345,7 @@ impl VmSupervisor {
         let id = launch.id.clone();
         {
             let mut launching = self.launching.lock().unwrap_or_else(|e| e.into_inner());
-            let paths = VmPaths::new(&self.state_dir, &id);
+            let paths = self.layout.vm(&id);
             if self.table().contains_key(&id) || launching.contains(&id) || paths.dir.exists() {
                 return Err(SupervisorError::Exists(id));
             }
@@ -368,11 +374,11 @@ impl VmSupervisor {
                 StartSpec::Clone { .. } | StartSpec::RemoteClone { .. } => 60_000,
             };
             if let Err(e) = self.call(&id, &Request::WaitRunning { timeout_ms }) {
-                let log = tail(&VmPaths::new(&self.state_dir, &id).log, 20);
+                let log = tail(&self.layout.vm(&id).log, 20);
                 let _ = self.stop(&id);
                 return Err(SupervisorError::LaunchFailed {
                     id,
-                    why: crate::vm_process::chain(&e),
+                    why: chain(&e),
                     log,
                 });
             }
@@ -391,7 +397,7 @@ impl VmSupervisor {
 
     fn spawn_and_wait(&self, launch: &VmLaunch) -> Result<(VmRecord, Child), SupervisorError> {
         let id = &launch.id;
-        let paths = VmPaths::new(&self.state_dir, id);
+        let paths = self.layout.vm(id);
         let dir_err = |source| SupervisorError::Dir {
             id: id.clone(),
             source,
@@ -408,7 +414,7 @@ impl VmSupervisor {
             .arg("vm")
             .args(["--id", id])
             .arg("--state-dir")
-            .arg(&self.state_dir)
+            .arg(self.layout.root())
             .args(["--vcpus", &launch.vcpus.to_string()])
             .args(["--memory-bytes", &launch.memory_bytes.to_string()]);
         if let Some(start) = &launch.start {
@@ -493,7 +499,7 @@ impl VmSupervisor {
     /// Scans `<state>/vms` and adopts every VM whose process runs and
     /// answers; removes the directories of dead ones.
     pub fn adopt_all(&self) -> Result<AdoptReport, SupervisorError> {
-        let dir = vms_dir(&self.state_dir);
+        let dir = self.layout.vms_dir();
         let mut report = AdoptReport::default();
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -515,7 +521,7 @@ impl VmSupervisor {
             {
                 continue;
             }
-            let paths = VmPaths::new(&self.state_dir, &id);
+            let paths = self.layout.vm(&id);
             let record = VmRecord::read(&paths.record).ok();
             let alive = record
                 .as_ref()
@@ -596,7 +602,7 @@ impl VmSupervisor {
         }
         let reply = call_socket(id, &record.socket, request, request_timeout(request))?;
         if matches!(request, Request::Start { .. } | Request::WaitRunning { .. })
-            && let Ok(updated) = VmRecord::read(&VmPaths::new(&self.state_dir, id).record)
+            && let Ok(updated) = VmRecord::read(&self.layout.vm(id).record)
             && let Some(entry) = self.table().get_mut(id)
         {
             entry.record = updated;
@@ -633,7 +639,7 @@ impl VmSupervisor {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        remove_leftovers(&VmPaths::new(&self.state_dir, id), Some(record));
+        remove_leftovers(&self.layout.vm(id), Some(record));
         Ok(())
     }
 
@@ -709,7 +715,12 @@ impl VmSupervisor {
         let owned: Vec<(String, VmRecord)> = self
             .table()
             .iter()
-            .filter(|(_, e)| e.record.owner.as_ref().is_some_and(|o| o.kind == "VMClone"))
+            .filter(|(_, e)| {
+                e.record
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| o.kind == ObjectKind::VMClone)
+            })
             .map(|(id, e)| (id.clone(), e.record.clone()))
             .collect();
         let mut usage = Vec::new();
@@ -748,7 +759,7 @@ impl VmSupervisor {
         for id in &dead {
             if let Some(entry) = table.remove(id) {
                 tracing::warn!(id, pid = entry.record.pid, "VM process is gone");
-                remove_leftovers(&VmPaths::new(&self.state_dir, id), Some(&entry.record));
+                remove_leftovers(&self.layout.vm(id), Some(&entry.record));
             }
         }
         dead
@@ -836,11 +847,7 @@ mod tests {
 
     #[test]
     fn usage_rates_come_from_the_delta() {
-        let owner = VmOwner {
-            kind: "VMClone".into(),
-            namespace: "ns".into(),
-            name: "a".into(),
-        };
+        let owner = ObjectKey::vm_clone("ns", "a");
         let mut stats = VmStats {
             vcpu_cpu_ms: 1000.0,
             requests_served: 10,
@@ -871,7 +878,8 @@ mod tests {
     #[test]
     fn adopt_all_removes_dead_and_keeps_fresh_recordless_dirs() {
         let state = tempfile::tempdir().unwrap();
-        let dead = VmPaths::new(state.path(), "dead");
+        let layout = StateLayout::new(state.path());
+        let dead = layout.vm("dead");
         std::fs::create_dir_all(&dead.dir).unwrap();
         VmRecord {
             id: "dead".into(),
@@ -888,7 +896,7 @@ mod tests {
         }
         .write(&dead.record)
         .unwrap();
-        let fresh = VmPaths::new(state.path(), "fresh");
+        let fresh = layout.vm("fresh");
         std::fs::create_dir_all(&fresh.dir).unwrap();
         let supervisor = VmSupervisor::new(state.path(), "/bin/false".into(), Vec::new());
         let report = supervisor.adopt_all().unwrap();

@@ -84,7 +84,7 @@ impl From<Result<SupervisorReply, String>> for SupervisorResponse {
 
 /// `<state>/supervisor.sock`.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("supervisor.sock")
+    crate::state_layout::StateLayout::new(state_dir).supervisor_socket()
 }
 
 /// Carries out one request on `supervisor`.
@@ -92,7 +92,7 @@ pub fn perform(
     supervisor: &VmSupervisor,
     request: SupervisorRequest,
 ) -> Result<SupervisorReply, String> {
-    let text = |e: crate::supervisor::SupervisorError| crate::vm_process::chain(&e);
+    let text = |e: crate::supervisor::SupervisorError| crate::error_chain::chain(&e);
     match request {
         SupervisorRequest::Launch { launch } => supervisor
             .launch(&launch)
@@ -260,7 +260,7 @@ pub fn ctl(
     let supervisor = VmSupervisor::new(state_dir, exe, cgroup_roots);
     supervisor
         .adopt_all()
-        .map_err(|e| CtlError::Adopt(crate::vm_process::chain(&e)))?;
+        .map_err(|e| CtlError::Adopt(crate::error_chain::chain(&e)))?;
     perform(&supervisor, request).map_err(CtlError::Refused)
 }
 
@@ -295,7 +295,7 @@ fn ctl_over_socket(
 /// Sends one raw request straight to a VM socket (no daemon involved).
 pub fn call_vm(record: &VmRecord, request: &Request) -> Result<Reply, String> {
     call_socket(&record.id, &record.socket, request, Duration::from_secs(60))
-        .map_err(|e| crate::vm_process::chain(&e))
+        .map_err(|e| crate::error_chain::chain(&e))
 }
 
 #[cfg(test)]

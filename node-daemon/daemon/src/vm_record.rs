@@ -1,8 +1,8 @@
-//! The on-disk trace of a VM process, `<state>/vms/<id>/`: `vm.json` (who the
-//! process is and where its socket is, written by the VM process itself once
-//! its socket listens), `control.sock`, `vm.log` (its stdout/stderr) and
-//! `serial.log` (the guest's serial console). A restarted daemon finds its
-//! VMs by reading these records.
+//! The record of a VM process, `vm.json` in its directory (see
+//! [`crate::state_layout::VmPaths`]): who the process is and where its
+//! socket is, written by the VM process itself once its socket listens. A
+//! restarted daemon finds its VMs by reading these records. Also VM ids and
+//! the Unix sockets of long paths.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -11,33 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The files of one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmPaths {
-    pub dir: PathBuf,
-    pub record: PathBuf,
-    pub socket: PathBuf,
-    pub log: PathBuf,
-    pub serial: PathBuf,
-}
-
-impl VmPaths {
-    pub fn new(state_dir: &Path, id: &str) -> Self {
-        let dir = vms_dir(state_dir).join(id);
-        Self {
-            record: dir.join("vm.json"),
-            socket: dir.join("control.sock"),
-            log: dir.join("vm.log"),
-            serial: dir.join("serial.log"),
-            dir,
-        }
-    }
-}
-
-/// `<state>/vms`.
-pub fn vms_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("vms")
-}
+use crate::object_key::ObjectKey;
 
 /// What a VM process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,15 +23,6 @@ pub enum VmKind {
     Boot,
     /// A clone started from a live image.
     Clone,
-}
-
-/// The Kubernetes object a VM belongs to, if any.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct VmOwner {
-    /// `LiveImage` (an image's source VM) or `VMClone`.
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
 }
 
 /// `vm.json`.
@@ -73,7 +38,8 @@ pub struct VmRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<VmOwner>,
+    /// The object the VM belongs to (`{"kind","namespace","name"}`).
+    pub owner: Option<ObjectKey>,
     pub vcpus: u8,
     pub memory_bytes: u64,
     /// RFC 3339.
@@ -159,17 +125,6 @@ pub fn validate_id(id: &str) -> Result<(), VmIdError> {
     Ok(())
 }
 
-/// The VM id of a Kubernetes object: `<kind prefix>.<namespace>.<name>`
-/// (namespaces hold no dots, so the id is unambiguous).
-pub fn owner_id(owner: &VmOwner) -> String {
-    let prefix = match owner.kind.as_str() {
-        "LiveImage" => "li",
-        "VMClone" => "vmc",
-        _ => "vm",
-    };
-    format!("{prefix}.{}.{}", owner.namespace, owner.name)
-}
-
 /// Unix socket paths are limited to 107 bytes; a longer path is reached
 /// through `/proc/self/fd/<dir fd>/<name>`.
 const SUN_PATH_LIMIT: usize = 100;
@@ -196,20 +151,6 @@ pub fn connect_socket(path: &Path) -> io::Result<UnixStream> {
     with_short_path(path, |p| UnixStream::connect(p))
 }
 
-/// Disk space in bytes used by the regular files directly in `dir`
-/// (allocated blocks: page stores are sparse where pages are zero).
-pub fn dir_size(dir: &Path) -> io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let meta = entry?.metadata()?;
-        if meta.is_file() {
-            total += meta.blocks() * 512;
-        }
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,19 +164,15 @@ mod tests {
         assert!(validate_id("A").is_err());
         assert!(validate_id(".x").is_err());
         assert!(validate_id(&"a".repeat(101)).is_err());
-        let owner = VmOwner {
-            kind: "VMClone".into(),
-            namespace: "ns".into(),
-            name: "web.1".into(),
-        };
-        assert_eq!(owner_id(&owner), "vmc.ns.web.1");
-        assert_eq!(validate_id(&owner_id(&owner)), Ok(()));
+        let owner = ObjectKey::vm_clone("ns", "web.1");
+        assert_eq!(owner.vm_id(), "vmc.ns.web.1");
+        assert_eq!(validate_id(&owner.vm_id()), Ok(()));
     }
 
     #[test]
     fn record_round_trips_atomically() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = VmPaths::new(dir.path(), "a");
+        let paths = crate::state_layout::StateLayout::new(dir.path()).vm("a");
         std::fs::create_dir_all(&paths.dir).unwrap();
         let record = VmRecord {
             id: "a".into(),

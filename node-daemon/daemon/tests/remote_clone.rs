@@ -13,6 +13,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vmstream_node::object_key::ObjectKey;
 use vmstream_node::page_service::PageService;
 use vmstream_pagestream::netns::{TestNetwork, enter};
 use vmstream_pagestream::{ClusterToken, DirectPages, RemoteConfig};
@@ -106,7 +107,7 @@ fn a_clone_on_another_node_streams_the_image_through_the_node_cache() {
         let _in_a = enter(&a).unwrap();
         let node_a =
             PageService::start(&state_a, TOKEN, Some(&addr_a.to_string()), "127.0.0.1:0").unwrap();
-        node_a.serve_local_images(&["default/img".to_string()]);
+        node_a.serve_local_images(&[ObjectKey::live_image("default", "img")]);
         node_a
     };
     assert_eq!(node_a.public_addr(), Some(addr_a));
@@ -116,7 +117,10 @@ fn a_clone_on_another_node_streams_the_image_through_the_node_cache() {
     let node_b =
         PageService::start(&state_b, TOKEN, Some(&addr_b.to_string()), "127.0.0.1:0").unwrap();
     let relayed = node_b
-        .relay_remote("default", "img", &[addr_a.to_string()])
+        .relay_remote(
+            &ObjectKey::live_image("default", "img"),
+            &[addr_a.to_string()],
+        )
         .unwrap();
     // The state file came from A, whole.
     assert_eq!(

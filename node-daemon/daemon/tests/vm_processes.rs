@@ -422,7 +422,7 @@ fn malformed_control_frames_are_refused_and_the_vm_keeps_running() {
             ..request_guest("broken")
         })
         .unwrap_err();
-    let text = vmstream_node::vm_process::chain(&err);
+    let text = vmstream_node::error_chain::chain(&err);
     assert!(text.contains("no-such-image"), "{text}");
     assert!(!state.path().join("vms").join("broken").exists());
 }

@@ -22,7 +22,8 @@ use vmstream_vmm::devices::mailbox::{Mailbox, report};
 use vmstream_vmm::restore::CloneSource;
 use vmstream_vmm::vstate::vm::KvmHost;
 
-use super::{Vm, chain, ms};
+use super::{Vm, ms};
+use crate::error_chain::chain;
 use crate::vm_protocol::{MigrateMode, Reply, StartReport, VmPhase};
 use crate::vm_record::VmKind;
 
