@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use vmstream_pagestream::ClusterToken;
 use vmstream_pagestream::auth::nonce;
+use vmstream_vmm::image::PageStore;
 
 use crate::wire::{Command, Header, Hello, ReadFrameError, read_frame, write_frame};
 
@@ -176,6 +177,18 @@ pub fn server_authenticate(
 pub fn abort(stream: &mut TcpStream, reason: &str) -> io::Result<()> {
     let reason = &reason.as_bytes()[..reason.len().min(1000)];
     write_frame(stream, &Header::new(Command::Abort), &[reason])
+}
+
+/// A fingerprint of a live image both sides must hold: its size and its
+/// non-zero page bitmap.
+pub fn image_fingerprint(image: Option<&PageStore>) -> u64 {
+    let Some(image) = image else { return 0 };
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&image.memory_size().to_le_bytes());
+    for w in image.present().to_words() {
+        crc.update(&w.to_le_bytes());
+    }
+    (u64::from(crc.finalize()) << 32) | (image.nonzero_pages() as u64 & 0xffff_ffff)
 }
 
 #[cfg(test)]

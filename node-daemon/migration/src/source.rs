@@ -16,25 +16,22 @@
 //!            Release (caller stops the paused VM)
 //! ```
 
-use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vmstream_pagestream::ClusterToken;
-use vmstream_vmm::image::{Bitmap, PageStore};
+use vmstream_vmm::image::Bitmap;
 use vmstream_vmm::machine::Machine;
-use vmstream_vmm::memory::PAGE_SIZE;
 
 use crate::plan::{MigrationMode, PrecopyLimits, PushOrder, RoundDecision, after_round};
-use crate::report::{MigrationReport, TargetSide};
-use crate::session::{SessionError, client_handshake, expect};
-use crate::source_pages::{PageHashes, PageKind, SourceMemory, TouchedPagesError, page_hash};
-use crate::wire::{
-    self, Command, FLAG_FAULT_ANSWER, FLAG_FAULT_CONNECTION, FLAG_LAST, FLAG_PRECOPY, FLAG_RESUME,
-    FLAG_TARGET_RUNNING, Header, Hello, MAX_BATCH_PAGES, read_frame, write_frame,
-};
+use crate::report::MigrationReport;
+use crate::session::{SessionError, expect, image_fingerprint};
+use crate::source_link::{Connector, Link};
+use crate::source_pages::{PageHashes, SourceMemory, TouchedPagesError};
+use crate::source_precopy::{DirtTracking, send_precopy};
+use crate::source_push::{Counters, EpochEnd, Sender, postcopy_epoch, send_bitmap};
+use crate::wire::{Command, FLAG_TARGET_RUNNING, HEADER_LEN, Header, Hello, write_frame};
 
 /// How a migration is run on the source.
 #[derive(Debug, Clone)]
@@ -98,176 +95,6 @@ pub enum MigrateError {
     TargetAborted(String),
 }
 
-/// Byte and page counters shared by the source's threads.
-#[derive(Debug, Default)]
-struct Counters {
-    bytes: AtomicU64,
-    page_bytes: AtomicU64,
-    pages_sent: AtomicU64,
-    pages_clean: AtomicU64,
-    pages_zero: AtomicU64,
-    pages_resent: AtomicU64,
-    fault_requests: AtomicU64,
-}
-
-/// Sends frames and counts bytes and pages.
-struct Sender<'a> {
-    memory: &'a SourceMemory,
-    counters: &'a Counters,
-    /// Pages sent at least once (data, clean or zero).
-    sent: &'a Bitmap,
-}
-
-impl Sender<'_> {
-    fn frame(&self, w: &mut TcpStream, header: &Header, parts: &[&[u8]]) -> std::io::Result<()> {
-        write_frame(w, header, parts)?;
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        self.counters
-            .bytes
-            .fetch_add((wire::HEADER_LEN + len) as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn account(&self, first: usize, count: usize) {
-        for p in first..first + count {
-            if self.sent.set(p) {
-                self.counters.pages_resent.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Sends pages `first..first + count` classified, grouped into runs of
-    /// one kind; `flags` go on every frame.
-    fn send_run(
-        &self,
-        w: &mut TcpStream,
-        first: usize,
-        count: usize,
-        flags: u32,
-    ) -> std::io::Result<()> {
-        let mut page = first;
-        while page < first + count {
-            let kind = self.memory.classify(page);
-            let mut end = page + 1;
-            while end < first + count && self.memory.classify(end) == kind {
-                end += 1;
-            }
-            self.send_kind(w, page, end - page, kind, flags)?;
-            page = end;
-        }
-        Ok(())
-    }
-
-    fn send_kind(
-        &self,
-        w: &mut TcpStream,
-        first: usize,
-        count: usize,
-        kind: PageKind,
-        flags: u32,
-    ) -> std::io::Result<()> {
-        let range = |c| {
-            Header::new(c)
-                .with_range(first as u64, count as u32)
-                .with_flags(flags)
-        };
-        match kind {
-            PageKind::Data => {
-                let data = self.memory.pages_slice(first, count);
-                self.frame(w, &range(Command::Pages), &[data])?;
-                self.counters
-                    .page_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                self.counters
-                    .pages_sent
-                    .fetch_add(count as u64, Ordering::Relaxed);
-            }
-            PageKind::Clean => {
-                self.frame(w, &range(Command::Clean), &[])?;
-                self.counters
-                    .pages_clean
-                    .fetch_add(count as u64, Ordering::Relaxed);
-            }
-            PageKind::Zero => {
-                self.frame(w, &range(Command::Zero), &[])?;
-                self.counters
-                    .pages_zero
-                    .fetch_add(count as u64, Ordering::Relaxed);
-            }
-        }
-        self.account(first, count);
-        Ok(())
-    }
-}
-
-/// A fingerprint of a live image both sides must hold: its size and its
-/// non-zero page bitmap.
-pub fn image_fingerprint(image: Option<&PageStore>) -> u64 {
-    let Some(image) = image else { return 0 };
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&image.memory_size().to_le_bytes());
-    for w in image.present().to_words() {
-        crc.update(&w.to_le_bytes());
-    }
-    (u64::from(crc.finalize()) << 32) | (image.nonzero_pages() as u64 & 0xffff_ffff)
-}
-
-struct Link {
-    control: TcpStream,
-    fault: TcpStream,
-    accept_flags: u32,
-    resolved: Option<Vec<u64>>,
-}
-
-struct Connector<'a> {
-    target: SocketAddr,
-    options: &'a SourceOptions,
-    session: u64,
-    hello: Hello,
-}
-
-impl Connector<'_> {
-    fn open(&self, flags: u32) -> Result<(TcpStream, Header, Vec<u8>), SessionError> {
-        let mut stream = TcpStream::connect_timeout(&self.target, self.options.connect_timeout)
-            .map_err(SessionError::io("connecting to the target"))?;
-        let (header, payload) = client_handshake(
-            &mut stream,
-            &self.options.token,
-            self.session,
-            flags,
-            self.hello,
-            self.options.switchover_timeout,
-        )?;
-        Ok((stream, header, payload))
-    }
-
-    fn connect(&self, resume: bool) -> Result<Link, SessionError> {
-        let extra = if resume { FLAG_RESUME } else { 0 };
-        let (control, accept, payload) = self.open(extra)?;
-        let resolved = if resume {
-            let words = self.hello.memory_bytes as usize / PAGE_SIZE;
-            let words = words.div_ceil(64);
-            let pairs = wire::parse_sparse_bitmap(&payload, words).ok_or_else(|| {
-                SessionError::Protocol("malformed resolved-pages bitmap in Accept".into())
-            })?;
-            let mut dense = vec![0u64; words];
-            for (i, w) in pairs {
-                dense[i] = w;
-            }
-            Some(dense)
-        } else {
-            None
-        };
-        let (fault, _, _) = self.open(extra | FLAG_FAULT_CONNECTION)?;
-        Ok(Link {
-            control,
-            fault,
-            accept_flags: accept.flags,
-            resolved,
-        })
-    }
-}
-
 /// Migrates `machine` (running) to the target listening at `target`.
 ///
 /// On `Ok`, the VM runs on the target and every page has arrived there; the
@@ -291,7 +118,9 @@ pub fn migrate(
     }
     let connector = Connector {
         target,
-        options,
+        token: &options.token,
+        connect_timeout: options.connect_timeout,
+        handshake_timeout: options.switchover_timeout,
         session: rand::random::<u64>() | 1,
         hello: Hello {
             memory_bytes: machine.guest_ram().len() as u64,
@@ -417,7 +246,7 @@ pub fn migrate(
         .map_err(|e| fail_before(machine, true, SessionError::io("sending the VM state")(e)))?;
     counters
         .bytes
-        .fetch_add((wire::HEADER_LEN + encoded.len()) as u64, Ordering::Relaxed);
+        .fetch_add((HEADER_LEN + encoded.len()) as u64, Ordering::Relaxed);
     let mut buf = Vec::new();
     let _ = link
         .control
@@ -476,14 +305,18 @@ pub fn migrate(
             }
         }
         let _ = first_epoch;
+        let sender = Sender {
+            memory: &memory,
+            counters: &counters,
+            sent: &sent,
+        };
         match postcopy_epoch(
             &mut link,
-            &memory,
+            &sender,
             &candidates,
             &mut order,
-            &sent,
-            &counters,
-            options,
+            options.link_timeout,
+            options.bandwidth_limit,
         ) {
             Ok(side) => break side,
             Err(EpochEnd::Aborted(reason)) => return Err(MigrateError::TargetAborted(reason)),
@@ -559,396 +392,4 @@ fn reconnect(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-enum EpochEnd {
-    Link(SessionError),
-    Aborted(String),
-}
-
-/// One connection pair's worth of postcopy: Candidates, then the push while
-/// a thread answers faults, then Done; ends when Complete arrives or the
-/// link breaks.
-fn postcopy_epoch(
-    link: &mut Link,
-    memory: &SourceMemory,
-    candidates: &[u64],
-    order: &mut PushOrder,
-    sent: &Bitmap,
-    counters: &Counters,
-    options: &SourceOptions,
-) -> Result<TargetSide, EpochEnd> {
-    let broken = AtomicBool::new(false);
-    let complete: Mutex<Option<Result<TargetSide, String>>> = Mutex::new(None);
-    let hints: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    let control_w = Mutex::new(
-        link.control
-            .try_clone()
-            .map_err(|e| EpochEnd::Link(SessionError::io("cloning the control connection")(e)))?,
-    );
-    let fault_w = Mutex::new(
-        link.fault
-            .try_clone()
-            .map_err(|e| EpochEnd::Link(SessionError::io("cloning the fault connection")(e)))?,
-    );
-    for s in [&link.control, &link.fault] {
-        let _ = s.set_read_timeout(Some(options.link_timeout));
-        let _ = s.set_write_timeout(Some(options.link_timeout));
-    }
-    let sender = Sender {
-        memory,
-        counters,
-        sent,
-    };
-    let kill = |why: &str| {
-        if !broken.swap(true, Ordering::SeqCst) {
-            tracing::warn!(why, "migration connection broken");
-        }
-        let _ = link.control.shutdown(Shutdown::Both);
-        let _ = link.fault.shutdown(Shutdown::Both);
-    };
-    let done = AtomicBool::new(false);
-    let mut fault_r = &link.fault;
-    let mut control_r = &link.control;
-    let result = std::thread::scope(|scope| {
-        // Fault requests: answered at once on the fault connection.
-        scope.spawn(|| {
-            let mut buf = Vec::new();
-            loop {
-                let header = match read_frame(&mut fault_r, &mut buf) {
-                    Ok(h) => h,
-                    Err(_) if done.load(Ordering::SeqCst) => return,
-                    Err(e) => {
-                        kill(&format!("fault connection: {e}"));
-                        return;
-                    }
-                };
-                if header.command != Command::FaultRequest {
-                    continue;
-                }
-                let page = header.first_page as usize;
-                if page >= memory.pages() {
-                    kill("fault request out of range");
-                    return;
-                }
-                counters.fault_requests.fetch_add(1, Ordering::Relaxed);
-                let mut w = fault_w.lock().unwrap_or_else(|e| e.into_inner());
-                let r = sender
-                    .send_run(&mut w, page, 1, FLAG_FAULT_ANSWER)
-                    .and_then(|()| w.flush());
-                drop(w);
-                if let Err(e) = r {
-                    kill(&format!("answering a fault: {e}"));
-                    return;
-                }
-                hints.lock().unwrap_or_else(|e| e.into_inner()).push(page);
-            }
-        });
-        // Control reads: Complete, Abort, pings.
-        scope.spawn(|| {
-            let mut buf = Vec::new();
-            loop {
-                match read_frame(&mut control_r, &mut buf) {
-                    Ok(h) if h.command == Command::Complete => {
-                        let side = serde_json::from_slice(&buf).unwrap_or_default();
-                        *complete.lock().unwrap_or_else(|e| e.into_inner()) = Some(Ok(side));
-                        return;
-                    }
-                    Ok(h) if h.command == Command::Abort => {
-                        *complete.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(Err(String::from_utf8_lossy(&buf).into_owned()));
-                        kill("target aborted");
-                        return;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if !done.load(Ordering::SeqCst) {
-                            kill(&format!("control connection: {e}"));
-                        }
-                        return;
-                    }
-                }
-            }
-        });
-        // Pings keep the target's liveness check quiet while idle.
-        scope.spawn(|| {
-            while !broken.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
-                for _ in 0..20 {
-                    if broken.load(Ordering::SeqCst) || done.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                for w in [&control_w, &fault_w] {
-                    let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
-                    if write_frame(&mut *w, &Header::new(Command::Ping), &[]).is_err() {
-                        kill("sending a ping");
-                    }
-                }
-            }
-        });
-        let push_started = Instant::now();
-        let mut pushed = 0u64;
-        let mut push = || -> std::io::Result<()> {
-            {
-                let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
-                send_bitmap(&mut w, Command::Candidates, candidates, counters)?;
-            }
-            loop {
-                if broken.load(Ordering::SeqCst) {
-                    return Err(std::io::ErrorKind::BrokenPipe.into());
-                }
-                for page in hints.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-                    order.forget(page);
-                    order.fault_at(page);
-                }
-                let Some((first, count)) =
-                    order.next_run(MAX_BATCH_PAGES as usize, |p| sent.get(p))
-                else {
-                    break;
-                };
-                let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
-                sender.send_run(&mut w, first, count, 0)?;
-                drop(w);
-                pushed += (count * PAGE_SIZE) as u64;
-                if let Some(limit) = options.bandwidth_limit {
-                    let due = Duration::from_secs_f64(pushed as f64 / limit.max(1) as f64);
-                    if let Some(wait) = due.checked_sub(push_started.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                }
-            }
-            let mut w = control_w.lock().unwrap_or_else(|e| e.into_inner());
-            sender.frame(&mut w, &Header::new(Command::Done), &[])?;
-            w.flush()
-        };
-        if let Err(e) = push() {
-            kill(&format!("pushing pages: {e}"));
-        }
-        // Wait for Complete (or the link to break).
-        let outcome = loop {
-            if let Some(c) = complete.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                break Some(c);
-            }
-            if broken.load(Ordering::SeqCst) {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        done.store(true, Ordering::SeqCst);
-        let _ = link.control.shutdown(Shutdown::Both);
-        let _ = link.fault.shutdown(Shutdown::Both);
-        outcome
-    });
-    match result {
-        Some(Ok(side)) => Ok(side),
-        Some(Err(reason)) => Err(EpochEnd::Aborted(reason)),
-        None => Err(EpochEnd::Link(SessionError::Timeout(
-            "the migration link broke during postcopy",
-        ))),
-    }
-}
-
-/// Sends a word bitmap as sparse Candidates/Invalidate frames, the last
-/// flagged.
-fn send_bitmap(
-    w: &mut TcpStream,
-    command: Command,
-    words: &[u64],
-    counters: &Counters,
-) -> std::io::Result<()> {
-    let chunks = wire::sparse_bitmap_chunks(words);
-    let n = chunks.len();
-    for (i, chunk) in chunks.iter().enumerate() {
-        let flags = if i + 1 == n { FLAG_LAST } else { 0 };
-        write_frame(w, &Header::new(command).with_flags(flags), &[chunk])?;
-        counters
-            .bytes
-            .fetch_add((wire::HEADER_LEN + chunk.len()) as u64, Ordering::Relaxed);
-    }
-    w.flush()
-}
-
-/// How precopy finds the pages written since they were sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DirtTracking {
-    /// KVM's dirty log of the VM's memory slots (guest writes, plus the
-    /// host-written mailbox page): proportional to the pages written.
-    KvmDirtyLog,
-    /// Content hashes of every page sent, compared each round (fallback
-    /// when dirty logging cannot be switched on): proportional to the
-    /// pages sent so far.
-    ContentHash,
-}
-
-impl DirtTracking {
-    /// Switches on dirty logging, or falls back to hashing.
-    fn start(machine: &Machine) -> Self {
-        match machine.start_dirty_log() {
-            Ok(()) => Self::KvmDirtyLog,
-            Err(e) => {
-                tracing::warn!(error = %e, "KVM dirty logging unavailable; precopy compares page hashes");
-                Self::ContentHash
-            }
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::KvmDirtyLog => "kvm-dirty-log",
-            Self::ContentHash => "content-hash",
-        }
-    }
-
-    /// Pages written since they were sent (KVM's log, then only those whose
-    /// content differs from what was sent), or touched and never sent.
-    /// Pages the host installed (a lazy clone's fills) are not guest
-    /// writes: they are in the touched set, and sent if never sent.
-    fn changed_since_sent(
-        &mut self,
-        machine: &Machine,
-        memory: &mut SourceMemory,
-        hashes: &PageHashes,
-    ) -> Vec<u64> {
-        let changed = match self {
-            Self::KvmDirtyLog => match machine.take_dirty_pages() {
-                Ok(written) => {
-                    // Written pages never sent are touched now (they go
-                    // below, classified as written) even if the touched
-                    // set was not re-read.
-                    memory.add_touched(&written);
-                    hashes.changed_among(memory, &written)
-                }
-                Err(e) => {
-                    // Lost track: everything sent may have changed.
-                    tracing::error!(error = %e, "reading the dirty log failed; falling back to page hashes");
-                    *self = Self::ContentHash;
-                    let _ = machine.stop_dirty_log();
-                    // The touched set may be stale too: re-read it.
-                    if memory.refresh(machine).is_err() {
-                        memory.touch_all();
-                    }
-                    hashes.sent_words().to_vec()
-                }
-            },
-            Self::ContentHash => hashes.changed(memory),
-        };
-        changed
-            .iter()
-            .zip(memory.touched_words())
-            .zip(hashes.sent_words())
-            .map(|((c, t), s)| c | (t & !s))
-            .collect()
-    }
-
-    /// Switches dirty logging off again (nothing for hashing).
-    fn stop(self, machine: &Machine) {
-        if self == Self::KvmDirtyLog
-            && let Err(e) = machine.stop_dirty_log()
-        {
-            tracing::warn!(error = %e, "cannot switch KVM dirty logging off");
-        }
-    }
-}
-
-/// Sends the pages of `words` while the VM may run: each page is copied
-/// and hashed first, so the hash is of exactly the bytes sent.
-fn send_precopy(
-    w: &mut TcpStream,
-    memory: &SourceMemory,
-    words: &[u64],
-    hashes: &mut PageHashes,
-    counters: &Counters,
-) -> std::io::Result<()> {
-    let mut batch = vec![0u8; MAX_BATCH_PAGES as usize * PAGE_SIZE];
-    let mut run: Option<(usize, usize)> = None;
-    let flush = |w: &mut TcpStream,
-                 run: &mut Option<(usize, usize)>,
-                 batch: &[u8]|
-     -> std::io::Result<()> {
-        if let Some((first, count)) = run.take() {
-            let h = Header::new(Command::Pages)
-                .with_range(first as u64, count as u32)
-                .with_flags(FLAG_PRECOPY);
-            let data = &batch[..count * PAGE_SIZE];
-            write_frame(w, &h, &[data])?;
-            counters
-                .bytes
-                .fetch_add((wire::HEADER_LEN + data.len()) as u64, Ordering::Relaxed);
-            counters
-                .page_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            counters
-                .pages_sent
-                .fetch_add(count as u64, Ordering::Relaxed);
-        }
-        Ok(())
-    };
-    for (wi, &word) in words.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            let page = wi * 64 + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            if hashes.was_sent(page) {
-                counters.pages_resent.fetch_add(1, Ordering::Relaxed);
-            }
-            match memory.classify(page) {
-                kind @ (PageKind::Clean | PageKind::Zero) => {
-                    flush(w, &mut run, &batch)?;
-                    // The hash of what the target will hold, not of the
-                    // page now (the guest may write it meanwhile).
-                    hashes.record(page, page_hash(&image_page(memory, page)));
-                    let c = if kind == PageKind::Clean {
-                        Command::Clean
-                    } else {
-                        Command::Zero
-                    };
-                    write_frame(
-                        w,
-                        &Header::new(c)
-                            .with_range(page as u64, 1)
-                            .with_flags(FLAG_PRECOPY),
-                        &[],
-                    )?;
-                    counters
-                        .bytes
-                        .fetch_add(wire::HEADER_LEN as u64, Ordering::Relaxed);
-                    let counter = if kind == PageKind::Clean {
-                        &counters.pages_clean
-                    } else {
-                        &counters.pages_zero
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                PageKind::Data => {
-                    let contiguous = matches!(run, Some((f, c)) if f + c == page && c < MAX_BATCH_PAGES as usize);
-                    if !contiguous {
-                        flush(w, &mut run, &batch)?;
-                        run = Some((page, 0));
-                    }
-                    let (first, count) = run.as_mut().expect("run started");
-                    let slot = &mut batch[*count * PAGE_SIZE..(*count + 1) * PAGE_SIZE];
-                    slot.copy_from_slice(memory.page(page));
-                    hashes.record(page, page_hash(slot));
-                    let _ = first;
-                    *count += 1;
-                }
-            }
-        }
-    }
-    flush(w, &mut run, &batch)?;
-    w.flush()
-}
-
-/// The content the target installs for a clean or zero page.
-fn image_page(memory: &SourceMemory, page: usize) -> Vec<u8> {
-    let mut bytes = vec![0u8; PAGE_SIZE];
-    if let Some(image) = memory.image()
-        && image.is_present(page)
-        && image.read_page(page, &mut bytes).is_err()
-    {
-        // Unreadable image page: a hash no page has, so it is resent.
-        bytes.fill(0xa5);
-    }
-    bytes
 }

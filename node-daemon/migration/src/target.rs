@@ -27,8 +27,7 @@ use vmstream_vmm::vstate::vm::KvmHost;
 
 use crate::plan::MigrationMode;
 use crate::report::TargetSide;
-use crate::session::{SessionError, abort, read_hello, server_authenticate};
-use crate::source::image_fingerprint;
+use crate::session::{SessionError, abort, image_fingerprint, read_hello, server_authenticate};
 use crate::target_memory::TargetMemory;
 use crate::target_vm::{TargetShell, TargetShellError};
 use crate::wire::{
