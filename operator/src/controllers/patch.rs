@@ -98,14 +98,7 @@ where
         metadata: Some(MetadataPatch::precondition(obj)),
         status,
     };
-    api.patch_status(&name, &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| ReconcileError::Patch {
-            kind: kind_str::<K>(),
-            what: "status",
-            name,
-            source,
-        })
+    merge(api, &name, "status", Subresource::Status, &patch).await
 }
 
 /// Merge-patch `status` of an object whose status only the operator writes
@@ -121,14 +114,7 @@ where
         metadata: None,
         status,
     };
-    api.patch_status(&name, &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| ReconcileError::Patch {
-            kind: kind_str::<K>(),
-            what: "status",
-            name,
-            source,
-        })
+    merge(api, &name, "status", Subresource::Status, &patch).await
 }
 
 /// Merge `labels` (key, value) into `metadata.labels` of `obj`
@@ -148,14 +134,7 @@ where
             ..MetadataPatch::precondition(obj)
         },
     };
-    api.patch(&name, &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| ReconcileError::Patch {
-            kind: kind_str::<K>(),
-            what: "labels",
-            name,
-            source,
-        })
+    merge(api, &name, "labels", Subresource::Object, &patch).await
 }
 
 async fn write_finalizers<K>(api: &Api<K>, obj: &K, list: &[String]) -> Result<K, ReconcileError>
@@ -169,14 +148,7 @@ where
             ..MetadataPatch::precondition(obj)
         },
     };
-    api.patch(&name, &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| ReconcileError::Patch {
-            kind: kind_str::<K>(),
-            what: "finalizers",
-            name,
-            source,
-        })
+    merge(api, &name, "finalizers", Subresource::Object, &patch).await
 }
 
 /// Add `finalizer` unless present; returns the object as written.
@@ -222,6 +194,38 @@ where
         }) if s.code == 404 => Ok(()),
         other => other.map(|_| ()),
     }
+}
+
+/// What a merge patch is sent to.
+enum Subresource {
+    Object,
+    Status,
+}
+
+/// Sends `patch` as a JSON merge patch to `name` (or its status); a failure
+/// names the kind, the object and `what` was written.
+async fn merge<K, P>(
+    api: &Api<K>,
+    name: &str,
+    what: &'static str,
+    to: Subresource,
+    patch: &P,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    P: Serialize + Debug,
+{
+    let patch = Patch::Merge(patch);
+    let written = match to {
+        Subresource::Object => api.patch(name, &patch_params(), &patch).await,
+        Subresource::Status => api.patch_status(name, &patch_params(), &patch).await,
+    };
+    written.map_err(|source| ReconcileError::Patch {
+        kind: kind_str::<K>(),
+        what,
+        name: name.to_string(),
+        source,
+    })
 }
 
 fn kind_str<K: Resource<DynamicType = ()>>() -> &'static str {
