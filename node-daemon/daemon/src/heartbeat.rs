@@ -5,12 +5,11 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use serde_json::json;
 use tokio::sync::watch;
 
 /// Field manager for everything the node daemon writes.
@@ -42,20 +41,27 @@ pub struct Heartbeat {
 impl Heartbeat {
     /// The Lease body for a renewal at `now` (server-side apply; holder = node).
     pub fn lease_patch(&self, now: Timestamp) -> serde_json::Value {
-        json!({
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {
-                "name": vmstream_api::heartbeat_lease_name(&self.node),
-                "namespace": self.namespace,
-                "labels": { vmstream_api::NODE_LABEL: self.node },
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(vmstream_api::heartbeat_lease_name(&self.node)),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(
+                    [(vmstream_api::NODE_LABEL.to_owned(), self.node.clone())]
+                        .into_iter()
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
             },
-            "spec": {
-                "holderIdentity": self.node,
-                "leaseDurationSeconds": self.lease_duration.as_secs().max(1),
-                "renewTime": MicroTime(now),
-            }
-        })
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.node.clone()),
+                lease_duration_seconds: Some(
+                    i32::try_from(self.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX),
+                ),
+                renew_time: Some(MicroTime(now)),
+                ..LeaseSpec::default()
+            }),
+        };
+        serde_json::to_value(lease).expect("a Lease serializes")
     }
 
     /// Renews the Lease once.

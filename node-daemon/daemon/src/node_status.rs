@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use serde_json::json;
+use serde::Serialize;
 use tokio::sync::watch;
 use vmstream_api::v1alpha1::{NodeResources, VMNode, VMNodeStatus, VmUsage};
 
@@ -72,6 +72,59 @@ pub fn build_status(id: &NodeIdentity, report: &NodeReport, now: Timestamp) -> V
     }
 }
 
+/// A VMNode as this daemon applies it: the object with an empty spec (so
+/// no spec field, e.g. `unschedulable`, is claimed), or only its status.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VMNodeApply<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: VMNodeApplyMeta<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<EmptySpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<VMNodeStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct VMNodeApplyMeta<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<std::collections::BTreeMap<&'static str, &'a str>>,
+}
+
+/// `{}`: the VMNode's spec belongs to the operator and the admin.
+#[derive(Debug, Serialize)]
+struct EmptySpec {}
+
+impl<'a> VMNodeApply<'a> {
+    fn object(node: &'a str) -> Self {
+        Self {
+            api_version: vmstream_api::API_VERSION,
+            kind: "VMNode",
+            metadata: VMNodeApplyMeta {
+                name: node,
+                labels: Some([(vmstream_api::NODE_LABEL, node)].into_iter().collect()),
+            },
+            spec: Some(EmptySpec {}),
+            status: None,
+        }
+    }
+
+    fn status(node: &'a str, status: VMNodeStatus) -> Self {
+        Self {
+            api_version: vmstream_api::API_VERSION,
+            kind: "VMNode",
+            metadata: VMNodeApplyMeta {
+                name: node,
+                labels: None,
+            },
+            spec: None,
+            status: Some(status),
+        }
+    }
+}
+
 /// Creates the VMNode if missing and writes its status once.
 pub async fn publish(
     client: &kube::Client,
@@ -80,25 +133,15 @@ pub async fn publish(
 ) -> Result<(), PublishError> {
     let api: Api<VMNode> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let object = json!({
-        "apiVersion": vmstream_api::API_VERSION,
-        "kind": "VMNode",
-        "metadata": { "name": id.node, "labels": { vmstream_api::NODE_LABEL: id.node } },
-        "spec": {},
-    });
-    api.patch(&id.node, &params, &Patch::Apply(object))
+    let object = VMNodeApply::object(&id.node);
+    api.patch(&id.node, &params, &Patch::Apply(&object))
         .await
         .map_err(|source| PublishError::Create {
             node: id.node.clone(),
             source,
         })?;
-    let status = json!({
-        "apiVersion": vmstream_api::API_VERSION,
-        "kind": "VMNode",
-        "metadata": { "name": id.node },
-        "status": build_status(id, report, Timestamp::now()),
-    });
-    api.patch_status(&id.node, &params, &Patch::Apply(status))
+    let status = VMNodeApply::status(&id.node, build_status(id, report, Timestamp::now()));
+    api.patch_status(&id.node, &params, &Patch::Apply(&status))
         .await
         .map_err(|source| PublishError::Status {
             node: id.node.clone(),
@@ -135,6 +178,23 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn applied_objects_claim_no_spec_field() {
+        assert_eq!(
+            serde_json::to_value(VMNodeApply::object("n1")).unwrap(),
+            serde_json::json!({
+                "apiVersion": vmstream_api::API_VERSION,
+                "kind": "VMNode",
+                "metadata": { "name": "n1", "labels": { vmstream_api::NODE_LABEL: "n1" } },
+                "spec": {},
+            })
+        );
+        let status =
+            serde_json::to_value(VMNodeApply::status("n1", VMNodeStatus::default())).unwrap();
+        assert_eq!(status["metadata"], serde_json::json!({ "name": "n1" }));
+        assert!(status.get("spec").is_none());
+    }
 
     #[test]
     fn status_is_sorted_and_deduplicated() {
