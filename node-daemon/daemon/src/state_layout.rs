@@ -4,12 +4,17 @@
 //!
 //! ```text
 //! <state>/images/<ns>/<name>/          a complete live image (+ vmstream-capture.json)
-//! <state>/images/<ns>/<name>.partial/  a capture in progress (renamed when complete)
-//! <state>/images/<ns>/<name>.promote/  a node cache being promoted to a local image
+//! <state>/images/<ns>/.<name>.partial/ a capture in progress (renamed when complete)
+//! <state>/images/<ns>/.<name>.promote/ a node cache being promoted to a local image
 //! <state>/cache/<ns>/<name>/           node cache of a remote image
 //! <state>/vms/<id>/                    one VM process (vm.json, control.sock, vm.log, serial.log)
 //! <state>/stream-token, migration-token, supervisor.sock
 //! ```
+//!
+//! Work in progress is named with a leading dot: Kubernetes names start
+//! with a letter or digit, so `.<name>.partial` can be no image's name, and
+//! images whose names differ only after a dot (`web.v1`, `web.v2`) never
+//! share one.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -61,13 +66,21 @@ impl StateLayout {
     /// Where a capture of `image` is written before it is renamed into
     /// place, so a directory at [`Self::image_dir`] is always complete.
     pub fn partial_image_dir(&self, image: &ObjectKey) -> PathBuf {
-        self.image_dir(image).with_extension("partial")
+        self.in_progress_dir(image, "partial")
     }
 
     /// Where a complete node cache of `image` is written as a local image
     /// before it is renamed into place.
     pub fn promoting_image_dir(&self, image: &ObjectKey) -> PathBuf {
-        self.image_dir(image).with_extension("promote")
+        self.in_progress_dir(image, "promote")
+    }
+
+    /// `<state>/images/<ns>/.<name>.<what>`, beside the image's directory
+    /// (same file system, so the final rename is atomic).
+    fn in_progress_dir(&self, image: &ObjectKey, what: &str) -> PathBuf {
+        self.images_dir()
+            .join(&image.namespace)
+            .join(format!(".{}.{what}", image.name))
     }
 
     /// `<image dir>/vmstream-capture.json`: the figures of a local image.
@@ -103,7 +116,9 @@ impl StateLayout {
         })
     }
 
-    /// Every complete image under `<state>/images`, sorted.
+    /// Every complete image under `<state>/images`, sorted (work in
+    /// progress, named with a leading dot, is not an image even when its
+    /// state file is already written).
     pub fn local_images(&self) -> Vec<ObjectKey> {
         let mut out = Vec::new();
         let Ok(namespaces) = std::fs::read_dir(self.images_dir()) else {
@@ -114,7 +129,8 @@ impl StateLayout {
                 continue;
             };
             for name in names.flatten() {
-                if name.path().join(STATE_FILE).is_file() {
+                let in_progress = name.file_name().to_string_lossy().starts_with('.');
+                if !in_progress && name.path().join(STATE_FILE).is_file() {
                     out.push(ObjectKey::live_image(
                         ns.file_name().to_string_lossy(),
                         name.file_name().to_string_lossy(),
@@ -220,7 +236,16 @@ mod tests {
         assert_eq!(layout.image_dir(&img), Path::new("/s/images/ns/img"));
         assert_eq!(
             layout.partial_image_dir(&img),
-            Path::new("/s/images/ns/img.partial")
+            Path::new("/s/images/ns/.img.partial")
+        );
+        assert_eq!(
+            layout.promoting_image_dir(&img),
+            Path::new("/s/images/ns/.img.promote")
+        );
+        // Names that differ after a dot keep their own work in progress.
+        assert_ne!(
+            layout.partial_image_dir(&ObjectKey::live_image("ns", "web.v1")),
+            layout.partial_image_dir(&ObjectKey::live_image("ns", "web.v2"))
         );
         assert_eq!(
             layout.capture_file(&img),
@@ -241,6 +266,9 @@ mod tests {
         std::fs::create_dir_all(&done).unwrap();
         std::fs::write(done.join(STATE_FILE), "").unwrap();
         std::fs::create_dir_all(layout.image_dir(&ObjectKey::live_image("a", "y"))).unwrap();
+        let partial = layout.partial_image_dir(&ObjectKey::live_image("b", "z"));
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join(STATE_FILE), "").unwrap();
         assert_eq!(layout.local_images(), [ObjectKey::live_image("b", "x")]);
         assert!(
             layout
