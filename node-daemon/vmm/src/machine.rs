@@ -1,7 +1,8 @@
 //! A micro-VM: [`VmShell`] (VM, vCPUs, registered guest RAM, made before a
 //! clone is requested, because memory-slot registration is the slow part)
 //! and [`Machine`] (a shell with devices and running vCPU threads, booted
-//! from a micro guest or restored from a live image).
+//! from a micro guest or restored from a live image; `crate::linux` boots
+//! Linux kernels into a shell).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,8 +17,8 @@ use crate::arch::x86_64::{boot, paging};
 use crate::devices::mailbox::Mailbox;
 use crate::devices::{DeviceState, PortIoBus};
 use crate::guests::{FillSpec, GuestProgram};
-use crate::image::PageStore;
-use crate::memory::{GuestRam, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE, PageSource};
+pub use crate::memory::backing::MemoryBacking;
+use crate::memory::{GuestRam, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE};
 use crate::vstate::ram_access::RamAccess;
 use crate::vstate::run_loop::{
     MissingPageResolver, StartArgs, VcpuControlError, VcpuShared, VcpuStats, VcpuStatus,
@@ -195,75 +196,6 @@ impl VmShell {
     }
 }
 
-/// What backs a machine's guest RAM, as capture needs to know it.
-pub enum MemoryBacking {
-    /// Anonymous memory (a booted guest).
-    Anonymous,
-    /// A private mapping of a complete local page store.
-    CopyOnWrite(Arc<PageStore>),
-    /// Pages brought in on first touch from `base`; capture takes pages
-    /// that were never populated from `base`.
-    Lazy {
-        memory: Arc<LazyMemory>,
-        base: Arc<PageStore>,
-    },
-    /// Pages brought in on first touch from any page source (e.g. another
-    /// node's page server); capture first brings in every page that was
-    /// never populated through `source`.
-    LazyFrom {
-        memory: Arc<LazyMemory>,
-        source: Arc<dyn PageSource>,
-    },
-    /// Pages installed by the machine's owner through a
-    /// [`crate::memory::PageInstaller`] (e.g. a live-migration target);
-    /// a missing page goes to the owner's [`crate::memory::MissingPageHook`]
-    /// and the guest waits for it. `image` is the live image the VM
-    /// descends from, as held on this node, if any. Once every page is
-    /// installed this is plain anonymous memory (capture and migration
-    /// need that).
-    Installed {
-        memory: Arc<LazyMemory>,
-        image: Option<Arc<PageStore>>,
-    },
-}
-
-impl MemoryBacking {
-    /// The userfaultfd-backed memory of a lazily streamed clone (or of
-    /// installed memory).
-    pub fn lazy_memory(&self) -> Option<&Arc<LazyMemory>> {
-        match self {
-            Self::Lazy { memory, .. }
-            | Self::LazyFrom { memory, .. }
-            | Self::Installed { memory, .. } => Some(memory),
-            Self::Anonymous | Self::CopyOnWrite(_) => None,
-        }
-    }
-}
-
-impl std::fmt::Debug for MemoryBacking {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Anonymous => f.write_str("Anonymous"),
-            Self::CopyOnWrite(store) => f.debug_tuple("CopyOnWrite").field(store).finish(),
-            Self::Lazy { memory, base } => f
-                .debug_struct("Lazy")
-                .field("memory", memory)
-                .field("base", base)
-                .finish(),
-            Self::LazyFrom { memory, source } => f
-                .debug_struct("LazyFrom")
-                .field("memory", memory)
-                .field("source_pages", &source.pages())
-                .finish(),
-            Self::Installed { memory, image } => f
-                .debug_struct("Installed")
-                .field("memory", memory)
-                .field("image", image)
-                .finish(),
-        }
-    }
-}
-
 /// Fills missing pages for vCPU exits (userfaultfd SIGBUS mode).
 struct LazyResolver(Arc<LazyMemory>);
 
@@ -365,19 +297,7 @@ impl Machine {
         let outside = |e: crate::vstate::ram_access::OutsideRam| -> BootError {
             unreachable!("fixed boot areas lie in the minimum RAM: {e}")
         };
-        for table in paging::identity_map(layout::gpa_end(ram.len()))? {
-            for (i, entry) in table.entries.iter().enumerate() {
-                if *entry != 0 {
-                    ram.write_u64(table.gpa + 8 * i as u64, *entry)
-                        .map_err(outside)?;
-                }
-            }
-        }
-        for (i, entry) in boot::gdt().iter().enumerate() {
-            ram.write_u64(GDT_ADDR + 8 * i as u64, *entry)
-                .map_err(outside)?;
-        }
-        ram.write_u64(IDT_ADDR, 0).map_err(outside)?;
+        write_long_mode_tables(&ram)?;
         for (i, value) in options.params.iter().enumerate() {
             ram.write_u64(PARAMS_ADDR + 8 * i as u64, *value)
                 .map_err(outside)?;
@@ -560,6 +480,27 @@ impl Drop for Machine {
         // vCPU threads hold views of guest RAM: end them before it is unmapped.
         self.stop_threads();
     }
+}
+
+/// Writes the identity page tables, the GDT and the (empty) IDT that the
+/// long-mode boot state points at.
+pub(crate) fn write_long_mode_tables(ram: &RamAccess) -> Result<(), paging::PagingError> {
+    let write = |gpa: u64, value: u64| {
+        ram.write_u64(gpa, value)
+            .unwrap_or_else(|e| unreachable!("fixed boot areas lie in the minimum RAM: {e}"));
+    };
+    for table in paging::identity_map(layout::gpa_end(ram.len()))? {
+        for (i, entry) in table.entries.iter().enumerate() {
+            if *entry != 0 {
+                write(table.gpa + 8 * i as u64, *entry);
+            }
+        }
+    }
+    for (i, entry) in boot::gdt().iter().enumerate() {
+        write(GDT_ADDR + 8 * i as u64, *entry);
+    }
+    write(IDT_ADDR, 0);
+    Ok(())
 }
 
 /// Applies `advice` to all of guest RAM; failure only costs performance.

@@ -89,7 +89,7 @@ impl Serial {
             LCR => self.state.lcr,
             MCR => self.state.mcr,
             LSR => LSR_THR_EMPTY | LSR_IDLE,
-            MSR if self.state.mcr & MCR_LOOP != 0 => (self.state.mcr & 0x0f) << 4,
+            MSR if self.state.mcr & MCR_LOOP != 0 => loopback_msr(self.state.mcr),
             MSR => MSR_DEFAULT,
             SCR => self.state.scr,
             _ => 0xff,
@@ -120,6 +120,13 @@ impl Serial {
     }
 }
 
+/// The modem status a UART in loopback mode reports: its own modem
+/// controls fed back (DTR→DSR, RTS→CTS, OUT1→RI, OUT2→DCD), as Linux's
+/// 8250 probe checks (MCR 0x0a must read back as MSR 0x90).
+fn loopback_msr(mcr: u8) -> u8 {
+    ((mcr & 0x01) << 5) | ((mcr & 0x02) << 3) | ((mcr & 0x04) << 4) | ((mcr & 0x08) << 4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +152,24 @@ mod tests {
         assert_eq!(serial.state().dll, 1);
         assert!(serial.output().is_empty());
         assert_eq!(serial.read(LCR), 0x03);
+    }
+
+    #[test]
+    fn loopback_feeds_modem_controls_back_like_an_8250() {
+        // (MCR low bits, MSR high nibble)
+        let table = [
+            (0x0a, 0x90),
+            (0x01, 0x20),
+            (0x02, 0x10),
+            (0x04, 0x40),
+            (0x08, 0x80),
+            (0x0f, 0xf0),
+        ];
+        let mut serial = Serial::default();
+        for (mcr, msr) in table {
+            serial.write(MCR, MCR_LOOP | mcr);
+            assert_eq!(serial.read(MSR) & 0xf0, msr, "MCR {mcr:#x}");
+        }
     }
 
     #[test]

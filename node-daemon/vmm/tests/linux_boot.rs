@@ -1,0 +1,284 @@
+//! Linux guests on the real /dev/kvm: the 64-bit boot protocol (a probe
+//! kernel that prints the command line it finds through the zero page),
+//! and a real Linux kernel built by `make linux-guest` booting to its
+//! console on COM1. Emulating hosts (kvm_pvm) run a kernel at about a
+//! microsecond per instruction, so the real boot takes minutes there.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmstream_test_support::{Need, record_skip, require};
+use vmstream_vmm::arch::x86_64::cpuid::CpuTemplate;
+use vmstream_vmm::linux::{LinuxBootError, LinuxBootSpec};
+use vmstream_vmm::machine::{Machine, MachineConfig, VmShell};
+use vmstream_vmm::vstate::run_loop::VcpuStatus;
+use vmstream_vmm::vstate::vm::KvmHost;
+
+/// How long a real kernel may take to reach its last expected line.
+const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn host(test: &str) -> Option<Arc<KvmHost>> {
+    if !require(test, &[Need::Kvm]) {
+        return None;
+    }
+    match KvmHost::open() {
+        Ok(host) => Some(host),
+        Err(error) => {
+            record_skip(test, &format!("KVM is not usable: {error}"));
+            None
+        }
+    }
+}
+
+fn shell(host: &Arc<KvmHost>, memory_mib: usize) -> VmShell {
+    VmShell::create(
+        host,
+        MachineConfig {
+            vcpus: 1,
+            memory_bytes: memory_mib << 20,
+        },
+    )
+    .expect("create VM shell")
+}
+
+/// A minimal x86-64 ELF "kernel": one PT_LOAD of `code` at 16 MiB.
+fn probe_elf(code: &[u8]) -> Vec<u8> {
+    const PADDR: u64 = 0x100_0000;
+    let mut elf = vec![0u8; 64 + 56];
+    elf[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&PADDR.to_le_bytes());
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes());
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut elf[64..120];
+    ph[..4].copy_from_slice(&1u32.to_le_bytes());
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
+    ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+    ph[16..24].copy_from_slice(&PADDR.to_le_bytes());
+    ph[24..32].copy_from_slice(&PADDR.to_le_bytes());
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// Prints the NUL-terminated string at `boot_params.hdr.cmd_line_ptr`
+/// (RSI + 0x228) on COM1, then `'0' + boot_params.e820_entries` (RSI +
+/// 0x1e8), then halts.
+const PROBE_CODE: &[u8] = &[
+    0x8b, 0x9e, 0x28, 0x02, 0x00, 0x00, // mov ebx, [rsi+0x228]
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0x8a, 0x03, // next: mov al, [rbx]
+    0x84, 0xc0, // test al, al
+    0x74, 0x06, // jz done
+    0xee, // out dx, al
+    0x48, 0xff, 0xc3, // inc rbx
+    0xeb, 0xf4, // jmp next
+    0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00, // done: mov al, [rsi+0x1e8]
+    0x04, 0x30, // add al, '0'
+    0xee, // out dx, al
+    0xf4, // halt: hlt
+    0xeb, 0xfd, // jmp halt
+];
+
+fn wait_for_serial(machine: &Machine, expected: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let serial = String::from_utf8_lossy(&machine.serial_output()).into_owned();
+        if serial.contains(expected) || Instant::now() >= deadline {
+            return serial;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn boot_protocol_hands_the_kernel_its_zero_page_and_command_line() {
+    let test = "boot_protocol_hands_the_kernel_its_zero_page_and_command_line";
+    let Some(host) = host(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, probe_elf(PROBE_CODE)).unwrap();
+    for template in [CpuTemplate::Host, CpuTemplate::Emulated] {
+        let spec = LinuxBootSpec {
+            kernel: kernel.clone(),
+            initrd: None,
+            cmdline: "root=/dev/vda ro".into(),
+            template,
+        };
+        let expected = format!("{}4", spec.full_cmdline());
+        let machine = Machine::boot_linux(shell(&host, 64), &spec).expect("boot the probe");
+        let serial = wait_for_serial(&machine, &expected, Duration::from_secs(20));
+        assert_eq!(
+            serial,
+            expected,
+            "{template:?}: vCPU {:?}",
+            machine.vcpus()[0].status()
+        );
+    }
+}
+
+#[test]
+fn boot_refuses_what_it_cannot_boot_before_touching_the_vcpus() {
+    let test = "boot_refuses_what_it_cannot_boot_before_touching_the_vcpus";
+    let Some(host) = host(test) else { return };
+    let missing = LinuxBootSpec::new("/nonexistent/vmlinux");
+    let error = Machine::boot_linux(shell(&host, 64), &missing).unwrap_err();
+    assert!(
+        matches!(error, LinuxBootError::NotFound { what: "kernel", .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("/nonexistent/vmlinux"),
+        "{error}"
+    );
+    let two = VmShell::create(
+        &host,
+        MachineConfig {
+            vcpus: 2,
+            memory_bytes: 64 << 20,
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        Machine::boot_linux(two, &missing),
+        Err(LinuxBootError::VcpuCount(2))
+    ));
+}
+
+/// The newest `linux-*/vmlinux` under the project's cache directory
+/// (`$VMSTREAM_CACHE`, default `~/.cache/vmstream`), as `make linux-guest`
+/// leaves it.
+fn project_kernel() -> Option<PathBuf> {
+    let cache = std::env::var_os("VMSTREAM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/vmstream"))
+        })?;
+    std::fs::read_dir(cache)
+        .ok()?
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("linux-"))
+        .map(|entry| entry.path().join("vmlinux"))
+        .filter(|vmlinux| vmlinux.is_file())
+        .max_by_key(|vmlinux| vmlinux.metadata().and_then(|m| m.modified()).ok())
+}
+
+/// Waits for each of `milestones` in order (any of a milestone's
+/// alternatives counts); returns the time each was first seen, or fails
+/// with the console so far.
+fn wait_for_milestones(
+    machine: &Machine,
+    milestones: &[&[&str]],
+    timeout: Duration,
+) -> Vec<(String, Duration)> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut from = 0;
+    for alternatives in milestones {
+        loop {
+            let serial = String::from_utf8_lossy(&machine.serial_output()).into_owned();
+            let hit = alternatives
+                .iter()
+                .filter_map(|line| serial[from..].find(line).map(|at| (at, *line)))
+                .min();
+            if let Some((at, line)) = hit {
+                from += at + line.len();
+                seen.push((line.to_string(), start.elapsed()));
+                eprintln!("{:>7.1?}  {line}", start.elapsed());
+                break;
+            }
+            let status = machine.vcpus()[0].status();
+            let ended = matches!(status, VcpuStatus::Exited(_));
+            if ended || start.elapsed() > timeout {
+                let tail: String = serial
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!(
+                    "no {alternatives:?} after {:?} (vCPU {status:?}); console tail:\n{tail}",
+                    start.elapsed()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    seen
+}
+
+#[test]
+fn linux_kernel_boots_to_its_console() {
+    let test = "linux_kernel_boots_to_its_console";
+    let Some(host) = host(test) else { return };
+    let Some(kernel) = project_kernel() else {
+        record_skip(
+            test,
+            "no project-built Linux kernel ($VMSTREAM_CACHE/linux-*/vmlinux): run make linux-guest",
+        );
+        return;
+    };
+    let mut spec = LinuxBootSpec::new(&kernel);
+    // No root device: the kernel ends in the panic about mounting root.
+    spec.cmdline = "panic=0".into();
+    eprintln!("booting {} with: {}", kernel.display(), spec.full_cmdline());
+    let started = Instant::now();
+    let machine = Machine::boot_linux(shell(&host, 128), &spec).expect("boot Linux");
+    let seen = wait_for_milestones(
+        &machine,
+        &[
+            &["Linux version"],
+            &["Command line:"],
+            &["Calibrating delay loop", "tsc: Detected", "clocksource:"],
+            &[
+                "Freeing unused kernel",
+                "VFS: Unable to mount root",
+                "Kernel panic",
+                "Run /init",
+            ],
+        ],
+        LINUX_BOOT_TIMEOUT,
+    );
+    let serial = String::from_utf8_lossy(&machine.serial_output()).into_owned();
+    let command_line = serial
+        .lines()
+        .find(|line| line.contains("Command line:"))
+        .unwrap_or_default();
+    assert!(
+        command_line.contains("console=ttyS0") && command_line.contains("clearcpuid="),
+        "{command_line}"
+    );
+    eprintln!(
+        "{} milestones in {:?}; vCPU {:?}, {:?}",
+        seen.len(),
+        started.elapsed(),
+        machine.vcpus()[0].status(),
+        machine.stats().vcpus[0]
+    );
+}
+
+#[test]
+fn linux_userspace_runs_on_hardware_kvm() {
+    let test = "linux_userspace_runs_on_hardware_kvm";
+    if CpuTemplate::detect() == CpuTemplate::Emulated {
+        record_skip(
+            test,
+            "this host's KVM emulates guest instructions (kvm_pvm or no vmx/svm): guest userspace cannot run",
+        );
+        return;
+    }
+    let Some(_host) = host(test) else { return };
+    record_skip(
+        test,
+        "not written yet: needs a root filesystem with an init that reports over virtio",
+    );
+}
