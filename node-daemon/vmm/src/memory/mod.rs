@@ -5,6 +5,7 @@
 
 pub mod cow;
 pub mod footprint;
+pub mod guest_memory_view;
 pub mod ksm;
 pub mod latency;
 pub mod lazy;
@@ -17,6 +18,7 @@ pub use footprint::{
     CleanScan, CloneUsage, FootprintError, RangeFootprint, ReclaimPlan, ReclaimRequest,
     image_clean_estimate, plan_reclaim, range_footprint, resident_bytes,
 };
+pub use guest_memory_view::{GuestMemoryViewError, guest_memory_view};
 pub use ksm::{KsmError, KsmProcessStat, KsmRunning, KsmSettings, merge_identical_pages};
 pub use latency::{LatencyHistogram, LatencySnapshot};
 pub use lazy::{
