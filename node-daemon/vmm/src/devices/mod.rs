@@ -3,6 +3,7 @@
 
 pub mod mailbox;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -16,6 +16,7 @@ use super::boot_params::{self, ZeroPageSpec};
 use crate::arch::x86_64::layout::{
     CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY_START, MMIO_HOLE_START, ZERO_PAGE_ADDR,
 };
+use crate::machine::ram_access;
 use crate::memory::{GuestRam, guest_memory_view};
 
 const PT_LOAD: u32 = 1;
@@ -149,7 +150,10 @@ pub fn load(
             low_ram_end,
         });
     }
-    let memory = guest_memory_view(ram);
+    let memory = guest_memory_view(&ram_access(ram)).map_err(|e| LinuxBootError::GuestWrite {
+        what: "kernel",
+        detail: e.to_string(),
+    })?;
     let loaded = Elf::load(
         &memory,
         None,
@@ -309,7 +313,7 @@ mod tests {
         let loaded = load(&ram, &kernel, Some(&initrd), "console=ttyS0 quiet").unwrap();
         assert_eq!(loaded.entry, 0x100_0000);
         assert_eq!(loaded.initrd, Some(((32 << 20) - 12_288, 10_000)));
-        let memory = guest_memory_view(&ram);
+        let memory = guest_memory_view(&ram_access(&ram)).unwrap();
         let code: [u8; 3] = memory.read_obj(GuestAddress(0x100_0000)).unwrap();
         assert_eq!(code, [0xf4, 0xeb, 0xfd]);
         let mut line = [0u8; 20];

@@ -20,7 +20,7 @@ pub use footprint::{
     CleanScan, CloneUsage, FootprintError, RangeFootprint, ReclaimPlan, ReclaimRequest,
     image_clean_estimate, plan_reclaim, range_footprint, resident_bytes,
 };
-pub use guest_memory_view::guest_memory_view;
+pub use guest_memory_view::{GuestMemoryViewError, guest_memory_view};
 pub use ksm::{KsmError, KsmProcessStat, KsmRunning, KsmSettings, merge_identical_pages};
 pub use latency::{LatencyHistogram, LatencySnapshot};
 pub use lazy::{
