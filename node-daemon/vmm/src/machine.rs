@@ -15,6 +15,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::{boot, paging};
 use crate::devices::mailbox::Mailbox;
+use crate::devices::mmio_bus::MmioBus;
 use crate::devices::{DeviceState, PortIoBus};
 use crate::guests::{FillSpec, GuestProgram};
 pub use crate::memory::backing::MemoryBacking;
@@ -251,6 +252,8 @@ pub struct MachineStats {
     pub vcpus: Vec<VcpuStats>,
     /// Guest accesses to ports without a device.
     pub unknown_port_accesses: u64,
+    /// Guest accesses to the MMIO hole where no device is.
+    pub unclaimed_mmio_accesses: u64,
 }
 
 /// A running (or paused) micro-VM.
@@ -260,6 +263,7 @@ pub struct Machine {
     vcpus: Vec<Arc<VcpuShared>>,
     threads: Vec<JoinHandle<()>>,
     bus: Arc<PortIoBus>,
+    mmio: Arc<MmioBus>,
     backing: MemoryBacking,
     vm: VmFd,
     ram: GuestRam,
@@ -297,7 +301,7 @@ impl Machine {
         let outside = |e: crate::vstate::ram_access::OutsideRam| -> BootError {
             unreachable!("fixed boot areas lie in the minimum RAM: {e}")
         };
-        write_long_mode_tables(&ram)?;
+        write_long_mode_tables(&ram, 0)?;
         for (i, value) in options.params.iter().enumerate() {
             ram.write_u64(PARAMS_ADDR + 8 * i as u64, *value)
                 .map_err(outside)?;
@@ -313,8 +317,19 @@ impl Machine {
         Ok(Self::start(shell, bus, MemoryBacking::Anonymous))
     }
 
-    /// Wraps a shell whose vCPU and VM state are set and starts its vCPUs.
+    /// Wraps a shell whose vCPU and VM state are set and starts its vCPUs
+    /// (no MMIO devices).
     pub(crate) fn start(shell: VmShell, bus: Arc<PortIoBus>, backing: MemoryBacking) -> Self {
+        Self::start_with_mmio(shell, bus, Arc::default(), backing)
+    }
+
+    /// [`Machine::start`] with devices in the MMIO hole.
+    pub(crate) fn start_with_mmio(
+        shell: VmShell,
+        bus: Arc<PortIoBus>,
+        mmio: Arc<MmioBus>,
+        backing: MemoryBacking,
+    ) -> Self {
         let ram = ram_access(&shell.ram);
         let resolver = backing.lazy_memory().map(|memory| {
             Arc::new(LazyResolver(Arc::clone(memory))) as Arc<dyn MissingPageResolver>
@@ -330,6 +345,7 @@ impl Machine {
         for vcpu in &threads.vcpus {
             vcpu.start(StartArgs {
                 bus: Arc::clone(&bus),
+                mmio: Arc::clone(&mmio),
                 ram,
                 resolver: resolver.clone(),
             });
@@ -340,6 +356,7 @@ impl Machine {
             vcpus: std::mem::take(&mut threads.vcpus),
             threads: std::mem::take(&mut threads.handles),
             bus,
+            mmio,
             backing,
             vm,
             ram: guest_ram,
@@ -354,6 +371,11 @@ impl Machine {
     /// The mailbox device.
     pub fn mailbox(&self) -> &Arc<Mailbox> {
         self.bus.mailbox()
+    }
+
+    /// The devices in the MMIO hole.
+    pub fn mmio(&self) -> &Arc<MmioBus> {
+        &self.mmio
     }
 
     /// Serial output of this VM since it started (not its image's).
@@ -386,6 +408,7 @@ impl Machine {
         MachineStats {
             vcpus: self.vcpus.iter().map(|v| v.stats()).collect(),
             unknown_port_accesses: self.bus.unknown_accesses(),
+            unclaimed_mmio_accesses: self.mmio.unclaimed(),
         }
     }
 
@@ -482,14 +505,18 @@ impl Drop for Machine {
     }
 }
 
-/// Writes the identity page tables, the GDT and the (empty) IDT that the
-/// long-mode boot state points at.
-pub(crate) fn write_long_mode_tables(ram: &RamAccess) -> Result<(), paging::PagingError> {
+/// Writes the identity page tables (mapping `[0, map_end)` and at least
+/// all RAM), the GDT and the (empty) IDT that the long-mode boot state
+/// points at.
+pub(crate) fn write_long_mode_tables(
+    ram: &RamAccess,
+    map_end: u64,
+) -> Result<(), paging::PagingError> {
     let write = |gpa: u64, value: u64| {
         ram.write_u64(gpa, value)
             .unwrap_or_else(|e| unreachable!("fixed boot areas lie in the minimum RAM: {e}"));
     };
-    for table in paging::identity_map(layout::gpa_end(ram.len()))? {
+    for table in paging::identity_map(layout::gpa_end(ram.len()).max(map_end))? {
         for (i, entry) in table.entries.iter().enumerate() {
             if *entry != 0 {
                 write(table.gpa + 8 * i as u64, *entry);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use vmstream_test_support::{Need, record_skip, require};
 use vmstream_vmm::arch::x86_64::cpuid::CpuTemplate;
-use vmstream_vmm::linux::{LinuxBootError, LinuxBootSpec};
+use vmstream_vmm::linux::{LinuxBootError, LinuxBootSpec, VirtioDeviceSpec};
 use vmstream_vmm::machine::{Machine, MachineConfig, VmShell};
 use vmstream_vmm::vstate::run_loop::VcpuStatus;
 use vmstream_vmm::vstate::vm::KvmHost;
@@ -69,7 +69,8 @@ fn probe_elf(code: &[u8]) -> Vec<u8> {
 
 /// Prints the NUL-terminated string at `boot_params.hdr.cmd_line_ptr`
 /// (RSI + 0x228) on COM1, then `'0' + boot_params.e820_entries` (RSI +
-/// 0x1e8), then halts.
+/// 0x1e8), then the 4 bytes of the dword at 0xd000_0000 (the first virtio
+/// window: "virt" when a device is there), then halts.
 const PROBE_CODE: &[u8] = &[
     0x8b, 0x9e, 0x28, 0x02, 0x00, 0x00, // mov ebx, [rsi+0x228]
     0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
@@ -81,6 +82,15 @@ const PROBE_CODE: &[u8] = &[
     0xeb, 0xf4, // jmp next
     0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00, // done: mov al, [rsi+0x1e8]
     0x04, 0x30, // add al, '0'
+    0xee, // out dx, al
+    0xbb, 0x00, 0x00, 0x00, 0xd0, // mov ebx, 0xd0000000
+    0x8b, 0x03, // mov eax, [rbx]
+    0xee, // out dx, al
+    0xc1, 0xe8, 0x08, // shr eax, 8
+    0xee, // out dx, al
+    0xc1, 0xe8, 0x08, // shr eax, 8
+    0xee, // out dx, al
+    0xc1, 0xe8, 0x08, // shr eax, 8
     0xee, // out dx, al
     0xf4, // halt: hlt
     0xeb, 0xfd, // jmp halt
@@ -104,14 +114,20 @@ fn boot_protocol_hands_the_kernel_its_zero_page_and_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("vmlinux");
     std::fs::write(&kernel, probe_elf(PROBE_CODE)).unwrap();
-    for template in [CpuTemplate::Host, CpuTemplate::Emulated] {
+    // (template, devices, what the dword at 0xd000_0000 reads as)
+    let table = [
+        (CpuTemplate::Host, vec![VirtioDeviceSpec::Rng], "virt"),
+        (CpuTemplate::Emulated, vec![], "\0\0\0\0"),
+    ];
+    for (template, devices, window) in table {
         let spec = LinuxBootSpec {
             kernel: kernel.clone(),
             initrd: None,
             cmdline: "root=/dev/vda ro".into(),
             template,
+            devices,
         };
-        let expected = format!("{}4", spec.full_cmdline());
+        let expected = format!("{}4{window}", spec.full_cmdline());
         let machine = Machine::boot_linux(shell(&host, 64), &spec).expect("boot the probe");
         let serial = wait_for_serial(&machine, &expected, Duration::from_secs(20));
         assert_eq!(
@@ -120,6 +136,8 @@ fn boot_protocol_hands_the_kernel_its_zero_page_and_command_line() {
             "{template:?}: vCPU {:?}",
             machine.vcpus()[0].status()
         );
+        let unclaimed = u64::from(spec.devices.is_empty());
+        assert_eq!(machine.stats().unclaimed_mmio_accesses, unclaimed);
     }
 }
 

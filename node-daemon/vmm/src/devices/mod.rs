@@ -1,7 +1,9 @@
 //! The micro-VM's devices on the I/O port bus: COM1 (8250 UART) and the
 //! mailbox. Unknown ports read as all ones and ignore writes (counted).
+//! Devices in the MMIO hole (virtio-mmio) sit on the [`mmio_bus`].
 
 pub mod mailbox;
+pub mod mmio_bus;
 pub mod serial;
 pub mod virtio;
 

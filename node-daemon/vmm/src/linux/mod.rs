@@ -4,21 +4,25 @@
 //! initrd) is written, and vCPU 0 starts at the ELF entry in long mode on
 //! the micro guests' identity page tables and GDT, with RSI pointing at the
 //! zero page and CPUID from a [`CpuTemplate`]. The console is the 8250 on
-//! COM1 (`console=ttyS0`). Only one vCPU boots: there is no MP table or
-//! ACPI to announce others.
+//! COM1 (`console=ttyS0`); virtio devices sit on the MMIO bus and are
+//! announced on the command line ([`devices`]). Only one vCPU boots: there
+//! is no MP table or ACPI to announce others.
 
 pub mod boot_params;
+pub mod devices;
 pub mod loader;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::arch::x86_64::cpuid::{self, CpuTemplate};
-use crate::arch::x86_64::layout::ZERO_PAGE_ADDR;
+use crate::arch::x86_64::layout::{MMIO_HOLE_END, ZERO_PAGE_ADDR};
 use crate::arch::x86_64::paging::PagingError;
 use crate::devices::{DeviceState, PortIoBus};
 use crate::machine::{Machine, MemoryBacking, VmShell, ram_access, write_long_mode_tables};
+use crate::memory::guest_memory_view;
 use crate::vstate::vcpu::{self, VcpuBootError};
+pub use devices::VirtioDeviceSpec;
 pub use loader::{ElfProblem, LoadedKernel};
 
 /// The command line every Linux guest gets before the template's switches
@@ -37,6 +41,8 @@ pub struct LinuxBootSpec {
     pub cmdline: String,
     /// Which CPU features the guest sees.
     pub template: CpuTemplate,
+    /// Virtio devices, in window order.
+    pub devices: Vec<VirtioDeviceSpec>,
 }
 
 impl LinuxBootSpec {
@@ -48,16 +54,19 @@ impl LinuxBootSpec {
             initrd: None,
             cmdline: String::new(),
             template: CpuTemplate::detect(),
+            devices: Vec::new(),
         }
     }
 
     /// The command line the kernel gets: [`BASE_CMDLINE`], the template's
-    /// switches, then the caller's arguments (last, so `-- init args` stay
-    /// at the end).
+    /// switches, the virtio devices, then the caller's arguments (last, so
+    /// `-- init args` stay at the end).
     pub fn full_cmdline(&self) -> String {
+        let slots = devices::virtio_slots(self.devices.len()).unwrap_or_default();
         [
             BASE_CMDLINE,
             &self.template.kernel_switches(),
+            &devices::cmdline_entries(&slots),
             self.cmdline.trim(),
         ]
         .iter()
@@ -111,6 +120,15 @@ pub enum LinuxBootError {
     CmdlineInvalid { reason: String },
     #[error("cannot write the {what} into guest RAM: {detail}")]
     GuestWrite { what: &'static str, detail: String },
+    #[error("{count} virtio devices asked for, there are interrupt lines for {max}")]
+    TooManyDevices { count: usize, max: usize },
+    #[error("cannot wire the interrupt of virtio-{device} to GSI {gsi}")]
+    Interrupt {
+        device: &'static str,
+        gsi: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot build the identity page tables")]
     Paging(#[from] PagingError),
     #[error("cannot set the boot vCPU's state")]
@@ -133,7 +151,14 @@ impl Machine {
             &spec.full_cmdline(),
         )?;
         let ram = ram_access(shell.ram());
-        write_long_mode_tables(&ram)?;
+        // The MMIO hole too: the kernel's first instructions may touch
+        // devices before it switches to its own page tables.
+        write_long_mode_tables(&ram, MMIO_HOLE_END)?;
+        let memory = guest_memory_view(&ram).map_err(|e| LinuxBootError::GuestWrite {
+            what: "devices' view of guest RAM",
+            detail: e.to_string(),
+        })?;
+        let mmio = Arc::new(devices::build(shell.vm(), &memory, &spec.devices)?);
         let mut cpuid = spec
             .template
             .apply(shell.host().supported_cpuid().as_slice());
@@ -155,7 +180,12 @@ impl Machine {
             "booting Linux"
         );
         let bus = Arc::new(PortIoBus::new(DeviceState::default(), ram));
-        Ok(Self::start(shell, bus, MemoryBacking::Anonymous))
+        Ok(Self::start_with_mmio(
+            shell,
+            bus,
+            mmio,
+            MemoryBacking::Anonymous,
+        ))
     }
 }
 
@@ -173,6 +203,12 @@ mod tests {
             spec.full_cmdline(),
             format!("{BASE_CMDLINE} root=/dev/vda ro -- init")
         );
+        spec.devices = vec![VirtioDeviceSpec::Rng];
+        assert_eq!(
+            spec.full_cmdline(),
+            format!("{BASE_CMDLINE} virtio_mmio.device=4K@0xd0000000:5 root=/dev/vda ro -- init")
+        );
+        spec.devices.clear();
         spec.template = CpuTemplate::Emulated;
         let line = spec.full_cmdline();
         assert!(

@@ -1,0 +1,153 @@
+//! The virtio-mmio devices of a Linux guest: where they sit (4 KiB windows
+//! from [`VIRTIO_MMIO_BASE`] in the MMIO hole), which interrupt each raises
+//! (legacy GSIs 5, 6, 7, 9, 10, 11 through an irqfd, so a device thread can
+//! interrupt the guest without the vCPU), and the `virtio_mmio.device=`
+//! entries that announce them on the kernel command line (the guest has no
+//! ACPI or device tree to find them otherwise). QueueNotify writes are
+//! served synchronously on the vCPU thread that made them.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+
+use super::LinuxBootError;
+use crate::devices::mmio_bus::{MmioBus, MmioDevice};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{InterruptLine, IrqfdLine, MMIO_SIZE, VirtioMmio};
+
+/// Guest physical address of the first device window.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The interrupt lines devices get, in order: ISA IRQs no legacy device of
+/// this machine uses (4 is COM1, 8 the RTC).
+pub const VIRTIO_GSIS: [u32; 6] = [5, 6, 7, 9, 10, 11];
+
+/// A virtio device to give the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtioDeviceSpec {
+    /// virtio-rng (entropy from the host).
+    Rng,
+}
+
+impl VirtioDeviceSpec {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Rng => "rng",
+        }
+    }
+}
+
+/// Where device `index` sits and what it raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    pub base: u64,
+    pub gsi: u32,
+}
+
+/// The slots of `count` devices, or `None` for more than there are lines.
+pub fn virtio_slots(count: usize) -> Option<Vec<VirtioSlot>> {
+    (count <= VIRTIO_GSIS.len()).then(|| {
+        VIRTIO_GSIS[..count]
+            .iter()
+            .enumerate()
+            .map(|(i, &gsi)| VirtioSlot {
+                base: VIRTIO_MMIO_BASE + i as u64 * MMIO_SIZE,
+                gsi,
+            })
+            .collect()
+    })
+}
+
+/// The command-line entries that announce `slots` to Linux's virtio-mmio
+/// driver (`virtio_mmio.device=4K@0xd0000000:5 ...`).
+pub fn cmdline_entries(slots: &[VirtioSlot]) -> String {
+    slots
+        .iter()
+        .map(|slot| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                MMIO_SIZE >> 10,
+                slot.base,
+                slot.gsi
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Builds the devices of `specs` over guest memory `mem`, registers their
+/// irqfds with `vm` and places them on a new MMIO bus.
+pub(super) fn build(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    specs: &[VirtioDeviceSpec],
+) -> Result<MmioBus, LinuxBootError> {
+    let slots = virtio_slots(specs.len()).ok_or(LinuxBootError::TooManyDevices {
+        count: specs.len(),
+        max: VIRTIO_GSIS.len(),
+    })?;
+    let mut bus = MmioBus::default();
+    for (spec, slot) in specs.iter().zip(slots) {
+        let line = IrqfdLine::new().map_err(|source| LinuxBootError::Interrupt {
+            device: spec.name(),
+            gsi: slot.gsi,
+            source,
+        })?;
+        vm.register_irqfd(line.eventfd(), slot.gsi)
+            .map_err(|e| LinuxBootError::Interrupt {
+                device: spec.name(),
+                gsi: slot.gsi,
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        let line: Arc<dyn InterruptLine> = Arc::new(line);
+        let device: Arc<dyn MmioDevice> = match spec {
+            VirtioDeviceSpec::Rng => Arc::new(Mutex::new(VirtioMmio::new(
+                Rng::new("rng0"),
+                mem.clone(),
+                line,
+            ))),
+        };
+        bus.insert(slot.base, MMIO_SIZE, device)
+            .expect("virtio slots are disjoint windows inside the MMIO hole");
+    }
+    Ok(bus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_get_consecutive_windows_and_free_legacy_lines() {
+        let slots = virtio_slots(3).unwrap();
+        assert_eq!(
+            slots,
+            vec![
+                VirtioSlot {
+                    base: 0xd000_0000,
+                    gsi: 5
+                },
+                VirtioSlot {
+                    base: 0xd000_1000,
+                    gsi: 6
+                },
+                VirtioSlot {
+                    base: 0xd000_2000,
+                    gsi: 7
+                },
+            ]
+        );
+        assert_eq!(virtio_slots(6).unwrap()[5].gsi, 11);
+        assert_eq!(virtio_slots(7), None);
+        assert_eq!(virtio_slots(0), Some(vec![]));
+    }
+
+    #[test]
+    fn command_line_announces_each_device() {
+        assert_eq!(
+            cmdline_entries(&virtio_slots(2).unwrap()),
+            "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        assert_eq!(cmdline_entries(&[]), "");
+    }
+}
