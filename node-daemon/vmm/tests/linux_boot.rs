@@ -248,6 +248,7 @@ fn linux_kernel_boots_to_its_console() {
     let mut spec = LinuxBootSpec::new(&kernel);
     // No root device: the kernel ends in the panic about mounting root.
     spec.cmdline = "panic=0".into();
+    spec.devices = vec![VirtioDeviceSpec::Rng];
     eprintln!("booting {} with: {}", kernel.display(), spec.full_cmdline());
     let started = Instant::now();
     let machine = Machine::boot_linux(shell(&host, 128), &spec).expect("boot Linux");
@@ -274,6 +275,15 @@ fn linux_kernel_boots_to_its_console() {
     assert!(
         command_line.contains("console=ttyS0") && command_line.contains("clearcpuid="),
         "{command_line}"
+    );
+    // The kernel found the virtio-rng window from the command line and its
+    // driver brought the device up (Status register, offset 0x70).
+    let mut status = [0u8; 4];
+    machine.mmio().read(0xd000_0070, &mut status);
+    assert_eq!(
+        u32::from_le_bytes(status) & 0xf,
+        0xf,
+        "virtio-rng status {status:?}: ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK"
     );
     eprintln!(
         "{} milestones in {:?}; vCPU {:?}, {:?}",
