@@ -5,9 +5,13 @@
 
 mod virtio_common;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
+
 use virtio_common::*;
+use vmstream_vmm::devices::virtio::blk::Block;
 use vmstream_vmm::devices::virtio::rng::Rng;
 use vmstream_vmm::devices::virtio::{InterruptLine, MmioTransport, VirtioInterrupt, VirtioMmio};
 
@@ -145,4 +149,209 @@ fn rng_state_survives_save_and_restore() {
     assert_eq!(q.take_used(&g), vec![(u32::from(head), 16)]);
     assert_eq!(q.used_idx(&g), 7);
     let _: &mut dyn MmioTransport = &mut restored;
+}
+
+// ---- virtio-blk -----------------------------------------------------------
+
+const IMAGE_SECTORS: u64 = 2048;
+
+/// A 1 MiB raw image whose every byte depends on its offset.
+fn make_image(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let data: Vec<u8> = (0..IMAGE_SECTORS as usize * 512)
+        .map(|i| (i / 512 * 31 + i % 251) as u8)
+        .collect();
+    let path = dir.join("disk.raw");
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+fn sha256(path: &Path) -> Vec<u8> {
+    Sha256::digest(std::fs::read(path).unwrap()).to_vec()
+}
+
+fn blk_device(g: &TestGuest, block: Block) -> VirtioMmio<Block> {
+    let line: Arc<dyn InterruptLine> = g.interrupts.clone();
+    VirtioMmio::new(block, g.mem.clone(), line)
+}
+
+#[test]
+fn blk_offers_its_features_and_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = make_image(dir.path());
+    let g = TestGuest::new(16);
+    let mut dev = blk_device(
+        &g,
+        Block::open("rootfs", &img, Some(&dir.path().join("ov"))).unwrap(),
+    );
+    assert_eq!(read_reg(&mut dev, DEVICE_ID), 2);
+    assert_eq!(device_features(&mut dev), F_VERSION_1 | (1 << 9) | (1 << 2));
+    let mut cap = [0u8; 8];
+    dev.read(CONFIG, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), IMAGE_SECTORS);
+    assert_eq!(read_reg(&mut dev, CONFIG + 12), 254, "seg_max");
+    let mut ro = blk_device(&g, Block::open("ro", &img, None).unwrap());
+    assert_eq!(
+        device_features(&mut ro),
+        F_VERSION_1 | (1 << 9) | (1 << 2) | (1 << 5)
+    );
+}
+
+#[test]
+fn blk_reads_writes_flushes_and_identifies_through_the_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, image) = make_image(dir.path());
+    let before = sha256(&img);
+    let overlay = dir.path().join("overlay");
+    let g = TestGuest::new(16);
+    let mut dev = blk_device(&g, Block::open("rootfs", &img, Some(&overlay)).unwrap());
+    let mut qs = bring_up(&mut dev, u64::MAX, &[16]);
+    let q = &mut qs[0];
+
+    // Read 8 sectors into two buffers.
+    let (status, len) = blk_request(
+        &g,
+        &mut dev,
+        q,
+        BLK_T_IN,
+        0,
+        &[
+            writable(BLK_DATA_ADDR, 1024),
+            writable(BLK_DATA_ADDR + 0x8000, 3072),
+        ],
+    );
+    assert_eq!((status, len), (0, 4097));
+    assert_eq!(g.read(BLK_DATA_ADDR, 1024), image[..1024]);
+    assert_eq!(g.read(BLK_DATA_ADDR + 0x8000, 3072), image[1024..4096]);
+
+    // Write sector 3 (part of overlay block 0) and sectors 7..9 (across
+    // blocks 0 and 1).
+    let mut expect = image.clone();
+    g.write(BLK_DATA_ADDR, &[0xab; 512]);
+    assert_eq!(
+        blk_request(
+            &g,
+            &mut dev,
+            q,
+            BLK_T_OUT,
+            3,
+            &[readable(BLK_DATA_ADDR, 512)]
+        ),
+        (0, 1)
+    );
+    expect[3 * 512..4 * 512].fill(0xab);
+    g.write(BLK_DATA_ADDR, &[0xcd; 1024]);
+    assert_eq!(
+        blk_request(
+            &g,
+            &mut dev,
+            q,
+            BLK_T_OUT,
+            7,
+            &[readable(BLK_DATA_ADDR, 1024)]
+        ),
+        (0, 1)
+    );
+    expect[7 * 512..9 * 512].fill(0xcd);
+    assert_eq!(dev.device().written_blocks(), 2);
+
+    // Read back 16 sectors: the overlay where written, the image elsewhere.
+    let (status, len) = blk_request(
+        &g,
+        &mut dev,
+        q,
+        BLK_T_IN,
+        0,
+        &[writable(BLK_DATA_ADDR, 8192)],
+    );
+    assert_eq!((status, len), (0, 8193));
+    assert_eq!(g.read(BLK_DATA_ADDR, 8192), expect[..8192]);
+
+    assert_eq!(blk_request(&g, &mut dev, q, BLK_T_FLUSH, 0, &[]), (0, 1));
+    let (status, len) = blk_request(
+        &g,
+        &mut dev,
+        q,
+        BLK_T_GET_ID,
+        0,
+        &[writable(BLK_DATA_ADDR, 20)],
+    );
+    assert_eq!((status, len), (0, 21));
+    assert_eq!(
+        g.read(BLK_DATA_ADDR, 20),
+        b"rootfs\0\0\0\0\0\0\0\0\0\0\0\0\0\0"
+    );
+
+    // A request past the end gets IOERR; an unknown type UNSUPP; the device
+    // keeps working.
+    let (status, _) = blk_request(
+        &g,
+        &mut dev,
+        q,
+        BLK_T_IN,
+        IMAGE_SECTORS - 1,
+        &[writable(BLK_DATA_ADDR, 1024)],
+    );
+    assert_eq!(status, 1);
+    let refused = dev.last_refused_request().unwrap().to_string();
+    assert!(
+        refused.contains("virtio-blk rootfs queue 0")
+            && refused.contains("sectors 2047+2 are beyond the capacity of 2048"),
+        "{refused}"
+    );
+    assert_eq!(blk_request(&g, &mut dev, q, 99, 0, &[]).0, 2);
+    assert_eq!(dev.refused_requests(), 2);
+    assert!(!dev.needs_reset());
+
+    // The image file never changed; the overlay holds the writes.
+    assert_eq!(sha256(&img), before);
+    let ov = std::fs::read(&overlay).unwrap();
+    assert_eq!(ov.len(), image.len());
+    assert_eq!(ov[3 * 512..4 * 512], [0xab; 512]);
+
+    // Save, restore over the same overlay file, read the writes back.
+    let state = dev.save();
+    drop(dev);
+    let block = Block::restore("rootfs", &img, Some(&overlay), &state.device).unwrap();
+    let line: Arc<dyn InterruptLine> = g.interrupts.clone();
+    let mut dev = VirtioMmio::restore(block, g.mem.clone(), line, &state.transport).unwrap();
+    let (status, _) = blk_request(
+        &g,
+        &mut dev,
+        q,
+        BLK_T_IN,
+        0,
+        &[writable(BLK_DATA_ADDR, 8192)],
+    );
+    assert_eq!(status, 0);
+    assert_eq!(g.read(BLK_DATA_ADDR, 8192), expect[..8192]);
+    assert_eq!(dev.device().written_blocks(), 2);
+    assert_eq!(sha256(&img), before);
+}
+
+#[test]
+fn read_only_blk_refuses_writes_with_ioerr() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = make_image(dir.path());
+    let before = sha256(&img);
+    let g = TestGuest::new(16);
+    let mut dev = blk_device(&g, Block::open("ro", &img, None).unwrap());
+    let mut qs = bring_up(&mut dev, u64::MAX, &[16]);
+    assert_ne!(dev.acked_features() & (1 << 5), 0, "RO negotiated");
+    g.write(BLK_DATA_ADDR, &[0x11; 512]);
+    let (status, _) = blk_request(
+        &g,
+        &mut dev,
+        &mut qs[0],
+        BLK_T_OUT,
+        0,
+        &[readable(BLK_DATA_ADDR, 512)],
+    );
+    assert_eq!(status, 1);
+    assert!(
+        dev.last_refused_request()
+            .unwrap()
+            .to_string()
+            .contains("read-only")
+    );
+    assert_eq!(sha256(&img), before);
 }

@@ -313,3 +313,42 @@ pub fn ack_interrupt(dev: &mut dyn MmioTransport) -> u32 {
     write_reg(dev, INTERRUPT_ACK, status);
     status
 }
+
+pub const BLK_T_IN: u32 = 0;
+pub const BLK_T_OUT: u32 = 1;
+pub const BLK_T_FLUSH: u32 = 4;
+pub const BLK_T_GET_ID: u32 = 8;
+pub const BLK_HEADER_ADDR: u64 = DATA_BASE;
+pub const BLK_STATUS_ADDR: u64 = DATA_BASE + 0x100;
+pub const BLK_DATA_ADDR: u64 = DATA_BASE + 0x1_0000;
+
+/// Writes a block request header (type, sector) at [`BLK_HEADER_ADDR`].
+pub fn blk_header(g: &TestGuest, kind: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    g.write(BLK_HEADER_ADDR, &h);
+}
+
+/// Submits header + `data` + status byte, notifies, and returns
+/// (status byte, used length). `data` buffers give their own direction.
+pub fn blk_request(
+    g: &TestGuest,
+    dev: &mut dyn MmioTransport,
+    q: &mut TestQueue,
+    kind: u32,
+    sector: u64,
+    data: &[Buf],
+) -> (u8, u32) {
+    blk_header(g, kind, sector);
+    g.write(BLK_STATUS_ADDR, &[0xee]);
+    let mut bufs = vec![readable(BLK_HEADER_ADDR, 16)];
+    bufs.extend_from_slice(data);
+    bufs.push(writable(BLK_STATUS_ADDR, 1));
+    let head = q.add(g, &bufs);
+    q.notify(dev);
+    let used = q.take_used(g);
+    assert_eq!(used.len(), 1, "one completion expected, got {used:?}");
+    assert_eq!(used[0].0, u32::from(head));
+    (g.read(BLK_STATUS_ADDR, 1)[0], used[0].1)
+}
