@@ -5,14 +5,19 @@
 
 mod virtio_common;
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 use virtio_common::*;
+use vmstream_test_support::Need;
 use vmstream_vmm::devices::virtio::blk::Block;
+use vmstream_vmm::devices::virtio::net::Net;
 use vmstream_vmm::devices::virtio::rng::Rng;
+use vmstream_vmm::devices::virtio::tap::Tap;
 use vmstream_vmm::devices::virtio::{InterruptLine, MmioTransport, VirtioInterrupt, VirtioMmio};
 
 fn rng_device(g: &TestGuest) -> VirtioMmio<Rng> {
@@ -354,4 +359,198 @@ fn read_only_blk_refuses_writes_with_ioerr() {
             .contains("read-only")
     );
     assert_eq!(sha256(&img), before);
+}
+
+// ---- virtio-net -----------------------------------------------------------
+
+/// An AF_PACKET socket on one interface: sees what the tap's fd writes and
+/// sends frames that the tap's fd then reads.
+struct PacketSocket {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    fn open(ifname: &str) -> Self {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2) call; the result is checked.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            raw >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a fresh fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: `name` is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+        assert!(ifindex > 0, "no interface {ifname}");
+        let addr = Self::addr(ifindex, proto, [0; 6]);
+        // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: SO_RCVTIMEO reads a timeval of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        Self { fd, ifindex }
+    }
+
+    fn addr(ifindex: i32, proto: u16, mac: [u8; 6]) -> libc::sockaddr_ll {
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&mac);
+        addr
+    }
+
+    fn send(&self, frame: &[u8]) {
+        let addr = Self::addr(self.ifindex, 0, frame[..6].try_into().unwrap());
+        // SAFETY: `frame` and `addr` are live for the call; sizes match.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> Option<usize> {
+        // SAFETY: `buf` is a live, writable buffer of the length passed.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        (n > 0).then_some(n as usize)
+    }
+}
+
+const TEST_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&TEST_ETHERTYPE);
+    f.extend_from_slice(payload);
+    f.resize(f.len().max(60), 0);
+    f
+}
+
+#[test]
+fn net_transmits_and_receives_through_a_tap() {
+    let test = "net_transmits_and_receives_through_a_tap";
+    if !vmstream_test_support::require(test, &[Need::Root]) {
+        return;
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        vmstream_test_support::record_skip(test, "/dev/net/tun does not exist");
+        return;
+    }
+    let name = format!("vmsv{}", std::process::id() % 100_000);
+    let tap = Tap::open(&name).expect("open tap");
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "dev", &name, "up"])
+        .status()
+        .expect("run ip");
+    assert!(up.success(), "ip link set {name} up");
+    let sock = PacketSocket::open(&name);
+
+    let g = TestGuest::new(16);
+    let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let line: Arc<dyn InterruptLine> = g.interrupts.clone();
+    let mut dev = VirtioMmio::new(Net::new("eth0", tap, mac), g.mem.clone(), line);
+    assert_eq!(read_reg(&mut dev, DEVICE_ID), 1);
+    let mut config = [0u8; 8];
+    dev.read(CONFIG, &mut config);
+    assert_eq!(config[..6], mac);
+    assert_eq!(u16::from_le_bytes([config[6], config[7]]), 1, "link up");
+    let mut qs = bring_up(&mut dev, u64::MAX, &[16, 16]);
+    assert_eq!(dev.acked_features(), F_VERSION_1 | (1 << 5) | (1 << 16));
+
+    // Transmit: header and frame in two descriptors, seen on the interface.
+    let tx = ethernet([0xff; 6], mac, b"vmstream virtio-net tx");
+    g.write(DATA_BASE, &[0; 12]);
+    g.write(DATA_BASE + 0x100, &tx);
+    let head = qs[1].add(
+        &g,
+        &[
+            readable(DATA_BASE, 12),
+            readable(DATA_BASE + 0x100, tx.len() as u32),
+        ],
+    );
+    qs[1].notify(&mut dev);
+    assert_eq!(qs[1].take_used(&g), vec![(u32::from(head), 0)]);
+    assert_eq!(dev.device().stats().tx_frames, 1);
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let seen = loop {
+        assert!(
+            Instant::now() < deadline,
+            "transmitted frame not seen on {name}"
+        );
+        if let Some(n) = sock.recv(&mut buf)
+            && buf[..n] == tx[..]
+        {
+            break n;
+        }
+    };
+    assert_eq!(seen, tx.len());
+
+    // Receive: buffers posted first, then a frame sent to the interface.
+    for i in 0..4u64 {
+        qs[0].add(&g, &[writable(DATA_BASE + 0x1_0000 + i * 0x1000, 2048)]);
+    }
+    qs[0].notify(&mut dev);
+    assert!(qs[0].take_used(&g).is_empty(), "nothing to receive yet");
+    let rx = ethernet(mac, [0x02, 0, 0, 0, 0, 1], b"vmstream virtio-net rx");
+    sock.send(&rx);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    'wait: loop {
+        assert!(
+            Instant::now() < deadline,
+            "frame sent to {name} never reached the rx queue"
+        );
+        dev.process_queue(0);
+        for (id, len) in qs[0].take_used(&g) {
+            let addr = DATA_BASE + 0x1_0000 + u64::from(id) * 0x1000;
+            let got = g.read(addr, len as usize);
+            assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+            if got[12..] == rx[..] {
+                break 'wait;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(dev.device().stats().rx_frames >= 1);
+    assert!(g.interrupts.take().contains(&VirtioInterrupt::Queue(0)));
+    assert!(dev.last_fault().is_none(), "{:?}", dev.last_fault());
 }

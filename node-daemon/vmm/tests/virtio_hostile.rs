@@ -9,8 +9,11 @@ mod virtio_common;
 use std::sync::Arc;
 
 use virtio_common::*;
+use vmstream_test_support::Need;
 use vmstream_vmm::devices::virtio::blk::Block;
+use vmstream_vmm::devices::virtio::net::Net;
 use vmstream_vmm::devices::virtio::rng::Rng;
+use vmstream_vmm::devices::virtio::tap::Tap;
 use vmstream_vmm::devices::virtio::{InterruptLine, VirtioDevice, VirtioInterrupt, VirtioMmio};
 
 fn rng_device(g: &TestGuest) -> VirtioMmio<Rng> {
@@ -560,4 +563,42 @@ fn blk_sector_beyond_capacity_gets_ioerr_and_the_device_goes_on() {
     );
     assert_eq!(status, 0);
     assert_eq!(g.read(BLK_DATA_ADDR, 512), vec![0x5a; 512]);
+}
+
+#[test]
+fn net_transmit_chain_with_a_device_writable_buffer_breaks_the_device() {
+    let test = "net_transmit_chain_with_a_device_writable_buffer_breaks_the_device";
+    if !vmstream_test_support::require(test, &[Need::Root]) {
+        return;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        vmstream_test_support::record_skip(test, "/dev/net/tun does not exist");
+        return;
+    }
+    let g = TestGuest::new(16);
+    let tap = Tap::open(&format!("vmsh{}", std::process::id() % 100_000)).expect("open tap");
+    let line: Arc<dyn InterruptLine> = g.interrupts.clone();
+    let mut dev = VirtioMmio::new(
+        Net::new("eth0", tap, [2, 0, 0, 0, 0, 1]),
+        g.mem.clone(),
+        line,
+    );
+    let mut qs = bring_up(&mut dev, u64::MAX, &[16, 16]);
+    qs[1].add(
+        &g,
+        &[readable(DATA_BASE, 12), writable(DATA_BASE + 0x100, 64)],
+    );
+    qs[1].notify(&mut dev);
+    assert_broken(
+        &g,
+        &mut dev,
+        &[
+            "virtio-net eth0 queue 1",
+            "net transmit request (chain head 0)",
+            "descriptor 1 at 0x200100 is device-writable",
+        ],
+    );
+    assert_eq!(dev.device().stats().tx_frames, 0);
+    // The receive path of the broken device is not served either.
+    assert!(!dev.process_queue(0));
 }
