@@ -18,7 +18,9 @@ use vmstream_vmm::devices::virtio::blk::Block;
 use vmstream_vmm::devices::virtio::net::Net;
 use vmstream_vmm::devices::virtio::rng::Rng;
 use vmstream_vmm::devices::virtio::tap::Tap;
-use vmstream_vmm::devices::virtio::{InterruptLine, MmioTransport, VirtioInterrupt, VirtioMmio};
+use vmstream_vmm::devices::virtio::{
+    InterruptLine, IrqfdLine, MmioTransport, VirtioInterrupt, VirtioMmio,
+};
 
 fn rng_device(g: &TestGuest) -> VirtioMmio<Rng> {
     let line: Arc<dyn InterruptLine> = g.interrupts.clone();
@@ -81,6 +83,21 @@ fn rng_fills_the_buffers_of_one_queue_round() {
     assert_eq!(ack_interrupt(&mut dev), 1);
     assert_eq!(read_reg(&mut dev, INTERRUPT_STATUS), 0);
     assert_eq!(dev.device().bytes_served(), 64 + 164 + 264);
+}
+
+#[test]
+fn used_buffers_raise_the_irqfd() {
+    let g = TestGuest::new(16);
+    let irqfd = Arc::new(IrqfdLine::new().unwrap());
+    let line: Arc<dyn InterruptLine> = irqfd.clone();
+    let mut dev = VirtioMmio::new(Rng::new("irqfd"), g.mem.clone(), line);
+    let mut qs = bring_up(&mut dev, F_VERSION_1, &[16]);
+    qs[0].add(&g, &[writable(DATA_BASE, 8)]);
+    qs[0].add(&g, &[writable(DATA_BASE + 8, 8)]);
+    qs[0].notify(&mut dev);
+    // One interrupt for the notification that completed two chains.
+    assert_eq!(irqfd.eventfd().read().unwrap(), 1);
+    assert_eq!(ack_interrupt(&mut dev), 1);
 }
 
 #[test]

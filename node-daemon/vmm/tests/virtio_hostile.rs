@@ -14,7 +14,7 @@ use vmstream_vmm::devices::virtio::blk::Block;
 use vmstream_vmm::devices::virtio::net::Net;
 use vmstream_vmm::devices::virtio::rng::Rng;
 use vmstream_vmm::devices::virtio::tap::Tap;
-use vmstream_vmm::devices::virtio::{InterruptLine, VirtioDevice, VirtioInterrupt, VirtioMmio};
+use vmstream_vmm::devices::virtio::{InterruptLine, VirtioMmio};
 
 fn rng_device(g: &TestGuest) -> VirtioMmio<Rng> {
     let line: Arc<dyn InterruptLine> = g.interrupts.clone();
@@ -29,35 +29,6 @@ fn blk_device(g: &TestGuest) -> (tempfile::TempDir, VirtioMmio<Block>) {
     let block = Block::open("disk", &img, Some(&dir.path().join("overlay"))).unwrap();
     let line: Arc<dyn InterruptLine> = g.interrupts.clone();
     (dir, VirtioMmio::new(block, g.mem.clone(), line))
-}
-
-/// The device stopped with NEEDS_RESET, raised a configuration interrupt,
-/// and its recorded fault contains every piece of `expect`.
-fn assert_broken<D: VirtioDevice>(g: &TestGuest, dev: &mut VirtioMmio<D>, expect: &[&str]) {
-    assert!(
-        dev.needs_reset(),
-        "device did not stop: {:?}",
-        dev.last_fault()
-    );
-    assert_ne!(read_reg(dev, STATUS) & S_NEEDS_RESET, 0);
-    assert!(g.interrupts.take().contains(&VirtioInterrupt::Config));
-    assert_ne!(
-        read_reg(dev, INTERRUPT_STATUS) & 2,
-        0,
-        "config interrupt bit"
-    );
-    assert_fault(dev, expect);
-}
-
-/// The latest recorded fault contains every piece of `expect`.
-fn assert_fault<D: VirtioDevice>(dev: &VirtioMmio<D>, expect: &[&str]) {
-    let message = dev
-        .last_fault()
-        .map(ToString::to_string)
-        .unwrap_or_else(|| panic!("no fault recorded; expected {expect:?}"));
-    for piece in expect {
-        assert!(message.contains(piece), "fault {message:?} lacks {piece:?}");
-    }
 }
 
 /// After a reset the device serves a well-formed request again.

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
-use vmstream_vmm::devices::virtio::{MmioTransport, RecordedInterrupts};
+use vmstream_vmm::devices::virtio::{
+    MmioTransport, RecordedInterrupts, VirtioDevice, VirtioInterrupt, VirtioMmio,
+};
 use vmstream_vmm::memory::{GuestRam, guest_memory_view};
 use vmstream_vmm::vstate::ram_access::RamAccess;
 
@@ -351,4 +353,33 @@ pub fn blk_request(
     assert_eq!(used.len(), 1, "one completion expected, got {used:?}");
     assert_eq!(used[0].0, u32::from(head));
     (g.read(BLK_STATUS_ADDR, 1)[0], used[0].1)
+}
+
+/// The device stopped with NEEDS_RESET, raised a configuration interrupt,
+/// and its recorded fault contains every piece of `expect`.
+pub fn assert_broken<D: VirtioDevice>(g: &TestGuest, dev: &mut VirtioMmio<D>, expect: &[&str]) {
+    assert!(
+        dev.needs_reset(),
+        "device did not stop: {:?}",
+        dev.last_fault()
+    );
+    assert_ne!(read_reg(dev, STATUS) & S_NEEDS_RESET, 0);
+    assert!(g.interrupts.take().contains(&VirtioInterrupt::Config));
+    assert_ne!(
+        read_reg(dev, INTERRUPT_STATUS) & 2,
+        0,
+        "config interrupt bit"
+    );
+    assert_fault(dev, expect);
+}
+
+/// The latest recorded fault contains every piece of `expect`.
+pub fn assert_fault<D: VirtioDevice>(dev: &VirtioMmio<D>, expect: &[&str]) {
+    let message = dev
+        .last_fault()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| panic!("no fault recorded; expected {expect:?}"));
+    for piece in expect {
+        assert!(message.contains(piece), "fault {message:?} lacks {piece:?}");
+    }
 }

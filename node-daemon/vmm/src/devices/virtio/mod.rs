@@ -51,6 +51,7 @@ pub mod interrupt;
 pub mod mmio;
 pub mod net;
 pub mod overlay;
+pub mod persist;
 pub mod queue_config;
 pub mod rng;
 pub mod state;
