@@ -9,41 +9,26 @@ mod virtio_common;
 use std::sync::Arc;
 
 use virtio_common::*;
+use vmstream_test_support::Need;
+use vmstream_vmm::devices::virtio::blk::Block;
+use vmstream_vmm::devices::virtio::net::Net;
 use vmstream_vmm::devices::virtio::rng::Rng;
-use vmstream_vmm::devices::virtio::{InterruptLine, VirtioDevice, VirtioInterrupt, VirtioMmio};
+use vmstream_vmm::devices::virtio::tap::Tap;
+use vmstream_vmm::devices::virtio::{InterruptLine, VirtioMmio};
 
 fn rng_device(g: &TestGuest) -> VirtioMmio<Rng> {
     let line: Arc<dyn InterruptLine> = g.interrupts.clone();
     VirtioMmio::new(Rng::new("hostile"), g.mem.clone(), line)
 }
 
-/// The device stopped with NEEDS_RESET, raised a configuration interrupt,
-/// and its recorded fault contains every piece of `expect`.
-fn assert_broken<D: VirtioDevice>(g: &TestGuest, dev: &mut VirtioMmio<D>, expect: &[&str]) {
-    assert!(
-        dev.needs_reset(),
-        "device did not stop: {:?}",
-        dev.last_fault()
-    );
-    assert_ne!(read_reg(dev, STATUS) & S_NEEDS_RESET, 0);
-    assert!(g.interrupts.take().contains(&VirtioInterrupt::Config));
-    assert_ne!(
-        read_reg(dev, INTERRUPT_STATUS) & 2,
-        0,
-        "config interrupt bit"
-    );
-    assert_fault(dev, expect);
-}
-
-/// The latest recorded fault contains every piece of `expect`.
-fn assert_fault<D: VirtioDevice>(dev: &VirtioMmio<D>, expect: &[&str]) {
-    let message = dev
-        .last_fault()
-        .map(ToString::to_string)
-        .unwrap_or_else(|| panic!("no fault recorded; expected {expect:?}"));
-    for piece in expect {
-        assert!(message.contains(piece), "fault {message:?} lacks {piece:?}");
-    }
+/// A writable block device over a 1 MiB image (kept alive by the tempdir).
+fn blk_device(g: &TestGuest) -> (tempfile::TempDir, VirtioMmio<Block>) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0x5a; 1 << 20]).unwrap();
+    let block = Block::open("disk", &img, Some(&dir.path().join("overlay"))).unwrap();
+    let line: Arc<dyn InterruptLine> = g.interrupts.clone();
+    (dir, VirtioMmio::new(block, g.mem.clone(), line))
 }
 
 /// After a reset the device serves a well-formed request again.
@@ -387,4 +372,204 @@ fn rng_request_with_a_device_readable_buffer_breaks_the_device() {
             "descriptor 0 at 0x200000 is device-readable",
         ],
     );
+}
+
+#[test]
+fn blk_in_with_a_device_readable_data_buffer_breaks_the_device() {
+    let g = TestGuest::new(16);
+    let (dir, mut dev) = blk_device(&g);
+    let mut qs = bring_up(&mut dev, F_VERSION_1, &[16]);
+    let q = &mut qs[0];
+    blk_header(&g, BLK_T_IN, 0);
+    // The device would have to write the sector into a read-only buffer.
+    q.add(
+        &g,
+        &[
+            readable(BLK_HEADER_ADDR, 16),
+            readable(BLK_DATA_ADDR, 512),
+            writable(BLK_STATUS_ADDR, 1),
+        ],
+    );
+    q.notify(&mut dev);
+    assert_broken(
+        &g,
+        &mut dev,
+        &[
+            "virtio-blk disk queue 0",
+            "blk IN request (chain head 0)",
+            "descriptor 1 at 0x210000 is device-readable",
+            "needs it device-writable",
+        ],
+    );
+    assert_eq!(q.used_idx(&g), 0);
+    assert_eq!(
+        std::fs::read(dir.path().join("disk.raw")).unwrap(),
+        vec![0x5a; 1 << 20]
+    );
+}
+
+#[test]
+fn blk_out_with_a_device_writable_data_buffer_breaks_the_device() {
+    let g = TestGuest::new(16);
+    let (_dir, mut dev) = blk_device(&g);
+    let mut qs = bring_up(&mut dev, F_VERSION_1, &[16]);
+    let q = &mut qs[0];
+    blk_header(&g, BLK_T_OUT, 0);
+    // The device would have to read the data from a write-only buffer.
+    q.add(
+        &g,
+        &[
+            readable(BLK_HEADER_ADDR, 16),
+            writable(BLK_DATA_ADDR, 512),
+            writable(BLK_STATUS_ADDR, 1),
+        ],
+    );
+    q.notify(&mut dev);
+    assert_broken(
+        &g,
+        &mut dev,
+        &[
+            "virtio-blk disk queue 0",
+            "blk OUT request (chain head 0)",
+            "descriptor 1 at 0x210000 is device-writable",
+        ],
+    );
+    assert_eq!(dev.device().written_blocks(), 0, "nothing was written");
+}
+
+#[test]
+fn blk_request_header_too_short_breaks_the_device() {
+    let g = TestGuest::new(16);
+    let (_dir, mut dev) = blk_device(&g);
+    let mut qs = bring_up(&mut dev, F_VERSION_1, &[16]);
+    blk_header(&g, BLK_T_IN, 0);
+    qs[0].add(
+        &g,
+        &[
+            readable(BLK_HEADER_ADDR, 8),
+            writable(BLK_DATA_ADDR, 512),
+            writable(BLK_STATUS_ADDR, 1),
+        ],
+    );
+    qs[0].notify(&mut dev);
+    assert_broken(
+        &g,
+        &mut dev,
+        &[
+            "virtio-blk disk queue 0",
+            "chain head 0: the request header is 8 bytes, at least 16",
+        ],
+    );
+    // A chain with no status byte cannot be answered either.
+    write_reg(&mut dev, STATUS, 0);
+    let mut qs = bring_up(&mut dev, F_VERSION_1, &[16]);
+    qs[0].add(&g, &[readable(BLK_HEADER_ADDR, 16)]);
+    qs[0].notify(&mut dev);
+    assert_broken(&g, &mut dev, &["status byte"]);
+}
+
+#[test]
+fn blk_sector_beyond_capacity_gets_ioerr_and_the_device_goes_on() {
+    let g = TestGuest::new(16);
+    let (_dir, mut dev) = blk_device(&g);
+    let mut qs = bring_up(&mut dev, F_VERSION_1, &[16]);
+    let q = &mut qs[0];
+    for (sector, len) in [
+        (2048u64, 512u32),
+        (2047, 1024),
+        (u64::MAX, 512),
+        (u64::MAX / 512, 512),
+    ] {
+        let (status, used) = blk_request(
+            &g,
+            &mut dev,
+            q,
+            BLK_T_IN,
+            sector,
+            &[writable(BLK_DATA_ADDR, len)],
+        );
+        assert_eq!((status, used), (1, 1), "sector {sector}");
+        let refused = dev.last_refused_request().unwrap().to_string();
+        assert!(
+            refused.contains("virtio-blk disk queue 0")
+                && refused.contains(&format!("sectors {sector}+")),
+            "{refused}"
+        );
+    }
+    let (status, _) = blk_request(
+        &g,
+        &mut dev,
+        q,
+        BLK_T_OUT,
+        2048,
+        &[readable(BLK_DATA_ADDR, 512)],
+    );
+    assert_eq!(status, 1);
+    // A length that is not whole sectors is refused the same way.
+    let (status, _) = blk_request(
+        &g,
+        &mut dev,
+        q,
+        BLK_T_IN,
+        0,
+        &[writable(BLK_DATA_ADDR, 100)],
+    );
+    assert_eq!(status, 1);
+    assert!(
+        dev.last_refused_request()
+            .unwrap()
+            .to_string()
+            .contains("not a multiple of 512")
+    );
+    assert_eq!(dev.refused_requests(), 6);
+    assert!(!dev.needs_reset());
+    assert_eq!(dev.device().written_blocks(), 0);
+    let (status, _) = blk_request(
+        &g,
+        &mut dev,
+        q,
+        BLK_T_IN,
+        2047,
+        &[writable(BLK_DATA_ADDR, 512)],
+    );
+    assert_eq!(status, 0);
+    assert_eq!(g.read(BLK_DATA_ADDR, 512), vec![0x5a; 512]);
+}
+
+#[test]
+fn net_transmit_chain_with_a_device_writable_buffer_breaks_the_device() {
+    let test = "net_transmit_chain_with_a_device_writable_buffer_breaks_the_device";
+    if !vmstream_test_support::require(test, &[Need::Root]) {
+        return;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        vmstream_test_support::record_skip(test, "/dev/net/tun does not exist");
+        return;
+    }
+    let g = TestGuest::new(16);
+    let tap = Tap::open(&format!("vmsh{}", std::process::id() % 100_000)).expect("open tap");
+    let line: Arc<dyn InterruptLine> = g.interrupts.clone();
+    let mut dev = VirtioMmio::new(
+        Net::new("eth0", tap, [2, 0, 0, 0, 0, 1]),
+        g.mem.clone(),
+        line,
+    );
+    let mut qs = bring_up(&mut dev, u64::MAX, &[16, 16]);
+    qs[1].add(
+        &g,
+        &[readable(DATA_BASE, 12), writable(DATA_BASE + 0x100, 64)],
+    );
+    qs[1].notify(&mut dev);
+    assert_broken(
+        &g,
+        &mut dev,
+        &[
+            "virtio-net eth0 queue 1",
+            "net transmit request (chain head 0)",
+            "descriptor 1 at 0x200100 is device-writable",
+        ],
+    );
+    assert_eq!(dev.device().stats().tx_frames, 0);
+    // The receive path of the broken device is not served either.
+    assert!(!dev.process_queue(0));
 }

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
-use vmstream_vmm::devices::virtio::{MmioTransport, RecordedInterrupts};
+use vmstream_vmm::devices::virtio::{
+    MmioTransport, RecordedInterrupts, VirtioDevice, VirtioInterrupt, VirtioMmio,
+};
 use vmstream_vmm::memory::{GuestRam, guest_memory_view};
 use vmstream_vmm::vstate::ram_access::RamAccess;
 
@@ -312,4 +314,72 @@ pub fn ack_interrupt(dev: &mut dyn MmioTransport) -> u32 {
     let status = read_reg(dev, INTERRUPT_STATUS);
     write_reg(dev, INTERRUPT_ACK, status);
     status
+}
+
+pub const BLK_T_IN: u32 = 0;
+pub const BLK_T_OUT: u32 = 1;
+pub const BLK_T_FLUSH: u32 = 4;
+pub const BLK_T_GET_ID: u32 = 8;
+pub const BLK_HEADER_ADDR: u64 = DATA_BASE;
+pub const BLK_STATUS_ADDR: u64 = DATA_BASE + 0x100;
+pub const BLK_DATA_ADDR: u64 = DATA_BASE + 0x1_0000;
+
+/// Writes a block request header (type, sector) at [`BLK_HEADER_ADDR`].
+pub fn blk_header(g: &TestGuest, kind: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    g.write(BLK_HEADER_ADDR, &h);
+}
+
+/// Submits header + `data` + status byte, notifies, and returns
+/// (status byte, used length). `data` buffers give their own direction.
+pub fn blk_request(
+    g: &TestGuest,
+    dev: &mut dyn MmioTransport,
+    q: &mut TestQueue,
+    kind: u32,
+    sector: u64,
+    data: &[Buf],
+) -> (u8, u32) {
+    blk_header(g, kind, sector);
+    g.write(BLK_STATUS_ADDR, &[0xee]);
+    let mut bufs = vec![readable(BLK_HEADER_ADDR, 16)];
+    bufs.extend_from_slice(data);
+    bufs.push(writable(BLK_STATUS_ADDR, 1));
+    let head = q.add(g, &bufs);
+    q.notify(dev);
+    let used = q.take_used(g);
+    assert_eq!(used.len(), 1, "one completion expected, got {used:?}");
+    assert_eq!(used[0].0, u32::from(head));
+    (g.read(BLK_STATUS_ADDR, 1)[0], used[0].1)
+}
+
+/// The device stopped with NEEDS_RESET, raised a configuration interrupt,
+/// and its recorded fault contains every piece of `expect`.
+pub fn assert_broken<D: VirtioDevice>(g: &TestGuest, dev: &mut VirtioMmio<D>, expect: &[&str]) {
+    assert!(
+        dev.needs_reset(),
+        "device did not stop: {:?}",
+        dev.last_fault()
+    );
+    assert_ne!(read_reg(dev, STATUS) & S_NEEDS_RESET, 0);
+    assert!(g.interrupts.take().contains(&VirtioInterrupt::Config));
+    assert_ne!(
+        read_reg(dev, INTERRUPT_STATUS) & 2,
+        0,
+        "config interrupt bit"
+    );
+    assert_fault(dev, expect);
+}
+
+/// The latest recorded fault contains every piece of `expect`.
+pub fn assert_fault<D: VirtioDevice>(dev: &VirtioMmio<D>, expect: &[&str]) {
+    let message = dev
+        .last_fault()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| panic!("no fault recorded; expected {expect:?}"));
+    for piece in expect {
+        assert!(message.contains(piece), "fault {message:?} lacks {piece:?}");
+    }
 }

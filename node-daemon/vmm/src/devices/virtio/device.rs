@@ -101,16 +101,6 @@ impl<'a> QueueAccess<'a> {
         self.refused.push(error);
     }
 
-    /// True when the driver has made a chain available that was not taken.
-    pub fn has_available(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        use virtio_queue::QueueT;
-        self.queue
-            .avail_idx(self.mem, Ordering::Acquire)
-            .map(|idx| idx.0 != self.queue.next_avail())
-            .unwrap_or(false)
-    }
-
     pub(super) fn finish(self) -> (u32, Vec<RequestError>) {
         (self.completed, self.refused)
     }

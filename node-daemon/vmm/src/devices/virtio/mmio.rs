@@ -25,10 +25,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::device::{QueueAccess, VirtioDevice};
-use super::errors::{DeviceFault, RegisterError, RequestError, RestoreError};
+use super::errors::{DeviceFault, RegisterError, RequestError};
 use super::interrupt::{InterruptLine, VirtioInterrupt};
-use super::queue_config::{QueueSlot, apply_snapshot, set_high, set_low, snapshot};
-use super::state::{QueueSnapshot, TransportState, VirtioMmioState};
+use super::queue_config::{QueueSlot, apply_snapshot, set_high, set_low};
+use super::state::QueueSnapshot;
 use super::status::{StatusChange, check_features, status_change};
 
 /// "virt", little endian.
@@ -59,17 +59,17 @@ pub trait MmioTransport: Send {
 
 /// One virtio device behind the virtio-mmio register interface.
 pub struct VirtioMmio<D: VirtioDevice> {
-    device: D,
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn InterruptLine>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    queues: Vec<QueueSlot>,
-    interrupt_status: u32,
-    config_generation: u32,
+    pub(super) device: D,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) interrupt: Arc<dyn InterruptLine>,
+    pub(super) status: u32,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) queue_sel: u32,
+    pub(super) queues: Vec<QueueSlot>,
+    pub(super) interrupt_status: u32,
+    pub(super) config_generation: u32,
     last_fault: Option<DeviceFault>,
     faults: u64,
     last_refused: Option<DeviceFault>,
@@ -504,73 +504,6 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             self.raise(VirtioInterrupt::Config);
         }
-    }
-
-    /// The state to save (vCPUs paused; nothing is in flight).
-    pub fn save(&self) -> VirtioMmioState<D::State> {
-        VirtioMmioState {
-            transport: TransportState {
-                device_type: self.device.device_type(),
-                device_status: self.status,
-                device_features_sel: self.device_features_sel,
-                driver_features_sel: self.driver_features_sel,
-                acked_features: self.driver_features,
-                queue_sel: self.queue_sel,
-                queues: self.queues.iter().map(snapshot).collect(),
-                interrupt_status: self.interrupt_status,
-                config_generation: self.config_generation,
-            },
-            device: self.device.save(),
-        }
-    }
-
-    /// A transport in the saved `state` for `device` (already restored from
-    /// its own state); ready queues are checked against `mem` again.
-    pub fn restore(
-        device: D,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn InterruptLine>,
-        state: &TransportState,
-    ) -> Result<Self, RestoreError> {
-        let mut mmio = Self::new(device, mem, interrupt);
-        let name = mmio.device.name().to_string();
-        if state.device_type != mmio.device.device_type() {
-            return Err(RestoreError::DeviceType {
-                device: name,
-                saved: state.device_type,
-                actual: mmio.device.device_type(),
-            });
-        }
-        if state.queues.len() != mmio.queues.len() {
-            return Err(RestoreError::QueueCount {
-                device: name,
-                saved: state.queues.len(),
-                actual: mmio.queues.len(),
-            });
-        }
-        for (i, (slot, saved)) in mmio.queues.iter_mut().zip(&state.queues).enumerate() {
-            if saved.ready {
-                apply_snapshot(&mut slot.queue, saved, &mmio.mem).map_err(|error| {
-                    RestoreError::Queue {
-                        device: name.clone(),
-                        queue: i as u16,
-                        error,
-                    }
-                })?;
-            }
-            slot.regs = *saved;
-        }
-        mmio.status = state.device_status;
-        mmio.device_features_sel = state.device_features_sel;
-        mmio.driver_features_sel = state.driver_features_sel;
-        mmio.driver_features = state.acked_features;
-        mmio.queue_sel = state.queue_sel;
-        mmio.interrupt_status = state.interrupt_status;
-        mmio.config_generation = state.config_generation;
-        if mmio.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            mmio.device.activate(mmio.driver_features);
-        }
-        Ok(mmio)
     }
 }
 

@@ -43,15 +43,20 @@
 //! ([`VirtioMmio::last_refused_request`]). Every error names the device, the
 //! queue and the descriptor.
 
+pub mod blk;
 pub mod chain;
 pub mod device;
 pub mod errors;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
+pub mod overlay;
+pub mod persist;
 pub mod queue_config;
 pub mod rng;
 pub mod state;
 pub mod status;
+pub mod tap;
 
 pub use device::{QueueAccess, VirtioDevice};
 pub use errors::{DeviceFault, QueueSetupError, RegisterError, RequestError, RestoreError};
