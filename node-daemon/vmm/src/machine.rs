@@ -264,6 +264,8 @@ pub struct Machine {
     threads: Vec<JoinHandle<()>>,
     bus: Arc<PortIoBus>,
     mmio: Arc<MmioBus>,
+    /// Device threads (e.g. network receive), stopped when dropped.
+    device_threads: Vec<Box<dyn Send + Sync>>,
     backing: MemoryBacking,
     vm: VmFd,
     ram: GuestRam,
@@ -357,6 +359,7 @@ impl Machine {
             threads: std::mem::take(&mut threads.handles),
             bus,
             mmio,
+            device_threads: Vec::new(),
             backing,
             vm,
             ram: guest_ram,
@@ -371,6 +374,12 @@ impl Machine {
     /// The mailbox device.
     pub fn mailbox(&self) -> &Arc<Mailbox> {
         self.bus.mailbox()
+    }
+
+    /// Keeps `threads` (an owner of device threads that stops them when
+    /// dropped) until the machine stops.
+    pub(crate) fn keep_device_threads(&mut self, threads: Box<dyn Send + Sync>) {
+        self.device_threads.push(threads);
     }
 
     /// The devices in the MMIO hole.
@@ -495,6 +504,7 @@ impl Machine {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        self.device_threads.clear();
     }
 }
 

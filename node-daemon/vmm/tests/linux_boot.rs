@@ -214,6 +214,7 @@ fn wait_for_milestones(
             let status = machine.vcpus()[0].status();
             let ended = matches!(status, VcpuStatus::Exited(_));
             if ended || start.elapsed() > timeout {
+                let log = keep_console(&serial);
                 let tail: String = serial
                     .lines()
                     .rev()
@@ -224,14 +225,23 @@ fn wait_for_milestones(
                     .collect::<Vec<_>>()
                     .join("\n");
                 panic!(
-                    "no {alternatives:?} after {:?} (vCPU {status:?}); console tail:\n{tail}",
-                    start.elapsed()
+                    "no {alternatives:?} after {:?} (vCPU {status:?}); whole console in {}; tail:\n{tail}",
+                    start.elapsed(),
+                    log.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
     seen
+}
+
+/// Writes the console to a file in the temporary directory, for reading
+/// after the test; returns its path.
+fn keep_console(serial: &str) -> PathBuf {
+    let path = std::env::temp_dir().join("vmstream-linux-boot-console.log");
+    let _ = std::fs::write(&path, serial);
+    path
 }
 
 #[test]
@@ -268,6 +278,11 @@ fn linux_kernel_boots_to_its_console() {
         LINUX_BOOT_TIMEOUT,
     );
     let serial = String::from_utf8_lossy(&machine.serial_output()).into_owned();
+    eprintln!("console in {}", keep_console(&serial).display());
+    assert!(
+        serial.contains("Clearing CPUID bits:"),
+        "the kernel did not take clearcpuid="
+    );
     let command_line = serial
         .lines()
         .find(|line| line.contains("Command line:"))

@@ -6,14 +6,19 @@
 //! ACPI or device tree to find them otherwise). QueueNotify writes are
 //! served synchronously on the vCPU thread that made them.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
 use super::LinuxBootError;
+use super::net_rx::NetRxThreads;
 use crate::devices::mmio_bus::{MmioBus, MmioDevice};
+use crate::devices::virtio::blk::Block;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::{InterruptLine, IrqfdLine, MMIO_SIZE, VirtioMmio};
 
 /// Guest physical address of the first device window.
@@ -27,14 +32,34 @@ pub const VIRTIO_GSIS: [u32; 6] = [5, 6, 7, 9, 10, 11];
 pub enum VirtioDeviceSpec {
     /// virtio-rng (entropy from the host).
     Rng,
+    /// virtio-blk over the raw `image`: read-only, or writable through a
+    /// copy-on-write `overlay` file (created or truncated); the image file
+    /// is never written.
+    Block {
+        image: PathBuf,
+        overlay: Option<PathBuf>,
+    },
+    /// virtio-net on tap `tap` (created in the calling thread's network
+    /// namespace, or attached), with MAC `mac`.
+    Net { tap: String, mac: [u8; 6] },
 }
 
 impl VirtioDeviceSpec {
     fn name(&self) -> &'static str {
         match self {
             Self::Rng => "rng",
+            Self::Block { .. } => "blk",
+            Self::Net { .. } => "net",
         }
     }
+}
+
+/// The devices of a Linux guest: their MMIO bus and the receive threads of
+/// its network devices.
+#[derive(Debug)]
+pub struct LinuxDevices {
+    pub mmio: MmioBus,
+    pub net_rx: NetRxThreads,
 }
 
 /// Where device `index` sits and what it raises.
@@ -76,41 +101,70 @@ pub fn cmdline_entries(slots: &[VirtioSlot]) -> String {
 }
 
 /// Builds the devices of `specs` over guest memory `mem`, registers their
-/// irqfds with `vm` and places them on a new MMIO bus.
+/// irqfds with `vm`, places them on a new MMIO bus and starts the receive
+/// threads of network devices.
 pub(super) fn build(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     specs: &[VirtioDeviceSpec],
-) -> Result<MmioBus, LinuxBootError> {
+) -> Result<LinuxDevices, LinuxBootError> {
     let slots = virtio_slots(specs.len()).ok_or(LinuxBootError::TooManyDevices {
         count: specs.len(),
         max: VIRTIO_GSIS.len(),
     })?;
-    let mut bus = MmioBus::default();
-    for (spec, slot) in specs.iter().zip(slots) {
-        let line = IrqfdLine::new().map_err(|source| LinuxBootError::Interrupt {
+    let mut devices = LinuxDevices {
+        mmio: MmioBus::default(),
+        net_rx: NetRxThreads::default(),
+    };
+    for (index, (spec, slot)) in specs.iter().zip(slots).enumerate() {
+        let interrupt_error = |source| LinuxBootError::Interrupt {
             device: spec.name(),
             gsi: slot.gsi,
             source,
-        })?;
+        };
+        let line = IrqfdLine::new().map_err(interrupt_error)?;
         vm.register_irqfd(line.eventfd(), slot.gsi)
-            .map_err(|e| LinuxBootError::Interrupt {
-                device: spec.name(),
-                gsi: slot.gsi,
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            })?;
+            .map_err(|e| interrupt_error(std::io::Error::from_raw_os_error(e.errno())))?;
         let line: Arc<dyn InterruptLine> = Arc::new(line);
+        let name = format!("{}{index}", spec.name());
         let device: Arc<dyn MmioDevice> = match spec {
             VirtioDeviceSpec::Rng => Arc::new(Mutex::new(VirtioMmio::new(
-                Rng::new("rng0"),
+                Rng::new(&name),
                 mem.clone(),
                 line,
             ))),
+            VirtioDeviceSpec::Block { image, overlay } => {
+                let disk = Block::open(&name, image, overlay.as_deref()).map_err(|source| {
+                    LinuxBootError::Disk {
+                        image: image.clone(),
+                        source,
+                    }
+                })?;
+                Arc::new(Mutex::new(VirtioMmio::new(disk, mem.clone(), line)))
+            }
+            VirtioDeviceSpec::Net { tap, mac } => {
+                let tap_device = Tap::open(tap).map_err(|source| LinuxBootError::Tap {
+                    tap: tap.clone(),
+                    source,
+                })?;
+                let net = Arc::new(Mutex::new(VirtioMmio::new(
+                    Net::new(&name, tap_device, *mac),
+                    mem.clone(),
+                    line,
+                )));
+                devices
+                    .net_rx
+                    .spawn(Arc::clone(&net))
+                    .map_err(|source| LinuxBootError::Thread { source })?;
+                net
+            }
         };
-        bus.insert(slot.base, MMIO_SIZE, device)
+        devices
+            .mmio
+            .insert(slot.base, MMIO_SIZE, device)
             .expect("virtio slots are disjoint windows inside the MMIO hole");
     }
-    Ok(bus)
+    Ok(devices)
 }
 
 #[cfg(test)]

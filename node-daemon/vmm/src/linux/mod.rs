@@ -11,6 +11,7 @@
 pub mod boot_params;
 pub mod devices;
 pub mod loader;
+pub mod net_rx;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -129,6 +130,23 @@ pub enum LinuxBootError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot open disk image {image}")]
+    Disk {
+        image: PathBuf,
+        #[source]
+        source: crate::devices::virtio::overlay::DiskOpenError,
+    },
+    #[error("cannot open tap {tap}")]
+    Tap {
+        tap: String,
+        #[source]
+        source: crate::devices::virtio::tap::TapError,
+    },
+    #[error("cannot start a device thread")]
+    Thread {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot build the identity page tables")]
     Paging(#[from] PagingError),
     #[error("cannot set the boot vCPU's state")]
@@ -158,7 +176,7 @@ impl Machine {
             what: "devices' view of guest RAM",
             detail: e.to_string(),
         })?;
-        let mmio = Arc::new(devices::build(shell.vm(), &memory, &spec.devices)?);
+        let devices = devices::build(shell.vm(), &memory, &spec.devices)?;
         let mut cpuid = spec
             .template
             .apply(shell.host().supported_cpuid().as_slice());
@@ -180,12 +198,10 @@ impl Machine {
             "booting Linux"
         );
         let bus = Arc::new(PortIoBus::new(DeviceState::default(), ram));
-        Ok(Self::start_with_mmio(
-            shell,
-            bus,
-            mmio,
-            MemoryBacking::Anonymous,
-        ))
+        let mut machine =
+            Self::start_with_mmio(shell, bus, Arc::new(devices.mmio), MemoryBacking::Anonymous);
+        machine.keep_device_threads(Box::new(devices.net_rx));
+        Ok(machine)
     }
 }
 

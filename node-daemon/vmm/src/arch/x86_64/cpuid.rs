@@ -154,16 +154,97 @@ pub const EMULATED_HIDDEN: &[HiddenFeature] = &[
 ];
 
 /// What the emulated template passes to Linux's `clearcpuid=`, most
-/// important first: Linux reads at most 127 characters of its value, and
-/// these are the features a guest was seen using although CPUID hid them
-/// or that the emulator cannot run at all.
+/// important first: the features a guest was seen using although CPUID hid
+/// them (KVM on PVM hosts forces some on), then instructions the kernel
+/// patches in by feature that the emulator cannot run, then the rest. Linux
+/// reads at most [`CLEARCPUID_MAX`] characters of the value, so the list is
+/// cut there.
 const KERNEL_CLEARED: &[&str] = &[
-    "smap", "smep", "xsave", "popcnt", "cx16", "fsgsbase", "avx", "avx2", "umip", "rdpid", "pcid",
-    "invpcid", "sse4_1", "sse4_2", "ssse3", "movbe", "rdrand", "bmi1",
+    "smap",
+    "xsave",
+    "popcnt",
+    "cx16",
+    "fsgsbase",
+    "rdpid",
+    "rdtscp",
+    "pcid",
+    "invpcid",
+    "rdrand",
+    "rdseed",
+    "smep",
+    "umip",
+    "avx",
+    "avx2",
+    "avx512f",
+    "osxsave",
+    "clflushopt",
+    "clwb",
+    "pni",
+    "ssse3",
+    "sse4_1",
+    "sse4_2",
+    "movbe",
+    "aes",
+    "pclmulqdq",
+    "fma",
+    "f16c",
+    "bmi1",
+    "bmi2",
+    "adx",
+    "abm",
+    "sha_ni",
+    "gfni",
+    "vaes",
+    "vpclmulqdq",
 ];
 
 /// Longest `clearcpuid=` value Linux reads (its buffer is 128 bytes).
 pub const CLEARCPUID_MAX: usize = 127;
+
+impl HiddenFeature {
+    /// The feature's number in Linux's capability words (`word * 32 +
+    /// bit`), which `clearcpuid=` takes whatever the kernel's
+    /// configuration (feature names need `CONFIG_X86_FEATURE_NAMES`, which
+    /// small kernels lack). `None` for registers Linux keeps in words whose
+    /// numbering changed between versions.
+    pub fn linux_bit(&self) -> Option<u32> {
+        let word = match (self.leaf, self.subleaf, self.reg) {
+            (1, 0, Reg::Edx) => 0,
+            (0x8000_0001, 0, Reg::Edx) => 1,
+            (1, 0, Reg::Ecx) => 4,
+            (0x8000_0001, 0, Reg::Ecx) => 6,
+            (7, 0, Reg::Ebx) => 9,
+            (7, 0, Reg::Ecx) => 16,
+            (7, 0, Reg::Edx) => 18,
+            _ => return None,
+        };
+        Some(word * 32 + u32::from(self.bit))
+    }
+}
+
+/// The `clearcpuid=` value: Linux bit numbers of [`KERNEL_CLEARED`] in
+/// order, as many as fit in [`CLEARCPUID_MAX`] characters.
+fn clearcpuid_value() -> String {
+    let mut value = String::new();
+    let bits = KERNEL_CLEARED.iter().filter_map(|name| {
+        EMULATED_HIDDEN
+            .iter()
+            .find(|f| f.name == *name)
+            .and_then(HiddenFeature::linux_bit)
+    });
+    for bit in bits {
+        let item = if value.is_empty() {
+            bit.to_string()
+        } else {
+            format!(",{bit}")
+        };
+        if value.len() + item.len() > CLEARCPUID_MAX {
+            break;
+        }
+        value.push_str(&item);
+    }
+    value
+}
 
 impl CpuTemplate {
     /// The template for a host: [`CpuTemplate::Host`] where the CPU
@@ -191,7 +272,7 @@ impl CpuTemplate {
     pub fn kernel_switches(self) -> String {
         match self {
             Self::Host => String::new(),
-            Self::Emulated => format!("noxsave nofsgsbase clearcpuid={}", KERNEL_CLEARED.join(",")),
+            Self::Emulated => format!("noxsave nofsgsbase clearcpuid={}", clearcpuid_value()),
         }
     }
 
@@ -411,18 +492,32 @@ mod tests {
     }
 
     #[test]
-    fn emulated_switches_name_the_riskiest_features_within_linuxs_limit() {
+    fn emulated_switches_clear_the_riskiest_features_by_number_within_linuxs_limit() {
         let switches = CpuTemplate::Emulated.kernel_switches();
         assert!(switches.starts_with("noxsave nofsgsbase clearcpuid="));
         let value = switches.rsplit_once('=').unwrap().1;
         assert!(value.len() <= CLEARCPUID_MAX, "{} characters", value.len());
-        let cleared: Vec<&str> = value.split(',').collect();
-        for name in [
-            "smap", "smep", "xsave", "popcnt", "cx16", "fsgsbase", "avx", "umip",
-        ] {
-            assert!(cleared.contains(&name), "clearcpuid= lacks {name}");
+        let cleared: Vec<u32> = value.split(',').map(|n| n.parse().unwrap()).collect();
+        // (feature, Linux's X86_FEATURE_* number)
+        let table = [
+            ("smap", 9 * 32 + 20),
+            ("xsave", 4 * 32 + 26),
+            ("popcnt", 4 * 32 + 23),
+            ("cx16", 4 * 32 + 13),
+            ("fsgsbase", 9 * 32),
+            ("rdpid", 16 * 32 + 22),
+            ("rdtscp", 32 + 27),
+            ("pcid", 4 * 32 + 17),
+            ("invpcid", 9 * 32 + 10),
+            ("rdrand", 4 * 32 + 30),
+            ("smep", 9 * 32 + 7),
+            ("avx", 4 * 32 + 28),
+        ];
+        for (name, bit) in table {
+            assert!(cleared.contains(&bit), "clearcpuid= lacks {name} ({bit})");
         }
-        for name in &cleared {
+        assert!(cleared.len() >= 25, "only {} features fit", cleared.len());
+        for name in KERNEL_CLEARED {
             assert!(
                 EMULATED_HIDDEN.iter().any(|f| f.name == *name),
                 "{name} is cleared on the command line but visible in CPUID"
