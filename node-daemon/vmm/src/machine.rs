@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 
 use crate::arch::x86_64::layout::{
-    self, GDT_ADDR, GUEST_LOAD_ADDR, GUEST_MAX_SIZE, IDT_ADDR, MAX_VCPUS, MIN_RAM, PARAMS_ADDR,
+    self, GDT_ADDR, GUEST_LOAD_ADDR, GUEST_MAX_SIZE, IDT_ADDR, PARAMS_ADDR,
 };
 use crate::arch::x86_64::{boot, paging};
 use crate::devices::mailbox::Mailbox;
 use crate::devices::mmio_bus::MmioBus;
+use crate::devices::virtio::attached::AttachedVirtio;
+use crate::devices::virtio::disk_files::BaseDiskError;
 use crate::devices::{DeviceState, PortIoBus};
 use crate::guests::{FillSpec, GuestProgram};
 pub use crate::memory::backing::MemoryBacking;
@@ -28,41 +30,8 @@ use crate::vstate::vcpu::{self, VcpuBootError, VcpuCreateError, VcpuSaveError};
 use crate::vstate::vm::{self, DirtyLogError, KvmHost, VmCreateError, VmWideStateError};
 use crate::vstate::{VM_STATE_VERSION, VmState};
 
-/// Size and shape of a micro-VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MachineConfig {
-    /// Number of vCPUs (1..=8).
-    pub vcpus: u8,
-    /// Guest RAM in bytes (a multiple of 2 MiB, at least 4 MiB).
-    pub memory_bytes: usize,
-}
-
-/// Error in a machine configuration.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum MachineConfigError {
-    #[error("vCPU count {0} is outside 1..={MAX_VCPUS}")]
-    VcpuCount(u8),
-    #[error("memory size {0} is not a multiple of 2 MiB of at least {MIN_RAM} bytes")]
-    MemorySize(usize),
-    #[error("memory size {0} needs more address space than the identity map covers")]
-    MemoryTooLarge(usize),
-}
-
-impl MachineConfig {
-    /// Checks the configuration.
-    pub fn validate(&self) -> Result<(), MachineConfigError> {
-        if self.vcpus == 0 || usize::from(self.vcpus) > MAX_VCPUS {
-            return Err(MachineConfigError::VcpuCount(self.vcpus));
-        }
-        if self.memory_bytes < MIN_RAM as usize || !self.memory_bytes.is_multiple_of(2 << 20) {
-            return Err(MachineConfigError::MemorySize(self.memory_bytes));
-        }
-        if layout::gpa_end(self.memory_bytes as u64) > layout::MAX_MAPPED_GPA {
-            return Err(MachineConfigError::MemoryTooLarge(self.memory_bytes));
-        }
-        Ok(())
-    }
-}
+mod config;
+pub use config::{MachineConfig, MachineConfigError};
 
 /// Error creating a VM shell.
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +213,8 @@ pub enum StateSaveError {
     Vcpu(#[from] VcpuSaveError),
     #[error("cannot save the VM-wide state")]
     Vm(#[from] VmWideStateError),
+    #[error("cannot identify the base image of a disk")]
+    Disk(#[from] BaseDiskError),
 }
 
 /// Counters of a machine.
@@ -266,6 +237,8 @@ pub struct Machine {
     mmio: Arc<MmioBus>,
     /// Device threads (e.g. network receive), stopped when dropped.
     device_threads: Vec<Box<dyn Send + Sync>>,
+    /// The virtio devices on `mmio`, typed, for saving.
+    virtio: Vec<AttachedVirtio>,
     backing: MemoryBacking,
     vm: VmFd,
     ram: GuestRam,
@@ -360,6 +333,7 @@ impl Machine {
             bus,
             mmio,
             device_threads: Vec::new(),
+            virtio: Vec::new(),
             backing,
             vm,
             ram: guest_ram,
@@ -380,6 +354,17 @@ impl Machine {
     /// dropped) until the machine stops.
     pub(crate) fn keep_device_threads(&mut self, threads: Box<dyn Send + Sync>) {
         self.device_threads.push(threads);
+    }
+
+    /// Records the virtio devices placed on the MMIO bus (saved with the
+    /// machine's state).
+    pub(crate) fn attach_virtio(&mut self, devices: Vec<AttachedVirtio>) {
+        self.virtio = devices;
+    }
+
+    /// The virtio devices (a Linux guest's), in window order.
+    pub fn virtio(&self) -> &[AttachedVirtio] {
+        &self.virtio
     }
 
     /// The devices in the MMIO hole.
@@ -454,12 +439,19 @@ impl Machine {
             .iter()
             .map(|v| vcpu::save_vcpu(&self.host, &v.fd(), v.index))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut devices = self.bus.save();
+        devices.virtio = self
+            .virtio
+            .iter()
+            .map(AttachedVirtio::save)
+            .collect::<Result<_, _>>()?;
         Ok(VmState {
             version: VM_STATE_VERSION,
             memory_bytes: self.ram.len() as u64,
             vcpus,
             vm: vm::save_vm_wide(&self.vm)?,
-            devices: self.bus.save(),
+            devices,
+            captured_at_unix_ns: Some(crate::vstate::clock::unix_now_ns()),
         })
     }
 
@@ -554,36 +546,4 @@ pub(crate) fn ram_access(ram: &GuestRam) -> RamAccess {
     // SAFETY: the view is handed only to devices and vCPU threads of the
     // machine that owns `ram`, which stops them before dropping it.
     unsafe { RamAccess::new(ram.host_addr(), ram.len()) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_validation() {
-        let ok = MachineConfig {
-            vcpus: 2,
-            memory_bytes: 64 << 20,
-        };
-        assert_eq!(ok.validate(), Ok(()));
-        assert!(MachineConfig { vcpus: 0, ..ok }.validate().is_err());
-        assert!(MachineConfig { vcpus: 9, ..ok }.validate().is_err());
-        assert!(
-            MachineConfig {
-                memory_bytes: 3 << 20,
-                ..ok
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            MachineConfig {
-                memory_bytes: (64 << 20) + 4096,
-                ..ok
-            }
-            .validate()
-            .is_err()
-        );
-    }
 }

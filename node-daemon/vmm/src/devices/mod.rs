@@ -25,6 +25,10 @@ pub const SLOT_REQUEST_OFFSET: u64 = MAILBOX_SLOT_SIZE / 4;
 pub struct DeviceState {
     pub serial: SerialState,
     pub mailbox: MailboxState,
+    /// The virtio-mmio devices of a Linux guest (absent in images of micro
+    /// guests and in images written before format 1.1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio: Vec<virtio::VirtioDeviceState>,
 }
 
 /// The devices of one VM.
@@ -71,6 +75,7 @@ impl PortIoBus {
         DeviceState {
             serial: self.serial_lock().state(),
             mailbox: self.mailbox.save(),
+            virtio: Vec::new(),
         }
     }
 

@@ -14,7 +14,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::LinuxBootError;
 use super::net_rx::NetRxThreads;
-use crate::devices::mmio_bus::{MmioBus, MmioDevice};
+use crate::devices::mmio_bus::{MmioBus, MmioBusError, MmioDevice};
+use crate::devices::virtio::attached::{AttachedDisk, AttachedModel, AttachedVirtio};
 use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
@@ -54,12 +55,13 @@ impl VirtioDeviceSpec {
     }
 }
 
-/// The devices of a Linux guest: their MMIO bus and the receive threads of
-/// its network devices.
-#[derive(Debug)]
+/// The devices of a Linux guest: their MMIO bus, the receive threads of
+/// its network devices, and the devices themselves (typed, for saving).
+#[derive(Debug, Default)]
 pub struct LinuxDevices {
     pub mmio: MmioBus,
     pub net_rx: NetRxThreads,
+    pub attached: Vec<AttachedVirtio>,
 }
 
 /// Where device `index` sits and what it raises.
@@ -112,27 +114,20 @@ pub(super) fn build(
         count: specs.len(),
         max: VIRTIO_GSIS.len(),
     })?;
-    let mut devices = LinuxDevices {
-        mmio: MmioBus::default(),
-        net_rx: NetRxThreads::default(),
-    };
+    let mut devices = LinuxDevices::default();
     for (index, (spec, slot)) in specs.iter().zip(slots).enumerate() {
-        let interrupt_error = |source| LinuxBootError::Interrupt {
+        let line = interrupt_line(vm, slot.gsi).map_err(|source| LinuxBootError::Interrupt {
             device: spec.name(),
             gsi: slot.gsi,
             source,
-        };
-        let line = IrqfdLine::new().map_err(interrupt_error)?;
-        vm.register_irqfd(line.eventfd(), slot.gsi)
-            .map_err(|e| interrupt_error(std::io::Error::from_raw_os_error(e.errno())))?;
-        let line: Arc<dyn InterruptLine> = Arc::new(line);
+        })?;
         let name = format!("{}{index}", spec.name());
-        let device: Arc<dyn MmioDevice> = match spec {
-            VirtioDeviceSpec::Rng => Arc::new(Mutex::new(VirtioMmio::new(
+        let model = match spec {
+            VirtioDeviceSpec::Rng => AttachedModel::Rng(Arc::new(Mutex::new(VirtioMmio::new(
                 Rng::new(&name),
                 mem.clone(),
                 line,
-            ))),
+            )))),
             VirtioDeviceSpec::Block { image, overlay } => {
                 let disk = Block::open(&name, image, overlay.as_deref()).map_err(|source| {
                     LinuxBootError::Disk {
@@ -140,31 +135,78 @@ pub(super) fn build(
                         source,
                     }
                 })?;
-                Arc::new(Mutex::new(VirtioMmio::new(disk, mem.clone(), line)))
+                AttachedModel::Block {
+                    device: Arc::new(Mutex::new(VirtioMmio::new(disk, mem.clone(), line))),
+                    disk: AttachedDisk::new(image.clone(), overlay.clone()),
+                }
             }
             VirtioDeviceSpec::Net { tap, mac } => {
                 let tap_device = Tap::open(tap).map_err(|source| LinuxBootError::Tap {
                     tap: tap.clone(),
                     source,
                 })?;
-                let net = Arc::new(Mutex::new(VirtioMmio::new(
-                    Net::new(&name, tap_device, *mac),
-                    mem.clone(),
-                    line,
-                )));
-                devices
-                    .net_rx
-                    .spawn(Arc::clone(&net))
-                    .map_err(|source| LinuxBootError::Thread { source })?;
-                net
+                AttachedModel::Net {
+                    device: Arc::new(Mutex::new(VirtioMmio::new(
+                        Net::new(&name, tap_device, *mac),
+                        mem.clone(),
+                        line,
+                    ))),
+                    tap: tap.clone(),
+                }
             }
         };
         devices
-            .mmio
-            .insert(slot.base, MMIO_SIZE, device)
-            .expect("virtio slots are disjoint windows inside the MMIO hole");
+            .place(AttachedVirtio {
+                name,
+                base: slot.base,
+                gsi: slot.gsi,
+                model,
+            })
+            .map_err(|e| match e {
+                PlaceError::Thread(source) => LinuxBootError::Thread { source },
+                PlaceError::Window(e) => {
+                    unreachable!("virtio slots are disjoint windows in the MMIO hole: {e}")
+                }
+            })?;
     }
     Ok(devices)
+}
+
+/// A new irqfd registered with `vm` to raise `gsi`.
+pub(crate) fn interrupt_line(vm: &VmFd, gsi: u32) -> std::io::Result<Arc<dyn InterruptLine>> {
+    let line = IrqfdLine::new()?;
+    vm.register_irqfd(line.eventfd(), gsi)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    Ok(Arc::new(line))
+}
+
+/// Why a device could not be placed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error("its window cannot be placed")]
+    Window(#[from] MmioBusError),
+    #[error("its receive thread cannot be started")]
+    Thread(#[source] std::io::Error),
+}
+
+impl LinuxDevices {
+    /// Puts `device` in its window on the bus, starts its receive thread if
+    /// it is a network device, and keeps it for saving.
+    pub(crate) fn place(&mut self, device: AttachedVirtio) -> Result<(), PlaceError> {
+        let window: Arc<dyn MmioDevice> = match &device.model {
+            AttachedModel::Rng(d) => d.clone(),
+            AttachedModel::Block { device, .. } => device.clone(),
+            AttachedModel::Net { device, .. } => device.clone(),
+        };
+        self.mmio.insert(device.base, MMIO_SIZE, window)?;
+        if let AttachedModel::Net { device, .. } = &device.model {
+            self.net_rx
+                .spawn(Arc::clone(device))
+                .map_err(PlaceError::Thread)?;
+        }
+        self.attached.push(device);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

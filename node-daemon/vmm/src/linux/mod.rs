@@ -9,6 +9,7 @@
 //! is no MP table or ACPI to announce others.
 
 pub mod boot_params;
+pub mod clone;
 pub mod devices;
 pub mod loader;
 pub mod net_rx;
@@ -201,6 +202,7 @@ impl Machine {
         let mut machine =
             Self::start_with_mmio(shell, bus, Arc::new(devices.mmio), MemoryBacking::Anonymous);
         machine.keep_device_threads(Box::new(devices.net_rx));
+        machine.attach_virtio(devices.attached);
         Ok(machine)
     }
 }

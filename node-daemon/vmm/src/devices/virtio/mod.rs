@@ -43,9 +43,11 @@
 //! ([`VirtioMmio::last_refused_request`]). Every error names the device, the
 //! queue and the descriptor.
 
+pub mod attached;
 pub mod blk;
 pub mod chain;
 pub mod device;
+pub mod disk_files;
 pub mod errors;
 pub mod interrupt;
 pub mod mmio;
@@ -54,6 +56,7 @@ pub mod overlay;
 pub mod persist;
 pub mod queue_config;
 pub mod rng;
+pub mod saved;
 pub mod state;
 pub mod status;
 pub mod tap;
@@ -62,6 +65,7 @@ pub use device::{QueueAccess, VirtioDevice};
 pub use errors::{DeviceFault, QueueSetupError, RegisterError, RequestError, RestoreError};
 pub use interrupt::{InterruptLine, IrqfdLine, RecordedInterrupts, VirtioInterrupt};
 pub use mmio::{MMIO_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, VirtioMmio};
+pub use saved::{DiskIdentity, SavedDisk, VirtioDeviceState, VirtioModelState};
 pub use state::{QueueSnapshot, TransportState, VirtioMmioState};
 
 /// InterruptStatus bit: a used buffer notification.
