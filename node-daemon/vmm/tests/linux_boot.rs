@@ -113,6 +113,45 @@ fn boot_protocol_hands_the_kernel_its_zero_page_and_command_line() {
     }
 }
 
+/// Sets MCR.OUT2 and IER.THRI on COM1 (the UART then raises IRQ 4 at
+/// once: its transmitter is empty), then halts with interrupts off.
+const SERIAL_IRQ_PROBE: &[u8] = &[
+    0x66, 0xba, 0xfc, 0x03, // mov dx, 0x3fc (MCR)
+    0xb0, 0x08, // mov al, OUT2
+    0xee, // out dx, al
+    0x66, 0xba, 0xf9, 0x03, // mov dx, 0x3f9 (IER)
+    0xb0, 0x02, // mov al, THRI
+    0xee, // out dx, al
+    0xf4, // halt: hlt
+    0xeb, 0xfd, // jmp halt
+];
+
+#[test]
+fn uart_thr_empty_interrupt_reaches_the_pic_as_irq_4() {
+    let test = "uart_thr_empty_interrupt_reaches_the_pic_as_irq_4";
+    let Some(host) = host(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, probe_elf(SERIAL_IRQ_PROBE)).unwrap();
+    let mut spec = LinuxBootSpec::new(&kernel);
+    spec.template = CpuTemplate::Host;
+    let machine = Machine::boot_linux(shell(&host, 64), &spec).expect("boot the probe");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let irr = loop {
+        machine.pause().expect("pause");
+        let state = machine.save_state().expect("save state");
+        // SAFETY: the master PIC's chip state is the `pic` member of the
+        // union (chip_id KVM_IRQCHIP_PIC_MASTER).
+        let irr = unsafe { state.vm.pic_master.chip.pic }.irr;
+        if irr & (1 << 4) != 0 || Instant::now() > deadline {
+            break irr;
+        }
+        machine.resume();
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_ne!(irr & (1 << 4), 0, "PIC IRR {irr:#04x}: IRQ 4 never rose");
+}
+
 #[test]
 fn boot_refuses_what_it_cannot_boot_before_touching_the_vcpus() {
     let test = "boot_refuses_what_it_cannot_boot_before_touching_the_vcpus";
