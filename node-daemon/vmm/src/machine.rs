@@ -244,6 +244,8 @@ pub enum StateSaveError {
     Vcpu(#[from] VcpuSaveError),
     #[error("cannot save the VM-wide state")]
     Vm(#[from] VmWideStateError),
+    #[error("the machine has {0} MMIO (virtio) devices, whose state a VM state does not hold yet")]
+    UnsavedDevices(usize),
 }
 
 /// Counters of a machine.
@@ -448,6 +450,9 @@ impl Machine {
                 VcpuStatus::Paused | VcpuStatus::NotStarted => {}
                 other => return Err(StateSaveError::NotPaused(vcpu.index, other)),
             }
+        }
+        if !self.mmio.is_empty() {
+            return Err(StateSaveError::UnsavedDevices(self.mmio.len()));
         }
         let vcpus = self
             .vcpus

@@ -12,7 +12,7 @@ use linux_common::*;
 use vmstream_test_support::record_skip;
 use vmstream_vmm::arch::x86_64::cpuid::CpuTemplate;
 use vmstream_vmm::linux::{LinuxBootError, LinuxBootSpec, VirtioDeviceSpec};
-use vmstream_vmm::machine::{Machine, MachineConfig, VmShell};
+use vmstream_vmm::machine::{Machine, MachineConfig, StateSaveError, VmShell};
 
 /// A minimal x86-64 ELF "kernel": one PT_LOAD of `code` at 16 MiB.
 fn probe_elf(code: &[u8]) -> Vec<u8> {
@@ -110,6 +110,17 @@ fn boot_protocol_hands_the_kernel_its_zero_page_and_command_line() {
         );
         let unclaimed = u64::from(spec.devices.is_empty());
         assert_eq!(machine.stats().unclaimed_mmio_accesses, unclaimed);
+        // Device state is not in a VM state yet: saving says so.
+        machine.pause().expect("pause");
+        let saved = machine.save_state();
+        if spec.devices.is_empty() {
+            saved.expect("save a machine without devices");
+        } else {
+            assert!(
+                matches!(saved, Err(StateSaveError::UnsavedDevices(1))),
+                "{saved:?}"
+            );
+        }
     }
 }
 
