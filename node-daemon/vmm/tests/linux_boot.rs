@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use linux_common::*;
 use vmstream_test_support::record_skip;
 use vmstream_vmm::arch::x86_64::cpuid::CpuTemplate;
+use vmstream_vmm::capture::capture;
 use vmstream_vmm::linux::{LinuxBootError, LinuxBootSpec, VirtioDeviceSpec};
 use vmstream_vmm::machine::{Machine, MachineConfig, StateSaveError, VmShell};
+use vmstream_vmm::restore::{CloneMemory, CloneSource, restore};
 
 /// A minimal x86-64 ELF "kernel": one PT_LOAD of `code` at 16 MiB.
 fn probe_elf(code: &[u8]) -> Vec<u8> {
@@ -254,6 +256,55 @@ fn linux_kernel_boots_to_its_console() {
         machine.vcpus()[0].status(),
         machine.stats().vcpus[0]
     );
+}
+
+/// A Linux guest captured mid-boot into a live image and cloned: the
+/// clone (copy-on-write memory, the template's CPUID from the image) goes
+/// on booting from where the capture left it, to the same root-mount panic.
+#[test]
+fn linux_captured_mid_boot_boots_on_in_a_clone() {
+    let test = "linux_captured_mid_boot_boots_on_in_a_clone";
+    let Some(host) = host(test) else { return };
+    let Some(kernel) = project_linux_dir(&["vmlinux"]).map(|dir| dir.join("vmlinux")) else {
+        record_skip(
+            test,
+            "no project-built Linux kernel ($VMSTREAM_CACHE/linux-*/vmlinux): run make linux-guest",
+        );
+        return;
+    };
+    let mut spec = LinuxBootSpec::new(&kernel);
+    spec.cmdline = "panic=0".into();
+    let source = Machine::boot_linux(shell(&host, 128), &spec).expect("boot Linux");
+    wait_for_milestones(&source, &[&["Memory:"]], LINUX_BOOT_TIMEOUT);
+    let dir = tempfile::tempdir().unwrap();
+    let report = capture(&source, dir.path()).expect("capture the booting guest");
+    let captured = String::from_utf8_lossy(&source.serial_output()).into_owned();
+    source.stop();
+    eprintln!(
+        "captured after {} console bytes: {report:?}",
+        captured.len()
+    );
+    let image = CloneSource::open(dir.path()).expect("open the image");
+    let started = Instant::now();
+    let clone =
+        restore(shell(&host, 128), &image, &CloneMemory::CopyOnWrite).expect("restore the clone");
+    let seen = wait_for_milestones(
+        &clone.machine,
+        &[&["Kernel panic - not syncing: VFS: Unable to mount root"]],
+        LINUX_BOOT_TIMEOUT,
+    );
+    let output = String::from_utf8_lossy(&clone.machine.serial_output()).into_owned();
+    assert!(
+        !output.contains("Linux version"),
+        "the clone booted from the start:\n{output}"
+    );
+    eprintln!(
+        "clone started in {:?}, reached the panic {:?} later; its console begins {:?}",
+        clone.timings.total,
+        seen[0].1,
+        output.lines().next().unwrap_or_default()
+    );
+    assert!(started.elapsed() < LINUX_BOOT_TIMEOUT);
 }
 
 /// On hardware KVM the kernel runs natively with the host's CPUID and
