@@ -215,6 +215,8 @@ pub enum StateSaveError {
     Vm(#[from] VmWideStateError),
     #[error("cannot identify the base image of a disk")]
     Disk(#[from] BaseDiskError),
+    #[error("the machine has {0} MMIO devices that are not virtio devices it can save")]
+    UnsavedDevices(usize),
 }
 
 /// Counters of a machine.
@@ -433,6 +435,12 @@ impl Machine {
                 VcpuStatus::Paused | VcpuStatus::NotStarted => {}
                 other => return Err(StateSaveError::NotPaused(vcpu.index, other)),
             }
+        }
+        // Every window on the bus must be a device the state holds.
+        if self.mmio.len() != self.virtio.len() {
+            return Err(StateSaveError::UnsavedDevices(
+                self.mmio.len().saturating_sub(self.virtio.len()),
+            ));
         }
         let vcpus = self
             .vcpus

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{MAILBOX_SLOT_SIZE, mailbox_slot};
 use crate::vstate::ram_access::RamAccess;
@@ -35,6 +36,8 @@ pub struct DeviceState {
 #[derive(Debug)]
 pub struct PortIoBus {
     serial: Mutex<Serial>,
+    /// Raises COM1's IRQ (an irqfd on GSI 4), if wired.
+    serial_irq: Option<EventFd>,
     mailbox: Arc<Mailbox>,
     ram: RamAccess,
     unknown_accesses: AtomicU64,
@@ -45,9 +48,25 @@ impl PortIoBus {
     pub fn new(state: DeviceState, ram: RamAccess) -> Self {
         Self {
             serial: Mutex::new(Serial::from_state(state.serial)),
+            serial_irq: None,
             mailbox: Arc::new(Mailbox::from_state(state.mailbox)),
             ram,
             unknown_accesses: AtomicU64::new(0),
+        }
+    }
+
+    /// Raises COM1's interrupt through `irq` (an eventfd the caller
+    /// registered as an irqfd on GSI 4).
+    pub fn with_serial_irq(mut self, irq: EventFd) -> Self {
+        self.serial_irq = Some(irq);
+        self
+    }
+
+    fn raise_serial_irq(&self, rose: bool) {
+        if let (true, Some(irq)) = (rose, &self.serial_irq)
+            && let Err(error) = irq.write(1)
+        {
+            tracing::warn!(%error, "cannot raise the COM1 interrupt");
         }
     }
 
@@ -110,7 +129,8 @@ impl PortIoBus {
     pub fn io_out(&self, vcpu: u8, port: u16, data: &[u8]) {
         match port {
             p if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&p) => {
-                self.serial_lock().write((p - COM1_BASE) as u8, data[0]);
+                let rose = self.serial_lock().write((p - COM1_BASE) as u8, data[0]);
+                self.raise_serial_irq(rose);
             }
             PORT_REPORT => {
                 let mut kind = [0u8; 4];

@@ -4,7 +4,7 @@
 //! initrd) is written, and vCPU 0 starts at the ELF entry in long mode on
 //! the micro guests' identity page tables and GDT, with RSI pointing at the
 //! zero page and CPUID from a [`CpuTemplate`]. The console is the 8250 on
-//! COM1 (`console=ttyS0`); virtio devices sit on the MMIO bus and are
+//! COM1 (`console=ttyS0`, its THR-empty interrupt on IRQ 4); virtio devices sit on the MMIO bus and are
 //! announced on the command line ([`devices`]). Only one vCPU boots: there
 //! is no MP table or ACPI to announce others.
 
@@ -17,6 +17,8 @@ pub mod net_rx;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
 use crate::arch::x86_64::cpuid::{self, CpuTemplate};
 use crate::arch::x86_64::layout::{MMIO_HOLE_END, ZERO_PAGE_ADDR};
 use crate::arch::x86_64::paging::PagingError;
@@ -26,6 +28,9 @@ use crate::memory::guest_memory_view;
 use crate::vstate::vcpu::{self, VcpuBootError};
 pub use devices::VirtioDeviceSpec;
 pub use loader::{ElfProblem, LoadedKernel};
+
+/// COM1's ISA interrupt.
+const SERIAL_GSI: u32 = 4;
 
 /// The command line every Linux guest gets before the template's switches
 /// and the caller's own: the serial console, and early messages on it.
@@ -124,7 +129,7 @@ pub enum LinuxBootError {
     GuestWrite { what: &'static str, detail: String },
     #[error("{count} virtio devices asked for, there are interrupt lines for {max}")]
     TooManyDevices { count: usize, max: usize },
-    #[error("cannot wire the interrupt of virtio-{device} to GSI {gsi}")]
+    #[error("cannot wire the interrupt of the {device} device to GSI {gsi}")]
     Interrupt {
         device: &'static str,
         gsi: u32,
@@ -198,13 +203,28 @@ impl Machine {
             initrd = ?loaded.initrd,
             "booting Linux"
         );
-        let bus = Arc::new(PortIoBus::new(DeviceState::default(), ram));
+        let bus = Arc::new(
+            PortIoBus::new(DeviceState::default(), ram).with_serial_irq(serial_irq(shell.vm())?),
+        );
         let mut machine =
             Self::start_with_mmio(shell, bus, Arc::new(devices.mmio), MemoryBacking::Anonymous);
         machine.keep_device_threads(Box::new(devices.net_rx));
         machine.attach_virtio(devices.attached);
         Ok(machine)
     }
+}
+
+/// COM1's interrupt line: an eventfd registered as an irqfd on GSI 4.
+fn serial_irq(vm: &kvm_ioctls::VmFd) -> Result<EventFd, LinuxBootError> {
+    let error = |source| LinuxBootError::Interrupt {
+        device: "serial",
+        gsi: SERIAL_GSI,
+        source,
+    };
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(error)?;
+    vm.register_irqfd(&fd, SERIAL_GSI)
+        .map_err(|e| error(std::io::Error::from_raw_os_error(e.errno())))?;
+    Ok(fd)
 }
 
 #[cfg(test)]
