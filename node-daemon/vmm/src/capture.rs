@@ -11,6 +11,12 @@
 //!    pipe and writes the state file last (it is what makes the directory a
 //!    complete image).
 //!
+//! A Linux guest's disks travel with the image: each writable disk's
+//! overlay is copied into the directory during the pause (`disk-<name>.overlay`,
+//! a reflink where the file system can, else a sparse copy of the written
+//! blocks, so the pause grows with the blocks written); the base image is
+//! hashed before the pause and recorded by path, size, mtime and SHA-256.
+//!
 //! For a lazily streamed clone, pages never populated are taken from its
 //! base image by the writer (the child's mappings are not registered with
 //! userfaultfd, so reading them there would give zeros).
@@ -19,6 +25,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::devices::virtio::VirtioModelState;
+use crate::devices::virtio::disk_files::{BaseDiskError, OverlayCopyError, copy_overlay};
 use crate::image::{
     PageStoreWriter, StateContents, StateFile, StateWriteError, WriteError, WriteSummary,
 };
@@ -69,6 +77,10 @@ pub enum CaptureError {
     Pause(#[from] PauseError),
     #[error("cannot save the source VM's state")]
     SaveState(#[from] StateSaveError),
+    #[error("cannot identify the base image of a disk of the source VM")]
+    Disk(#[from] BaseDiskError),
+    #[error("cannot copy a disk overlay into the live image")]
+    Overlay(#[from] OverlayCopyError),
     #[error("cannot create the result pipe")]
     Pipe(#[source] std::io::Error),
     #[error("fork failed")]
@@ -151,6 +163,12 @@ pub fn capture(machine: &Machine, dir: &Path) -> Result<CaptureReport, CaptureEr
 pub fn start_capture(machine: &Machine, dir: &Path) -> Result<PendingCapture, CaptureError> {
     let started = Instant::now();
     materialize(machine)?;
+    // Hashing reads each base image whole: before the pause, once per disk.
+    for device in machine.virtio() {
+        if let Some(disk) = device.disk() {
+            disk.identity()?;
+        }
+    }
     let ram = machine.guest_ram();
     let writer =
         PageStoreWriter::prepare(dir, ram.len()).map_err(|source| CaptureError::Prepare {
@@ -181,6 +199,10 @@ pub fn start_capture(machine: &Machine, dir: &Path) -> Result<PendingCapture, Ca
     // a live image is a template, and its clones must not apply them with
     // nobody waiting for the answers.
     state.devices.mailbox.pending.clear();
+    if let Err(e) = copy_overlays(machine, &state, dir) {
+        machine.resume();
+        return Err(e.into());
+    }
     timings.save_state = save_start.elapsed();
 
     let (base, populated, quiesce) = match machine.backing() {
@@ -226,6 +248,24 @@ pub fn start_capture(machine: &Machine, dir: &Path) -> Result<PendingCapture, Ca
         forked: fork_start,
         timings,
     })
+}
+
+/// Copies each writable disk's overlay as it is at the pause into `dir`,
+/// under the name its saved state gives.
+fn copy_overlays(machine: &Machine, state: &VmState, dir: &Path) -> Result<(), OverlayCopyError> {
+    for (device, saved) in machine.virtio().iter().zip(&state.devices.virtio) {
+        let (Some(from), VirtioModelState::Block { state, disk }) =
+            (device.overlay_path(), &saved.model)
+        else {
+            continue;
+        };
+        let Some(file) = &disk.overlay_file else {
+            continue;
+        };
+        let overlay = &state.device.overlay;
+        copy_overlay(from, &dir.join(file), overlay.len, &overlay.written)?;
+    }
+    Ok(())
 }
 
 fn state_contents(state: &VmState) -> StateContents {

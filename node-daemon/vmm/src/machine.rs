@@ -1,7 +1,8 @@
 //! A micro-VM: [`VmShell`] (VM, vCPUs, registered guest RAM, made before a
 //! clone is requested, because memory-slot registration is the slow part)
 //! and [`Machine`] (a shell with devices and running vCPU threads, booted
-//! from a micro guest or restored from a live image).
+//! from a micro guest or restored from a live image; `crate::linux` boots
+//! Linux kernels into a shell).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,14 +11,17 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 
 use crate::arch::x86_64::layout::{
-    self, GDT_ADDR, GUEST_LOAD_ADDR, GUEST_MAX_SIZE, IDT_ADDR, MAX_VCPUS, MIN_RAM, PARAMS_ADDR,
+    self, GDT_ADDR, GUEST_LOAD_ADDR, GUEST_MAX_SIZE, IDT_ADDR, PARAMS_ADDR,
 };
 use crate::arch::x86_64::{boot, paging};
 use crate::devices::mailbox::Mailbox;
+use crate::devices::mmio_bus::MmioBus;
+use crate::devices::virtio::attached::AttachedVirtio;
+use crate::devices::virtio::disk_files::BaseDiskError;
 use crate::devices::{DeviceState, PortIoBus};
 use crate::guests::{FillSpec, GuestProgram};
-use crate::image::PageStore;
-use crate::memory::{GuestRam, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE, PageSource};
+pub use crate::memory::backing::MemoryBacking;
+use crate::memory::{GuestRam, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE};
 use crate::vstate::ram_access::RamAccess;
 use crate::vstate::run_loop::{
     MissingPageResolver, StartArgs, VcpuControlError, VcpuShared, VcpuStats, VcpuStatus,
@@ -26,41 +30,8 @@ use crate::vstate::vcpu::{self, VcpuBootError, VcpuCreateError, VcpuSaveError};
 use crate::vstate::vm::{self, DirtyLogError, KvmHost, VmCreateError, VmWideStateError};
 use crate::vstate::{VM_STATE_VERSION, VmState};
 
-/// Size and shape of a micro-VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MachineConfig {
-    /// Number of vCPUs (1..=8).
-    pub vcpus: u8,
-    /// Guest RAM in bytes (a multiple of 2 MiB, at least 4 MiB).
-    pub memory_bytes: usize,
-}
-
-/// Error in a machine configuration.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum MachineConfigError {
-    #[error("vCPU count {0} is outside 1..={MAX_VCPUS}")]
-    VcpuCount(u8),
-    #[error("memory size {0} is not a multiple of 2 MiB of at least {MIN_RAM} bytes")]
-    MemorySize(usize),
-    #[error("memory size {0} needs more address space than the identity map covers")]
-    MemoryTooLarge(usize),
-}
-
-impl MachineConfig {
-    /// Checks the configuration.
-    pub fn validate(&self) -> Result<(), MachineConfigError> {
-        if self.vcpus == 0 || usize::from(self.vcpus) > MAX_VCPUS {
-            return Err(MachineConfigError::VcpuCount(self.vcpus));
-        }
-        if self.memory_bytes < MIN_RAM as usize || !self.memory_bytes.is_multiple_of(2 << 20) {
-            return Err(MachineConfigError::MemorySize(self.memory_bytes));
-        }
-        if layout::gpa_end(self.memory_bytes as u64) > layout::MAX_MAPPED_GPA {
-            return Err(MachineConfigError::MemoryTooLarge(self.memory_bytes));
-        }
-        Ok(())
-    }
-}
+mod config;
+pub use config::{MachineConfig, MachineConfigError};
 
 /// Error creating a VM shell.
 #[derive(Debug, thiserror::Error)]
@@ -195,75 +166,6 @@ impl VmShell {
     }
 }
 
-/// What backs a machine's guest RAM, as capture needs to know it.
-pub enum MemoryBacking {
-    /// Anonymous memory (a booted guest).
-    Anonymous,
-    /// A private mapping of a complete local page store.
-    CopyOnWrite(Arc<PageStore>),
-    /// Pages brought in on first touch from `base`; capture takes pages
-    /// that were never populated from `base`.
-    Lazy {
-        memory: Arc<LazyMemory>,
-        base: Arc<PageStore>,
-    },
-    /// Pages brought in on first touch from any page source (e.g. another
-    /// node's page server); capture first brings in every page that was
-    /// never populated through `source`.
-    LazyFrom {
-        memory: Arc<LazyMemory>,
-        source: Arc<dyn PageSource>,
-    },
-    /// Pages installed by the machine's owner through a
-    /// [`crate::memory::PageInstaller`] (e.g. a live-migration target);
-    /// a missing page goes to the owner's [`crate::memory::MissingPageHook`]
-    /// and the guest waits for it. `image` is the live image the VM
-    /// descends from, as held on this node, if any. Once every page is
-    /// installed this is plain anonymous memory (capture and migration
-    /// need that).
-    Installed {
-        memory: Arc<LazyMemory>,
-        image: Option<Arc<PageStore>>,
-    },
-}
-
-impl MemoryBacking {
-    /// The userfaultfd-backed memory of a lazily streamed clone (or of
-    /// installed memory).
-    pub fn lazy_memory(&self) -> Option<&Arc<LazyMemory>> {
-        match self {
-            Self::Lazy { memory, .. }
-            | Self::LazyFrom { memory, .. }
-            | Self::Installed { memory, .. } => Some(memory),
-            Self::Anonymous | Self::CopyOnWrite(_) => None,
-        }
-    }
-}
-
-impl std::fmt::Debug for MemoryBacking {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Anonymous => f.write_str("Anonymous"),
-            Self::CopyOnWrite(store) => f.debug_tuple("CopyOnWrite").field(store).finish(),
-            Self::Lazy { memory, base } => f
-                .debug_struct("Lazy")
-                .field("memory", memory)
-                .field("base", base)
-                .finish(),
-            Self::LazyFrom { memory, source } => f
-                .debug_struct("LazyFrom")
-                .field("memory", memory)
-                .field("source_pages", &source.pages())
-                .finish(),
-            Self::Installed { memory, image } => f
-                .debug_struct("Installed")
-                .field("memory", memory)
-                .field("image", image)
-                .finish(),
-        }
-    }
-}
-
 /// Fills missing pages for vCPU exits (userfaultfd SIGBUS mode).
 struct LazyResolver(Arc<LazyMemory>);
 
@@ -311,6 +213,10 @@ pub enum StateSaveError {
     Vcpu(#[from] VcpuSaveError),
     #[error("cannot save the VM-wide state")]
     Vm(#[from] VmWideStateError),
+    #[error("cannot identify the base image of a disk")]
+    Disk(#[from] BaseDiskError),
+    #[error("the machine has {0} MMIO devices that are not virtio devices it can save")]
+    UnsavedDevices(usize),
 }
 
 /// Counters of a machine.
@@ -319,6 +225,8 @@ pub struct MachineStats {
     pub vcpus: Vec<VcpuStats>,
     /// Guest accesses to ports without a device.
     pub unknown_port_accesses: u64,
+    /// Guest accesses to the MMIO hole where no device is.
+    pub unclaimed_mmio_accesses: u64,
 }
 
 /// A running (or paused) micro-VM.
@@ -328,6 +236,11 @@ pub struct Machine {
     vcpus: Vec<Arc<VcpuShared>>,
     threads: Vec<JoinHandle<()>>,
     bus: Arc<PortIoBus>,
+    mmio: Arc<MmioBus>,
+    /// Device threads (e.g. network receive), stopped when dropped.
+    device_threads: Vec<Box<dyn Send + Sync>>,
+    /// The virtio devices on `mmio`, typed, for saving.
+    virtio: Vec<AttachedVirtio>,
     backing: MemoryBacking,
     vm: VmFd,
     ram: GuestRam,
@@ -365,19 +278,7 @@ impl Machine {
         let outside = |e: crate::vstate::ram_access::OutsideRam| -> BootError {
             unreachable!("fixed boot areas lie in the minimum RAM: {e}")
         };
-        for table in paging::identity_map(layout::gpa_end(ram.len()))? {
-            for (i, entry) in table.entries.iter().enumerate() {
-                if *entry != 0 {
-                    ram.write_u64(table.gpa + 8 * i as u64, *entry)
-                        .map_err(outside)?;
-                }
-            }
-        }
-        for (i, entry) in boot::gdt().iter().enumerate() {
-            ram.write_u64(GDT_ADDR + 8 * i as u64, *entry)
-                .map_err(outside)?;
-        }
-        ram.write_u64(IDT_ADDR, 0).map_err(outside)?;
+        write_long_mode_tables(&ram, 0)?;
         for (i, value) in options.params.iter().enumerate() {
             ram.write_u64(PARAMS_ADDR + 8 * i as u64, *value)
                 .map_err(outside)?;
@@ -393,8 +294,19 @@ impl Machine {
         Ok(Self::start(shell, bus, MemoryBacking::Anonymous))
     }
 
-    /// Wraps a shell whose vCPU and VM state are set and starts its vCPUs.
+    /// Wraps a shell whose vCPU and VM state are set and starts its vCPUs
+    /// (no MMIO devices).
     pub(crate) fn start(shell: VmShell, bus: Arc<PortIoBus>, backing: MemoryBacking) -> Self {
+        Self::start_with_mmio(shell, bus, Arc::default(), backing)
+    }
+
+    /// [`Machine::start`] with devices in the MMIO hole.
+    pub(crate) fn start_with_mmio(
+        shell: VmShell,
+        bus: Arc<PortIoBus>,
+        mmio: Arc<MmioBus>,
+        backing: MemoryBacking,
+    ) -> Self {
         let ram = ram_access(&shell.ram);
         let resolver = backing.lazy_memory().map(|memory| {
             Arc::new(LazyResolver(Arc::clone(memory))) as Arc<dyn MissingPageResolver>
@@ -410,6 +322,7 @@ impl Machine {
         for vcpu in &threads.vcpus {
             vcpu.start(StartArgs {
                 bus: Arc::clone(&bus),
+                mmio: Arc::clone(&mmio),
                 ram,
                 resolver: resolver.clone(),
             });
@@ -420,6 +333,9 @@ impl Machine {
             vcpus: std::mem::take(&mut threads.vcpus),
             threads: std::mem::take(&mut threads.handles),
             bus,
+            mmio,
+            device_threads: Vec::new(),
+            virtio: Vec::new(),
             backing,
             vm,
             ram: guest_ram,
@@ -434,6 +350,28 @@ impl Machine {
     /// The mailbox device.
     pub fn mailbox(&self) -> &Arc<Mailbox> {
         self.bus.mailbox()
+    }
+
+    /// Keeps `threads` (an owner of device threads that stops them when
+    /// dropped) until the machine stops.
+    pub(crate) fn keep_device_threads(&mut self, threads: Box<dyn Send + Sync>) {
+        self.device_threads.push(threads);
+    }
+
+    /// Records the virtio devices placed on the MMIO bus (saved with the
+    /// machine's state).
+    pub(crate) fn attach_virtio(&mut self, devices: Vec<AttachedVirtio>) {
+        self.virtio = devices;
+    }
+
+    /// The virtio devices (a Linux guest's), in window order.
+    pub fn virtio(&self) -> &[AttachedVirtio] {
+        &self.virtio
+    }
+
+    /// The devices in the MMIO hole.
+    pub fn mmio(&self) -> &Arc<MmioBus> {
+        &self.mmio
     }
 
     /// Serial output of this VM since it started (not its image's).
@@ -466,6 +404,7 @@ impl Machine {
         MachineStats {
             vcpus: self.vcpus.iter().map(|v| v.stats()).collect(),
             unknown_port_accesses: self.bus.unknown_accesses(),
+            unclaimed_mmio_accesses: self.mmio.unclaimed(),
         }
     }
 
@@ -497,17 +436,30 @@ impl Machine {
                 other => return Err(StateSaveError::NotPaused(vcpu.index, other)),
             }
         }
+        // Every window on the bus must be a device the state holds.
+        if self.mmio.len() != self.virtio.len() {
+            return Err(StateSaveError::UnsavedDevices(
+                self.mmio.len().saturating_sub(self.virtio.len()),
+            ));
+        }
         let vcpus = self
             .vcpus
             .iter()
             .map(|v| vcpu::save_vcpu(&self.host, &v.fd(), v.index))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut devices = self.bus.save();
+        devices.virtio = self
+            .virtio
+            .iter()
+            .map(AttachedVirtio::save)
+            .collect::<Result<_, _>>()?;
         Ok(VmState {
             version: VM_STATE_VERSION,
             memory_bytes: self.ram.len() as u64,
             vcpus,
             vm: vm::save_vm_wide(&self.vm)?,
-            devices: self.bus.save(),
+            devices,
+            captured_at_unix_ns: Some(crate::vstate::clock::unix_now_ns()),
         })
     }
 
@@ -552,6 +504,7 @@ impl Machine {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        self.device_threads.clear();
     }
 }
 
@@ -560,6 +513,31 @@ impl Drop for Machine {
         // vCPU threads hold views of guest RAM: end them before it is unmapped.
         self.stop_threads();
     }
+}
+
+/// Writes the identity page tables (mapping `[0, map_end)` and at least
+/// all RAM), the GDT and the (empty) IDT that the long-mode boot state
+/// points at.
+pub(crate) fn write_long_mode_tables(
+    ram: &RamAccess,
+    map_end: u64,
+) -> Result<(), paging::PagingError> {
+    let write = |gpa: u64, value: u64| {
+        ram.write_u64(gpa, value)
+            .unwrap_or_else(|e| unreachable!("fixed boot areas lie in the minimum RAM: {e}"));
+    };
+    for table in paging::identity_map(layout::gpa_end(ram.len()).max(map_end))? {
+        for (i, entry) in table.entries.iter().enumerate() {
+            if *entry != 0 {
+                write(table.gpa + 8 * i as u64, *entry);
+            }
+        }
+    }
+    for (i, entry) in boot::gdt().iter().enumerate() {
+        write(GDT_ADDR + 8 * i as u64, *entry);
+    }
+    write(IDT_ADDR, 0);
+    Ok(())
 }
 
 /// Applies `advice` to all of guest RAM; failure only costs performance.
@@ -576,36 +554,4 @@ pub(crate) fn ram_access(ram: &GuestRam) -> RamAccess {
     // SAFETY: the view is handed only to devices and vCPU threads of the
     // machine that owns `ram`, which stops them before dropping it.
     unsafe { RamAccess::new(ram.host_addr(), ram.len()) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_validation() {
-        let ok = MachineConfig {
-            vcpus: 2,
-            memory_bytes: 64 << 20,
-        };
-        assert_eq!(ok.validate(), Ok(()));
-        assert!(MachineConfig { vcpus: 0, ..ok }.validate().is_err());
-        assert!(MachineConfig { vcpus: 9, ..ok }.validate().is_err());
-        assert!(
-            MachineConfig {
-                memory_bytes: 3 << 20,
-                ..ok
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            MachineConfig {
-                memory_bytes: (64 << 20) + 4096,
-                ..ok
-            }
-            .validate()
-            .is_err()
-        );
-    }
 }

@@ -10,23 +10,25 @@
 //! and first came back with a guest exit (the guest has executed
 //! instructions by then — the earliest point the VMM can observe that).
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::arch::x86_64::layout::{MAILBOX_ADDR, gpa_to_ram_offset};
-use crate::arch::x86_64::walk::{CpuRoots, cpu_pages};
+use crate::devices::mmio_bus::MmioBus;
+use crate::devices::virtio::attached::AttachedVirtio;
 use crate::devices::{DeviceState, PortIoBus};
 use crate::image::{ImageOpenError, LiveImage, PageStore, StateContents};
 use crate::machine::{Machine, MemoryBacking, VmShell, advise, ram_access};
 use crate::memory::{
     AttachError, CowMapError, LazyMemory, LazyOptions, LazyRegisterError, PAGE_SIZE, PageSource,
 };
+use crate::vstate::clock::{adjusted_clock, unix_now_ns};
 use crate::vstate::vcpu::{self, VcpuRestoreError};
 use crate::vstate::vm::{self, VmWideStateError};
 use crate::vstate::{VmState, VmStateDecodeError};
+
+mod startup;
+use startup::{SourceReader, startup_pages};
 
 /// An opened image, decoded once and shared by many clones.
 #[derive(Debug, Clone)]
@@ -37,6 +39,9 @@ pub struct CloneSource {
     /// [`PageSource`] given with [`CloneMemory::LazyFrom`]).
     pages: Option<Arc<PageStore>>,
     startup_pages: Arc<[usize]>,
+    /// The image directory (where a Linux guest's disk overlays are), for
+    /// a source opened from one.
+    dir: Option<PathBuf>,
 }
 
 /// Error opening a clone source.
@@ -72,6 +77,7 @@ impl CloneSource {
 
     /// Decodes an opened image.
     pub fn from_image(image: LiveImage) -> Result<Self, CloneSourceError> {
+        let dir = image.dir().to_path_buf();
         let (contents, pages) = image.into_parts();
         let state = decode_state(&contents)?;
         // Found once here, off the clone-start path.
@@ -80,6 +86,7 @@ impl CloneSource {
             state: Arc::new(state),
             pages: Some(Arc::new(pages)),
             startup_pages,
+            dir: Some(dir),
         })
     }
 
@@ -104,6 +111,7 @@ impl CloneSource {
             state: Arc::new(state),
             pages: None,
             startup_pages,
+            dir: None,
         })
     }
 
@@ -112,6 +120,11 @@ impl CloneSource {
     pub fn open_state(dir: &Path, memory: &dyn PageSource) -> Result<Self, CloneSourceError> {
         let contents = crate::image::StateFile::read(dir).map_err(CloneSourceError::State)?;
         Self::from_state(&contents, memory)
+    }
+
+    /// The image directory, for a source opened from one.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// The machine state.
@@ -156,76 +169,6 @@ fn decode_state(contents: &StateContents) -> Result<VmState, CloneSourceError> {
     }
     Ok(state)
 }
-
-/// Reads single pages for the startup walk.
-trait StartupRead {
-    fn is_zero(&self, page: usize) -> bool;
-    fn read_page(&self, page: usize, buf: &mut [u8]) -> bool;
-}
-
-impl StartupRead for PageStore {
-    fn is_zero(&self, page: usize) -> bool {
-        !self.is_present(page)
-    }
-    fn read_page(&self, page: usize, buf: &mut [u8]) -> bool {
-        PageStore::read_page(self, page, buf).is_ok()
-    }
-}
-
-struct SourceReader<'a>(&'a dyn PageSource);
-
-impl StartupRead for SourceReader<'_> {
-    fn is_zero(&self, page: usize) -> bool {
-        page >= self.0.pages() || self.0.is_zero(page)
-    }
-    fn read_page(&self, page: usize, buf: &mut [u8]) -> bool {
-        self.0.read_pages(page, 1, buf).is_ok()
-    }
-}
-
-fn startup_pages(state: &VmState, store: &dyn StartupRead) -> Vec<usize> {
-    let mut cache: HashMap<usize, Vec<u8>> = HashMap::new();
-    let mut read_u64 = |gpa: u64| -> Option<u64> {
-        let offset = gpa_to_ram_offset(gpa, state.memory_bytes)?;
-        let index = offset as usize / PAGE_SIZE;
-        if store.is_zero(index) {
-            return Some(0);
-        }
-        let page = match cache.entry(index) {
-            Entry::Occupied(page) => page.into_mut(),
-            Entry::Vacant(slot) => {
-                let mut page = vec![0u8; PAGE_SIZE];
-                if !store.read_page(index, &mut page) {
-                    return None;
-                }
-                slot.insert(page)
-            }
-        };
-        let at = offset as usize % PAGE_SIZE;
-        Some(u64::from_le_bytes(page[at..at + 8].try_into().ok()?))
-    };
-    let mut pages = std::collections::BTreeSet::new();
-    pages.insert(MAILBOX_ADDR as usize / PAGE_SIZE);
-    for vcpu in &state.vcpus {
-        let roots = CpuRoots {
-            cr3: vcpu.sregs.cr3,
-            long_mode_paging: vcpu.sregs.cr0 & (1 << 31) != 0 && vcpu.sregs.efer & (1 << 10) != 0,
-            rip: vcpu.regs.rip,
-            rsp: vcpu.regs.rsp,
-            gdt_base: vcpu.sregs.gdt.base,
-            idt_base: vcpu.sregs.idt.base,
-        };
-        for gpa in cpu_pages(&roots, &mut read_u64, STARTUP_TABLE_LIMIT) {
-            if let Some(offset) = gpa_to_ram_offset(gpa, state.memory_bytes) {
-                pages.insert(offset as usize / PAGE_SIZE);
-            }
-        }
-    }
-    pages.into_iter().collect()
-}
-
-/// Most page-table pages walked for the startup set.
-const STARTUP_TABLE_LIMIT: usize = 4096;
 
 /// How a clone's memory is provided.
 #[derive(Clone, Default)]
@@ -332,6 +275,17 @@ pub enum RestoreError {
     VmState(#[from] VmWideStateError),
     #[error("cannot restore a vCPU")]
     Vcpu(#[from] VcpuRestoreError),
+    #[error(
+        "the image has {0} virtio devices: start it with linux::clone::restore_linux, which gives each clone its disks and taps"
+    )]
+    VirtioDevices(usize),
+}
+
+fn refuse_virtio(state: &VmState) -> Result<(), RestoreError> {
+    match state.devices.virtio.len() {
+        0 => Ok(()),
+        n => Err(RestoreError::VirtioDevices(n)),
+    }
 }
 
 /// The shell's lazy registration (or a new one) attached to `pages`, with
@@ -356,12 +310,24 @@ fn lazy_with(
     Ok(lazy)
 }
 
-/// Restores `source` into `shell` and starts it.
+/// Restores `source` into `shell` and starts it (an image without virtio
+/// devices; a Linux guest's starts with `linux::clone::restore_linux`).
 pub fn restore(
-    mut shell: VmShell,
+    shell: VmShell,
     source: &CloneSource,
     memory: &CloneMemory,
 ) -> Result<Restored, RestoreError> {
+    refuse_virtio(source.state())?;
+    Ok(prepare(shell, source, memory)?.start())
+}
+
+/// Restores `source` into `shell` with its memory, VM-wide and vCPU state,
+/// leaving the vCPUs parked and the devices to the caller.
+pub(crate) fn prepare(
+    mut shell: VmShell,
+    source: &CloneSource,
+    memory: &CloneMemory,
+) -> Result<PreparedVm, RestoreError> {
     let requested_at = Instant::now();
     let state = source.state();
     let config = shell.config();
@@ -423,7 +389,7 @@ pub fn restore(
         }
     };
     timings.memory = step.elapsed();
-    Ok(set_state(shell, state, backing, requested_at, timings)?.start())
+    set_state(shell, state, backing, requested_at, timings)
 }
 
 /// A shell whose VM-wide and vCPU state is set and whose memory backing is
@@ -444,8 +410,29 @@ impl PreparedVm {
         &self.refused_msrs
     }
 
-    /// Creates the devices from the saved device state and starts the vCPUs.
+    /// The shell (to wire devices into its VM and RAM before the start).
+    pub(crate) fn shell(&self) -> &VmShell {
+        &self.shell
+    }
+
+    /// The memory backing chosen.
+    pub(crate) fn backing(&self) -> &MemoryBacking {
+        &self.backing
+    }
+
+    /// Creates the port devices from the saved device state and starts the vCPUs.
     pub fn start(self) -> Restored {
+        self.start_with(MmioBus::default(), None, Vec::new())
+    }
+
+    /// [`PreparedVm::start`] with virtio devices restored by the caller:
+    /// their bus, the owner of their threads, and the devices themselves.
+    pub(crate) fn start_with(
+        self,
+        mmio: MmioBus,
+        threads: Option<Box<dyn Send + Sync>>,
+        virtio: Vec<AttachedVirtio>,
+    ) -> Restored {
         let Self {
             shell,
             devices,
@@ -456,7 +443,11 @@ impl PreparedVm {
         } = self;
         let step = Instant::now();
         let bus = Arc::new(PortIoBus::new(devices, ram_access(shell.ram())));
-        let machine = Machine::start(shell, bus, backing);
+        let mut machine = Machine::start_with_mmio(shell, bus, Arc::new(mmio), backing);
+        if let Some(threads) = threads {
+            machine.keep_device_threads(threads);
+        }
+        machine.attach_virtio(virtio);
         timings.start = step.elapsed();
         timings.total = requested_at.elapsed();
         Restored {
@@ -476,7 +467,12 @@ fn set_state(
     mut timings: RestoreTimings,
 ) -> Result<PreparedVm, RestoreError> {
     let step = Instant::now();
-    vm::restore_vm_wide(shell.vm(), &state.vm)?;
+    let clock = adjusted_clock(
+        state.vm.clock.clock,
+        state.captured_at_unix_ns,
+        unix_now_ns(),
+    );
+    vm::restore_vm_wide(shell.vm(), &state.vm, clock)?;
     timings.vm_state = step.elapsed();
 
     let step = Instant::now();
@@ -536,6 +532,7 @@ pub fn restore_state(
     memory: StateMemory,
 ) -> Result<PreparedVm, RestoreError> {
     let requested_at = Instant::now();
+    refuse_virtio(state)?;
     let config = shell.config();
     if state.vcpus.len() != usize::from(config.vcpus) {
         return Err(RestoreError::VcpuCount {

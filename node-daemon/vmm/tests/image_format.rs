@@ -8,8 +8,8 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use vmstream_vmm::image::{
-    ImageOpenError, LiveImage, PAGES_FILE, PageStore, PageStoreWriter, STATE_FILE, StateContents,
-    StateFile,
+    FORMAT_VERSION, ImageOpenError, LiveImage, PAGES_FILE, PageStore, PageStoreWriter, STATE_FILE,
+    StateContents, StateFile,
 };
 use vmstream_vmm::memory::{GuestRam, PAGE_SIZE, map_copy_on_write};
 
@@ -187,21 +187,38 @@ fn wrong_magic_is_refused() {
 fn newer_major_and_newer_minor_are_refused_naming_both_versions() {
     let (dir, _) = fresh_image();
     let state = dir.path().join(STATE_FILE);
+    let ours = FORMAT_VERSION.to_string();
     // major 2
     patch(&state, 8, &2u16.to_le_bytes());
-    let err = expect_refused(
-        dir.path(),
-        &["2.0.0", "1.0.0", "unsupported format version"],
-    );
+    let major2 = format!("2.{}.0", FORMAT_VERSION.minor);
+    let err = expect_refused(dir.path(), &[&major2, &ours, "unsupported format version"]);
     assert!(matches!(err, ImageOpenError::UnsupportedVersion { .. }));
-    // 1.1.0 (newer minor)
+    // A newer minor.
+    let newer = FORMAT_VERSION.minor + 1;
     patch(&state, 8, &1u16.to_le_bytes());
-    patch(&state, 10, &1u16.to_le_bytes());
-    let err = expect_refused(dir.path(), &["1.1.0", "1.0.0"]);
+    patch(&state, 10, &newer.to_le_bytes());
+    let err = expect_refused(dir.path(), &[&format!("1.{newer}.0"), &ours]);
     assert!(matches!(err, ImageOpenError::UnsupportedVersion { .. }));
     // Version checks come before the CRC (which also covers the version):
     // with the original version restored the image opens again.
+    patch(&state, 10, &FORMAT_VERSION.minor.to_le_bytes());
+    LiveImage::open(dir.path()).unwrap();
+}
+
+#[test]
+fn images_of_an_older_minor_still_open() {
+    // 1.0 images (before the optional virtio devices and capture time in
+    // the payload) stay readable: same major, older minor.
+    const { assert!(FORMAT_VERSION.minor >= 1) };
+    let (dir, _) = fresh_image();
+    let state = dir.path().join(STATE_FILE);
     patch(&state, 10, &0u16.to_le_bytes());
+    let mut bytes = fs::read(&state).unwrap();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&bytes[..60]);
+    crc.update(&bytes[64..]);
+    bytes[60..64].copy_from_slice(&crc.finalize().to_le_bytes());
+    fs::write(&state, &bytes).unwrap();
     LiveImage::open(dir.path()).unwrap();
 }
 

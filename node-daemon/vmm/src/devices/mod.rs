@@ -1,13 +1,17 @@
 //! The micro-VM's devices on the I/O port bus: COM1 (8250 UART) and the
 //! mailbox. Unknown ports read as all ones and ignore writes (counted).
+//! Devices in the MMIO hole (virtio-mmio) sit on the [`mmio_bus`].
 
 pub mod mailbox;
+pub mod mmio_bus;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{MAILBOX_SLOT_SIZE, mailbox_slot};
 use crate::vstate::ram_access::RamAccess;
@@ -22,12 +26,18 @@ pub const SLOT_REQUEST_OFFSET: u64 = MAILBOX_SLOT_SIZE / 4;
 pub struct DeviceState {
     pub serial: SerialState,
     pub mailbox: MailboxState,
+    /// The virtio-mmio devices of a Linux guest (absent in images of micro
+    /// guests and in images written before format 1.1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio: Vec<virtio::VirtioDeviceState>,
 }
 
 /// The devices of one VM.
 #[derive(Debug)]
 pub struct PortIoBus {
     serial: Mutex<Serial>,
+    /// Raises COM1's IRQ (an irqfd on GSI 4), if wired.
+    serial_irq: Option<EventFd>,
     mailbox: Arc<Mailbox>,
     ram: RamAccess,
     unknown_accesses: AtomicU64,
@@ -38,9 +48,25 @@ impl PortIoBus {
     pub fn new(state: DeviceState, ram: RamAccess) -> Self {
         Self {
             serial: Mutex::new(Serial::from_state(state.serial)),
+            serial_irq: None,
             mailbox: Arc::new(Mailbox::from_state(state.mailbox)),
             ram,
             unknown_accesses: AtomicU64::new(0),
+        }
+    }
+
+    /// Raises COM1's interrupt through `irq` (an eventfd the caller
+    /// registered as an irqfd on GSI 4).
+    pub fn with_serial_irq(mut self, irq: EventFd) -> Self {
+        self.serial_irq = Some(irq);
+        self
+    }
+
+    fn raise_serial_irq(&self, rose: bool) {
+        if let (true, Some(irq)) = (rose, &self.serial_irq)
+            && let Err(error) = irq.write(1)
+        {
+            tracing::warn!(%error, "cannot raise the COM1 interrupt");
         }
     }
 
@@ -68,6 +94,7 @@ impl PortIoBus {
         DeviceState {
             serial: self.serial_lock().state(),
             mailbox: self.mailbox.save(),
+            virtio: Vec::new(),
         }
     }
 
@@ -102,7 +129,8 @@ impl PortIoBus {
     pub fn io_out(&self, vcpu: u8, port: u16, data: &[u8]) {
         match port {
             p if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&p) => {
-                self.serial_lock().write((p - COM1_BASE) as u8, data[0]);
+                let rose = self.serial_lock().write((p - COM1_BASE) as u8, data[0]);
+                self.raise_serial_irq(rose);
             }
             PORT_REPORT => {
                 let mut kind = [0u8; 4];

@@ -11,10 +11,13 @@ pub struct FormatVersion {
     pub patch: u16,
 }
 
-/// The version this build writes, and the newest it reads.
+/// The version this build writes, and the newest it reads. 1.1 added
+/// optional fields to the state payload (a Linux guest's virtio devices,
+/// the capture's wall-clock time): 1.0 images still load, a 1.0 reader
+/// refuses 1.1 images rather than drop the devices unnoticed.
 pub const FORMAT_VERSION: FormatVersion = FormatVersion {
     major: 1,
-    minor: 0,
+    minor: 1,
     patch: 0,
 };
 

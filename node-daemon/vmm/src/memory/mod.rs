@@ -1,10 +1,13 @@
-//! Guest memory: the host mapping of guest RAM and its backings (anonymous,
+//! Guest memory: the host mapping of guest RAM (and its `vm-memory` view
+//! for rust-vmm crates) and its backings (anonymous,
 //! copy-on-write image file, userfaultfd streaming), the page sources that
 //! feed lazy memory, footprint measurement and policy, page sharing between
 //! clones (KSM) and giving clean pages back under pressure (reclaim).
 
+pub mod backing;
 pub mod cow;
 pub mod footprint;
+pub mod guest_memory_view;
 pub mod ksm;
 pub mod latency;
 pub mod lazy;
@@ -17,6 +20,7 @@ pub use footprint::{
     CleanScan, CloneUsage, FootprintError, RangeFootprint, ReclaimPlan, ReclaimRequest,
     image_clean_estimate, plan_reclaim, range_footprint, resident_bytes,
 };
+pub use guest_memory_view::{GuestMemoryViewError, guest_memory_view};
 pub use ksm::{KsmError, KsmProcessStat, KsmRunning, KsmSettings, merge_identical_pages};
 pub use latency::{LatencyHistogram, LatencySnapshot};
 pub use lazy::{

@@ -3,6 +3,7 @@
 //! and [`VmState`], the plain-data snapshot of all of it that a live image's
 //! state file carries.
 
+pub mod clock;
 pub mod ram_access;
 pub mod run_loop;
 pub mod vcpu;
@@ -27,6 +28,11 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmWideState,
     pub devices: DeviceState,
+    /// Wall-clock time of the save, nanoseconds since the Unix epoch: a
+    /// restore advances the guest's kvmclock by the time since (absent in
+    /// images written before format 1.1, which resume the clock as saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captured_at_unix_ns: Option<u64>,
 }
 
 /// Error decoding a [`VmState`] payload.
@@ -75,6 +81,7 @@ mod tests {
                 ioapic: Default::default(),
             },
             devices: DeviceState::default(),
+            captured_at_unix_ns: None,
         }
     }
 
@@ -86,6 +93,20 @@ mod tests {
         let decoded = VmState::decode(&state.encode()).unwrap();
         assert_eq!(decoded.vm.clock.clock, 12345);
         assert_eq!(decoded.devices, state.devices);
+    }
+
+    #[test]
+    fn payloads_without_the_optional_fields_still_decode() {
+        // What a format-1.0 writer produced: no `virtio`, no capture time.
+        let mut state = empty_state(VM_STATE_VERSION);
+        let written = String::from_utf8(state.encode()).unwrap();
+        assert!(!written.contains("virtio") && !written.contains("captured_at"));
+        let decoded = VmState::decode(written.as_bytes()).unwrap();
+        assert!(decoded.devices.virtio.is_empty());
+        assert_eq!(decoded.captured_at_unix_ns, None);
+        state.captured_at_unix_ns = Some(42);
+        let decoded = VmState::decode(&state.encode()).unwrap();
+        assert_eq!(decoded.captured_at_unix_ns, Some(42));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use super::ram_access::RamAccess;
 use crate::arch::x86_64::layout::gpa_to_ram_offset;
 use crate::devices::PortIoBus;
+use crate::devices::mmio_bus::MmioBus;
 
 /// Brings in a guest page the vCPU found missing (lazily streamed memory):
 /// called for an MMIO exit or a KVM_EXIT_MEMORY_FAULT at a RAM address.
@@ -62,6 +63,8 @@ enum Request {
 /// What a parked vCPU thread needs to run the guest.
 pub struct StartArgs {
     pub bus: Arc<PortIoBus>,
+    /// Devices in the MMIO hole.
+    pub mmio: Arc<MmioBus>,
     pub ram: RamAccess,
     pub resolver: Option<Arc<dyn MissingPageResolver>>,
 }
@@ -374,7 +377,12 @@ impl VcpuShared {
         if unsafe { libc::pthread_getcpuclockid(me, &mut clock) } == 0 {
             let _ = self.cpu_clock.set(clock);
         }
-        let StartArgs { bus, ram, resolver } = {
+        let StartArgs {
+            bus,
+            mmio,
+            ram,
+            resolver,
+        } = {
             let mut control = self.control();
             loop {
                 if control.request == Request::Stop {
@@ -391,14 +399,14 @@ impl VcpuShared {
                     .unwrap_or_else(|p| p.into_inner());
             }
         };
-        let (bus, resolver) = (bus.as_ref(), resolver.as_deref());
+        let (bus, mmio, resolver) = (bus.as_ref(), mmio.as_ref(), resolver.as_deref());
         if !self.park() {
             self.set_status(VcpuStatus::Exited(VcpuEnd::Stopped));
             return;
         }
         let end = loop {
             let mut fd = self.fd();
-            let end = self.run_until_interrupted(&mut fd, bus, ram, resolver);
+            let end = self.run_until_interrupted(&mut fd, bus, mmio, ram, resolver);
             drop(fd);
             if let Some(end) = end {
                 break end;
@@ -416,6 +424,7 @@ impl VcpuShared {
         &self,
         fd: &mut VcpuFd,
         bus: &PortIoBus,
+        mmio: &MmioBus,
         ram: RamAccess,
         resolver: Option<&dyn MissingPageResolver>,
     ) -> Option<VcpuEnd> {
@@ -458,14 +467,16 @@ impl VcpuShared {
                 }
                 VcpuExit::MmioRead(gpa, data) => {
                     c.mmio_exits.fetch_add(1, Ordering::Relaxed);
-                    if let Err(end) = complete_ram_mmio(ram, resolver, gpa, MmioAccess::Read(data))
+                    if let Err(end) =
+                        complete_mmio(ram, resolver, mmio, gpa, MmioAccess::Read(data))
                     {
                         return Some(end);
                     }
                 }
                 VcpuExit::MmioWrite(gpa, data) => {
                     c.mmio_exits.fetch_add(1, Ordering::Relaxed);
-                    if let Err(end) = complete_ram_mmio(ram, resolver, gpa, MmioAccess::Write(data))
+                    if let Err(end) =
+                        complete_mmio(ram, resolver, mmio, gpa, MmioAccess::Write(data))
                     {
                         return Some(end);
                     }
@@ -514,17 +525,19 @@ enum MmioAccess<'a> {
 /// Completes an MMIO exit. At a RAM address it is an access to a page that
 /// lazily streamed memory has not brought in (PVM with UFFD_FEATURE_SIGBUS
 /// reports those as MMIO): resolve the page, then perform the access on the
-/// host mapping. Elsewhere (the MMIO hole) reads return zero and writes are
-/// ignored.
-fn complete_ram_mmio(
+/// host mapping. Elsewhere (the MMIO hole) it goes to the device at that
+/// address; where there is none, reads return zero and writes are ignored.
+fn complete_mmio(
     ram: RamAccess,
     resolver: Option<&dyn MissingPageResolver>,
+    mmio: &MmioBus,
     gpa: u64,
     access: MmioAccess<'_>,
 ) -> Result<(), VcpuEnd> {
     let Some(offset) = gpa_to_ram_offset(gpa, ram.len()) else {
-        if let MmioAccess::Read(data) = access {
-            data.fill(0);
+        match access {
+            MmioAccess::Read(data) => mmio.read(gpa, data),
+            MmioAccess::Write(data) => mmio.write(gpa, data),
         }
         return Ok(());
     };

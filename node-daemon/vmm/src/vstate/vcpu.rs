@@ -192,6 +192,67 @@ pub fn set_boot_state(fd: &VcpuFd, index: u8) -> Result<(), VcpuBootError> {
     Ok(())
 }
 
+/// LAPIC register offsets and delivery modes for the local interrupt lines.
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Puts vCPU `index` at a Linux kernel's 64-bit entry point: the CPUID of
+/// its template, the micro guests' long-mode state with RIP = `entry` and
+/// RSI = `zero_page`, and LAPIC LINT0/LINT1 wired as ExtINT/NMI (virtual
+/// wire mode, as firmware leaves them) so the PIC's interrupts reach the
+/// CPU before Linux sets up its APIC.
+pub fn set_linux_boot_state(
+    fd: &VcpuFd,
+    index: u8,
+    cpuid: &[kvm_cpuid_entry2],
+    entry: u64,
+    zero_page: u64,
+) -> Result<(), VcpuBootError> {
+    let fail = |ioctl| {
+        move |source| VcpuBootError {
+            index,
+            ioctl,
+            source,
+        }
+    };
+    let cpuid = CpuId::from_entries(cpuid).map_err(|_| VcpuBootError {
+        index,
+        ioctl: "KVM_SET_CPUID2",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(fail("KVM_SET_CPUID2"))?;
+    let sregs = fd.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
+    fd.set_sregs(&boot::long_mode_sregs(sregs))
+        .map_err(fail("KVM_SET_SREGS"))?;
+    fd.set_regs(&boot::linux_entry_regs(entry, zero_page))
+        .map_err(fail("KVM_SET_REGS"))?;
+    fd.set_fpu(&boot::entry_fpu())
+        .map_err(fail("KVM_SET_FPU"))?;
+    let mut lapic = fd.get_lapic().map_err(fail("KVM_GET_LAPIC"))?;
+    set_lvt_mode(&mut lapic, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+    set_lvt_mode(&mut lapic, APIC_LVT_LINT1, APIC_MODE_NMI);
+    fd.set_lapic(&lapic).map_err(fail("KVM_SET_LAPIC"))?;
+    fd.set_mp_state(kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(fail("KVM_SET_MP_STATE"))?;
+    Ok(())
+}
+
+/// Sets the delivery mode (bits 8..11) of the LVT register at `offset`.
+fn set_lvt_mode(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
+    let mut bytes = [0u8; 4];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = lapic.regs[offset + i] as u8;
+    }
+    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+        lapic.regs[offset + i] = byte as _;
+    }
+}
+
 fn xsave_words(host: &KvmHost) -> usize {
     if host.xsave2_size() > std::mem::size_of::<kvm_xsave>() {
         host.xsave2_size().div_ceil(4)

@@ -275,13 +275,14 @@ pub fn save_vm_wide(vm: &VmFd) -> Result<VmWideState, VmWideStateError> {
 }
 
 /// Writes the VM-wide state into a fresh VM (before its vCPUs run). The
-/// clock resumes at the captured value (flags cleared: KVM only accepts
-/// them on output).
-pub fn restore_vm_wide(vm: &VmFd, state: &VmWideState) -> Result<(), VmWideStateError> {
+/// kvmclock resumes at `clock` (the captured value, advanced by the caller
+/// for the time since the capture: `vstate::clock`; flags cleared: KVM
+/// only accepts them on output).
+pub fn restore_vm_wide(vm: &VmFd, state: &VmWideState, clock: u64) -> Result<(), VmWideStateError> {
     vm.set_pit2(&state.pit)
         .map_err(|e| VmWideStateError::Ioctl("KVM_SET_PIT2", e))?;
     let clock = kvm_clock_data {
-        clock: state.clock.clock,
+        clock,
         ..Default::default()
     };
     vm.set_clock(&clock)

@@ -1,7 +1,9 @@
 //! The long-mode boot state of a micro guest's vCPUs, built on the host the
 //! way Firecracker does: a flat GDT (64-bit code, data, TSS), an empty IDT,
 //! CR0.PE|PG, CR4.PAE, EFER.LME|LMA, CR3 at the identity page tables, and
-//! general registers that tell the guest who it is.
+//! general registers that tell the guest who it is. A Linux kernel starts
+//! from the same long-mode state at its 64-bit entry point (the 64-bit boot
+//! protocol: RSI holds the zero page's address).
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 
@@ -108,6 +110,19 @@ pub fn entry_regs(index: usize) -> kvm_regs {
     }
 }
 
+/// General registers at a Linux kernel's 64-bit entry point `entry`: RSI
+/// = the zero page, a stack in low RAM, interrupts disabled.
+pub fn linux_entry_regs(entry: u64, zero_page: u64) -> kvm_regs {
+    kvm_regs {
+        rip: entry,
+        rflags: 0x2,
+        rsi: zero_page,
+        rsp: stack_top(0),
+        rbp: stack_top(0),
+        ..Default::default()
+    }
+}
+
 /// Power-on x87/SSE control state.
 pub fn entry_fpu() -> kvm_fpu {
     kvm_fpu {
@@ -157,5 +172,13 @@ mod tests {
         assert_eq!(regs.rsi, mailbox_slot(1));
         assert_eq!(regs.rip, GUEST_LOAD_ADDR);
         assert_eq!(regs.rflags & 0x200, 0);
+    }
+
+    #[test]
+    fn linux_entry_points_rsi_at_the_zero_page() {
+        let regs = linux_entry_regs(0x100_0000, 0x7000);
+        assert_eq!((regs.rip, regs.rsi), (0x100_0000, 0x7000));
+        assert_eq!(regs.rflags & 0x200, 0);
+        assert_ne!(regs.rsp, 0);
     }
 }

@@ -15,6 +15,13 @@ pub const MAILBOX_ADDR: u64 = 0x4000;
 pub const MAILBOX_SLOT_SIZE: u64 = 0x100;
 /// Guest counters the host can inspect (u64 array).
 pub const STATE_ADDR: u64 = 0x5000;
+/// Linux boot: the kernel command line, NUL-terminated.
+pub const CMDLINE_ADDR: u64 = 0x6000;
+/// Linux boot: longest command line with its NUL (Linux's x86
+/// `COMMAND_LINE_SIZE`).
+pub const CMDLINE_MAX: usize = 2048;
+/// Linux boot: the zero page (`boot_params`) the kernel finds through RSI.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 /// Top-level page table.
 pub const PML4_ADDR: u64 = 0x9000;
 /// Page-directory-pointer table (one entry per GiB).
@@ -39,6 +46,12 @@ pub const GUEST_MAX_SIZE: u64 = 0x10_0000;
 pub const DATA_START: u64 = 0x20_0000;
 /// Smallest guest RAM.
 pub const MIN_RAM: u64 = 4 << 20;
+/// Start of the Extended BIOS Data Area: usable RAM in the first MiB ends
+/// here in a Linux guest's e820 map (the rest of it is the legacy VGA and
+/// BIOS areas).
+pub const EBDA_START: u64 = 0x9_fc00;
+/// First byte above the legacy first MiB.
+pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// Start of the MMIO hole (LAPIC, IOAPIC, ...).
 pub const MMIO_HOLE_START: u64 = 3 << 30;
 /// End of the MMIO hole; RAM continues here.
@@ -156,5 +169,9 @@ mod tests {
         const { assert!(GUEST_LOAD_ADDR + GUEST_MAX_SIZE <= DATA_START) };
         assert!(mailbox_slot(MAX_VCPUS) <= MAILBOX_ADDR + 4096);
         const { assert!(MAX_MAPPED_GPA >= 64 << 30) };
+        const { assert!(STATE_ADDR + 4096 <= CMDLINE_ADDR) };
+        const { assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= ZERO_PAGE_ADDR) };
+        const { assert!(ZERO_PAGE_ADDR + 4096 <= PML4_ADDR) };
+        const { assert!(STACKS_TOP <= EBDA_START && EBDA_START < HIGH_MEMORY_START) };
     }
 }
