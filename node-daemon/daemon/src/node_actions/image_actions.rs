@@ -112,11 +112,14 @@ impl NodeActions {
             .ok_or_else(|| ActionError::NoBootSource {
                 image: image.name_any(),
             })?;
+        let start = boot_spec(boot).ok_or_else(|| ActionError::NoBootSource {
+            image: image.name_any(),
+        })?;
         let id = key.vm_id();
         self.patch_image(
             image,
             LiveImagePhase::Booting,
-            image_message(format!("booting the {} guest", boot.guest)),
+            image_message("booting the built-in guest"),
         )
         .await?;
         if self.supervisor.get(&id).is_none() {
@@ -127,7 +130,7 @@ impl NodeActions {
                     owner: Some(key.clone()),
                     vcpus: u8::try_from(boot.vcpus).unwrap_or(u8::MAX),
                     memory_bytes: u64::from(boot.memory_mib) << 20,
-                    start: Some(boot_spec(boot)),
+                    start: Some(start),
                     prepare_lazy: false,
                     preload_image: None,
                 })

@@ -30,19 +30,21 @@ fn guest_program(guest: Guest) -> GuestProgram {
     }
 }
 
-/// The boot start spec of a LiveImage's source.
-pub fn boot_spec(boot: &BootSource) -> StartSpec {
-    StartSpec::Boot {
-        guest: guest_program(boot.guest),
+/// The boot start spec of a LiveImage's built-in `guest` source (`None`
+/// for a `linux` source).
+pub fn boot_spec(boot: &BootSource) -> Option<StartSpec> {
+    let guest = boot.guest?;
+    Some(StartSpec::Boot {
+        guest: guest_program(guest),
         fill: boot.fill.as_ref().map(fill_spec),
-        params: if boot.guest == Guest::Counter {
+        params: if guest == Guest::Counter {
             // Counter guests report progress every 4096 iterations.
             vec![4095]
         } else {
             Vec::new()
         },
         ready_timeout_ms: u64::from(boot.readiness.timeout_seconds) * 1000,
-    }
+    })
 }
 
 /// The protocol's backend of a VMClone's `memoryBackend`.
