@@ -13,7 +13,7 @@ use kube::core::ApiResource;
 use kube::{Client, Resource};
 use serde_json::json;
 use vmstream_api::v1alpha1::{
-    ClonePool, LiveImage, LiveImagePhase, MemoryBackend, MigrationMode, ScaleInPolicy,
+    Artifact, ClonePool, LiveImage, LiveImagePhase, MemoryBackend, MigrationMode, ScaleInPolicy,
     VMAutoscaler, VMClone, VMMigration, VMNode,
 };
 use vmstream_api::{condition, set_condition};
@@ -90,6 +90,8 @@ async fn create(ns: &TestNamespace, kind: &str, name: &str, spec_yaml: &str) -> 
 }
 
 const CPU_METRIC: &str = "[{type: Cpu, target: {averageUtilization: 50}}]";
+/// A well-formed sha256 digest.
+const DIGEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
 /// (test name, kind, spec, substrings the refusal must contain: the field path
 /// and what is wrong with it).
@@ -105,7 +107,239 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, String, Vec<&'static str>
             "{{scaleTargetRef: {{kind: ClonePool, name: pool}}, maxReplicas: 4, metrics: [{m}]}}"
         )
     };
+    let linux = |extra: &str| {
+        format!(
+            "{{source: {{boot: {{memoryMiB: 256, linux: {{kernel: {{url: 'https://example.com/vmlinux', sha256: {DIGEST}}}, {extra}}}}}}}}}"
+        )
+    };
+    let kernel = |artifact: &str| {
+        format!("{{source: {{boot: {{memoryMiB: 256, linux: {{kernel: {artifact}}}}}}}}}")
+    };
+    let disk = |name: &str, root: bool| {
+        format!("{{name: {name}, image: {{path: /var/lib/disks/{name}.img}}, root: {root}}}")
+    };
+    let too_many_disks: Vec<String> = (0..17).map(|i| disk(&format!("d{i}"), false)).collect();
     vec![
+        // LiveImage with a Linux guest
+        (
+            "li-guest-and-linux",
+            "LiveImage",
+            linux("cmdline: x").replace("memoryMiB: 256", "memoryMiB: 256, guest: Counter"),
+            vec![
+                "spec.source.boot",
+                "exactly one of boot.guest or boot.linux",
+            ],
+        ),
+        (
+            "li-neither-guest-nor-linux",
+            "LiveImage",
+            "{source: {boot: {memoryMiB: 64}}}".into(),
+            vec![
+                "spec.source.boot",
+                "exactly one of boot.guest or boot.linux",
+            ],
+        ),
+        (
+            "li-linux-no-kernel",
+            "LiveImage",
+            "{source: {boot: {memoryMiB: 256, linux: {cmdline: console=ttyS0}}}}".into(),
+            vec!["spec.source.boot.linux.kernel", "Required value"],
+        ),
+        (
+            "li-linux-url-without-digest",
+            "LiveImage",
+            kernel("{url: 'https://example.com/vmlinux'}"),
+            vec![
+                "spec.source.boot.linux.kernel.sha256",
+                "an artifact with a url needs its sha256",
+            ],
+        ),
+        (
+            "li-linux-digest-uppercase",
+            "LiveImage",
+            kernel(&format!(
+                "{{url: 'https://example.com/vmlinux', sha256: {}}}",
+                DIGEST.to_uppercase()
+            )),
+            vec![
+                "spec.source.boot.linux.kernel.sha256",
+                "sha256 must be 64 lowercase hex digits",
+            ],
+        ),
+        (
+            "li-linux-digest-short",
+            "LiveImage",
+            kernel("{path: /boot/vmlinux, sha256: abc123}"),
+            vec![
+                "spec.source.boot.linux.kernel.sha256",
+                "sha256 must be 64 lowercase hex digits",
+            ],
+        ),
+        (
+            "li-linux-scheme",
+            "LiveImage",
+            kernel(&format!(
+                "{{url: 'ftp://example.com/vmlinux', sha256: {DIGEST}}}"
+            )),
+            vec![
+                "spec.source.boot.linux.kernel.url",
+                "url must be an http:// or https:// URL",
+            ],
+        ),
+        (
+            "li-linux-no-host",
+            "LiveImage",
+            kernel(&format!("{{url: 'https:///vmlinux', sha256: {DIGEST}}}")),
+            vec![
+                "spec.source.boot.linux.kernel.url",
+                "url must be an http:// or https:// URL with a host",
+            ],
+        ),
+        (
+            "li-linux-relative-path",
+            "LiveImage",
+            linux("initrd: {path: boot/initrd.img}"),
+            vec![
+                "spec.source.boot.linux.initrd.path",
+                "path must be absolute",
+            ],
+        ),
+        (
+            "li-linux-url-and-path",
+            "LiveImage",
+            kernel(&format!(
+                "{{url: 'https://example.com/vmlinux', path: /boot/vmlinux, sha256: {DIGEST}}}"
+            )),
+            vec![
+                "spec.source.boot.linux.kernel",
+                "exactly one of url or path must be set",
+            ],
+        ),
+        (
+            "li-linux-empty-artifact",
+            "LiveImage",
+            kernel("{}"),
+            vec![
+                "spec.source.boot.linux.kernel",
+                "exactly one of url or path must be set",
+            ],
+        ),
+        (
+            "li-linux-two-roots",
+            "LiveImage",
+            linux(&format!(
+                "disks: [{}, {}]",
+                disk("a", true),
+                disk("b", true)
+            )),
+            vec![
+                "spec.source.boot.linux.disks",
+                "at most one disk may be root",
+            ],
+        ),
+        (
+            "li-linux-duplicate-disks",
+            "LiveImage",
+            linux(&format!(
+                "disks: [{}, {}]",
+                disk("data", false),
+                disk("data", true)
+            )),
+            vec!["spec.source.boot.linux.disks", "disk names must be unique"],
+        ),
+        (
+            "li-linux-disk-name",
+            "LiveImage",
+            linux(&format!("disks: [{}]", disk("Root_Disk", true))),
+            vec!["spec.source.boot.linux.disks[0].name", "should match"],
+        ),
+        (
+            "li-linux-too-many-disks",
+            "LiveImage",
+            linux(&format!("disks: [{}]", too_many_disks.join(", "))),
+            vec!["spec.source.boot.linux.disks", "must have at most 16 items"],
+        ),
+        (
+            "li-linux-disk-digest",
+            "LiveImage",
+            linux("disks: [{name: root, image: {url: 'http://example.com/root.img'}}]"),
+            vec![
+                "spec.source.boot.linux.disks[0].image.sha256",
+                "an artifact with a url needs its sha256",
+            ],
+        ),
+        (
+            "li-linux-cmdline-long",
+            "LiveImage",
+            linux(&format!("cmdline: {}", "x".repeat(2049))),
+            vec![
+                "spec.source.boot.linux.cmdline",
+                "may not be more than 2048 bytes",
+            ],
+        ),
+        (
+            "li-linux-ip",
+            "LiveImage",
+            linux("network: [{name: eth0, ip: 10.0.0.2}]"),
+            vec![
+                "spec.source.boot.linux.network[0].ip",
+                "ip must be an address with a prefix length",
+            ],
+        ),
+        (
+            "li-linux-gateway",
+            "LiveImage",
+            linux("network: [{name: eth0, ip: 10.0.0.2/24, gateway: 10.0.0.300}]"),
+            vec![
+                "spec.source.boot.linux.network[0].gateway",
+                "gateway must be an IP address",
+            ],
+        ),
+        (
+            "li-linux-mac",
+            "LiveImage",
+            linux("network: [{name: eth0, mac: '52:54:00:ZZ:34:56'}]"),
+            vec![
+                "spec.source.boot.linux.network[0].mac",
+                "mac must be six lowercase hex pairs",
+            ],
+        ),
+        (
+            "li-linux-duplicate-interfaces",
+            "LiveImage",
+            linux("network: [{name: eth0}, {name: eth0}]"),
+            vec![
+                "spec.source.boot.linux.network",
+                "network interface names must be unique",
+            ],
+        ),
+        (
+            "li-linux-two-readiness-probes",
+            "LiveImage",
+            linux("readiness: {serialPattern: 'login:', icmp: {}}"),
+            vec![
+                "spec.source.boot.linux.readiness",
+                "exactly one of readiness.serialPattern, tcpProbe, icmp or agent",
+            ],
+        ),
+        (
+            "li-linux-tcp-port",
+            "LiveImage",
+            linux("readiness: {tcpProbe: {port: 0}}"),
+            vec![
+                "spec.source.boot.linux.readiness.tcpProbe.port",
+                "greater than or equal to 1",
+            ],
+        ),
+        (
+            "li-linux-fill",
+            "LiveImage",
+            linux("cmdline: x").replace("memoryMiB: 256", "memoryMiB: 256, fill: {zeroPercent: 5}"),
+            vec![
+                "spec.source.boot.fill",
+                "fill applies only to built-in guests",
+            ],
+        ),
         // LiveImage
         (
             "li-memory-odd",
@@ -491,6 +725,82 @@ async fn every_example_applies_server_side() {
         .await
         .unwrap();
     assert_eq!(migration.spec.vm_clone, clone.meta().name.clone().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linux_live_image_is_accepted_with_its_defaults() {
+    let (cp, ns) = setup!("vmstream-api::a_linux_live_image_is_accepted_with_its_defaults");
+    let spec = format!(
+        "{{source: {{boot: {{vcpus: 2, memoryMiB: 256, readiness: {{timeoutSeconds: 90}}, linux: {{
+            kernel: {{url: 'https://example.com/vmlinux', sha256: {DIGEST}}},
+            initrd: {{path: /var/lib/vmstream/initrd.img}},
+            cmdline: 'console=ttyS0 root=/dev/vda',
+            disks: [{{name: root, image: {{url: 'http://10.0.0.1:8080/root.ext4', sha256: {DIGEST}}}, root: true}},
+                    {{name: data, image: {{path: /srv/data.img, sha256: {DIGEST}}}, readOnly: true}}],
+            network: [{{name: eth0, ip: 10.0.2.15/24, gateway: 10.0.2.2, mac: '52:54:00:12:34:56'}},
+                      {{name: eth1, ip: 'fd00::2/64'}}],
+            readiness: {{tcpProbe: {{port: 22}}}}}}}}}}}}"
+    );
+    create(&ns, "LiveImage", "linux", &spec).await.unwrap();
+    for readiness in ["serialPattern: 'login:'", "icmp: {}", "agent: {}"] {
+        let name = format!(
+            "linux-{}",
+            readiness.split(':').next().unwrap().to_lowercase()
+        );
+        let spec = format!(
+            "{{source: {{boot: {{memoryMiB: 64, linux: {{kernel: {{path: /boot/vmlinux}}, readiness: {{{readiness}}}}}}}}}}}"
+        );
+        create(&ns, "LiveImage", &name, &spec)
+            .await
+            .unwrap_or_else(|e| panic!("readiness {readiness} refused: {e}"));
+    }
+    let image = Api::<LiveImage>::namespaced(ns.client(), ns.name())
+        .get("linux")
+        .await
+        .unwrap();
+    let boot = image.spec.source.boot.unwrap();
+    assert_eq!(boot.guest, None);
+    assert_eq!(boot.readiness.timeout_seconds, 90);
+    let linux = boot.linux.unwrap();
+    assert_eq!(
+        linux.kernel,
+        Artifact::url("https://example.com/vmlinux", DIGEST)
+    );
+    assert_eq!(
+        linux.initrd,
+        Some(Artifact::path("/var/lib/vmstream/initrd.img", None))
+    );
+    let disks: Vec<(&str, bool, bool)> = linux
+        .disks
+        .iter()
+        .map(|d| (d.name.as_str(), d.read_only, d.root))
+        .collect();
+    assert_eq!(disks, [("root", false, true), ("data", true, false)]);
+    assert_eq!(linux.network[1].ip.as_deref(), Some("fd00::2/64"));
+    assert_eq!(linux.readiness.unwrap().tcp_probe.unwrap().port, 22);
+
+    // The Linux example (kept out of `make up`) is accepted too.
+    let example = repo_root().join("examples/linux/linux-liveimage.yaml");
+    let f = example.display().to_string();
+    tokio::task::block_in_place(|| {
+        cp.kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=examples-test",
+            "-n",
+            ns.name(),
+            "-f",
+            &f,
+        ])
+    })
+    .unwrap_or_else(|e| panic!("applying {f}: {e}"));
+    let example = Api::<LiveImage>::namespaced(ns.client(), ns.name())
+        .get("linux-web")
+        .await
+        .unwrap();
+    let linux = example.spec.source.boot.unwrap().linux.unwrap();
+    assert!(linux.kernel.url.is_some() && linux.kernel.sha256.is_some());
+    assert!(linux.disks.iter().all(|d| d.image.sha256.is_some()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

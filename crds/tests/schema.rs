@@ -68,6 +68,28 @@ fn cel_rules_are_in_the_schemas() {
         "spec.source.boot.fill",
         "self.randomPercent + self.zeroPercent + self.duplicatePercent <= 100",
     );
+    rule(
+        &li,
+        "spec.source.boot",
+        "has(self.guest) != has(self.linux)",
+    );
+    for artifact in [
+        "spec.source.boot.linux.kernel",
+        "spec.source.boot.linux.initrd",
+        "spec.source.boot.linux.disks.[].image",
+    ] {
+        rule(&li, artifact, "has(self.url) != has(self.path)");
+        assert_eq!(
+            rule(&li, artifact, "!has(self.url) || has(self.sha256)")["fieldPath"],
+            ".sha256"
+        );
+        rule(&li, &format!("{artifact}.path"), "self.startsWith('/')");
+    }
+    rule(
+        &li,
+        "spec.source.boot.linux.disks",
+        "self.filter(d, d.root).size() <= 1",
+    );
 
     let vmc = crd("vmclones");
     assert_eq!(
@@ -158,6 +180,22 @@ fn bounds_enums_and_defaults_are_in_the_schemas() {
     assert_eq!(
         schema_at(&li, "spec.source.boot.guest")["enum"],
         serde_json::json!(["Counter", "Memory", "Request"])
+    );
+    assert_eq!(
+        schema_at(&li, "spec.source.boot.linux.disks")["maxItems"],
+        vmstream_api::v1alpha1::MAX_DISKS
+    );
+    assert_eq!(
+        schema_at(&li, "spec.source.boot.linux.network")["maxItems"],
+        vmstream_api::v1alpha1::MAX_NETWORK_INTERFACES
+    );
+    assert_eq!(
+        schema_at(&li, "spec.source.boot.linux.cmdline")["maxLength"],
+        vmstream_api::v1alpha1::MAX_CMDLINE_LEN
+    );
+    assert_eq!(
+        schema_at(&li, "spec.source.boot.linux")["required"],
+        serde_json::json!(["kernel"])
     );
     let cp = crd("clonepools");
     assert_eq!(schema_at(&cp, "spec.replicas")["default"], 1);

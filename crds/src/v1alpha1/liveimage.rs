@@ -7,7 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::shared::{
-    DNS1123_SUBDOMAIN_PATTERN, LiveImagePhase, Placement, conditions_schema, string_enum,
+    Artifact, DNS1123_LABEL_PATTERN, DNS1123_SUBDOMAIN_PATTERN, LiveImagePhase, Placement,
+    conditions_schema, string_enum,
 };
 
 /// What to capture and where to keep the image.
@@ -72,11 +73,22 @@ string_enum! {
     Guest { Counter, Memory, Request }
 }
 
-/// A guest booted from scratch.
+/// A guest booted from scratch: exactly one of a built-in micro `guest` and
+/// a real `linux` guest.
 #[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.guest) != has(self.linux)").message("exactly one of boot.guest or boot.linux must be set"),
+    validation = Rule::new("!has(self.fill) || has(self.guest)").message("fill applies only to built-in guests, not to boot.linux").field_path(".fill"),
+)]
 pub struct BootSource {
-    pub guest: Guest,
+    /// A built-in micro guest (tests and benchmarks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<Guest>,
+    /// A real Linux guest: kernel, initrd, disks and network from artifacts
+    /// the node fetches and verifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linux: Option<LinuxBoot>,
     /// Number of vCPUs, 1 to 8.
     #[serde(default = "default_vcpus")]
     #[schemars(range(min = 1, max = 8))]
@@ -119,6 +131,121 @@ pub struct MemoryFill {
     #[schemars(range(min = 0, max = 100))]
     pub duplicate_percent: u32,
 }
+
+/// Most disks of a Linux guest.
+pub const MAX_DISKS: usize = 16;
+/// Most network interfaces of a Linux guest.
+pub const MAX_NETWORK_INTERFACES: usize = 8;
+/// Longest kernel command line, in bytes (x86's `COMMAND_LINE_SIZE`).
+pub const MAX_CMDLINE_LEN: usize = 2048;
+
+/// A Linux guest booted from a kernel (ELF `vmlinux` or `bzImage`), an
+/// optional initrd and disk images, all fetched and verified by the node.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinuxBoot {
+    /// The kernel image.
+    pub kernel: Artifact,
+    /// An initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<Artifact>,
+    /// The kernel command line (at most 2048 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_CMDLINE_LEN))]
+    pub cmdline: Option<String>,
+    /// Block devices, in order; names unique, at most one `root`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_DISKS))]
+    #[x_kube(
+        validation = Rule::new("self.all(d, self.exists_one(e, e.name == d.name))").message("disk names must be unique"),
+        validation = Rule::new("self.filter(d, d.root).size() <= 1").message("at most one disk may be root"),
+    )]
+    pub disks: Vec<Disk>,
+    /// Network interfaces, in order; names unique.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_NETWORK_INTERFACES))]
+    #[x_kube(validation = Rule::new("self.all(n, self.exists_one(m, m.name == n.name))").message("network interface names must be unique"))]
+    pub network: Vec<NetworkInterface>,
+    /// How the daemon tells the booted guest is ready to capture (the
+    /// timeout is `boot.readiness.timeoutSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<LinuxReadiness>,
+}
+
+/// A block device of a Linux guest, backed by a disk image artifact.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Disk {
+    /// Name of the disk, a DNS label (1 to 63 characters).
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL_PATTERN))]
+    pub name: String,
+    /// The disk image.
+    pub image: Artifact,
+    /// The guest may not write the disk.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The disk holds the root file system.
+    #[serde(default)]
+    pub root: bool,
+}
+
+/// A network interface of a Linux guest.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkInterface {
+    /// Name of the interface, a DNS label (1 to 63 characters).
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL_PATTERN))]
+    pub name: String,
+    /// The guest's address with prefix length, e.g. `10.0.0.2/24`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("ip must be an address with a prefix length, e.g. 10.0.0.2/24"))]
+    pub ip: Option<String>,
+    /// The default gateway's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("isIP(self)").message("gateway must be an IP address"))]
+    pub gateway: Option<String>,
+    /// The interface's MAC address, lowercase (`52:54:00:12:34:56`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 17))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9a-f]{2}:){5}[0-9a-f]{2}$')").message("mac must be six lowercase hex pairs separated by colons"))]
+    pub mac: Option<String>,
+}
+
+/// When a booted Linux guest counts as ready: exactly one of the probes.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.serialPattern), has(self.tcpProbe), has(self.icmp), has(self.agent)].filter(x, x).size() == 1").message("exactly one of readiness.serialPattern, tcpProbe, icmp or agent must be set"))]
+pub struct LinuxReadiness {
+    /// Text the guest prints on its serial console when ready (a
+    /// substring match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub serial_pattern: Option<String>,
+    /// A TCP port of the guest that accepts connections when ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_probe: Option<TcpProbe>,
+    /// The guest answers ICMP echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<EmptyProbe>,
+    /// The vmstream guest agent reports ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<EmptyProbe>,
+}
+
+/// A TCP readiness probe.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpProbe {
+    /// Port, 1 to 65535.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+/// A probe without parameters (`{}`).
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EmptyProbe {}
 
 /// Readiness of a booting guest: it signals through the mailbox device.
 #[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -76,6 +76,88 @@ impl std::error::Error for UnknownVariant {}
 pub const DNS1123_SUBDOMAIN_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
+/// Regular expression of a DNS-1123 label (a name without dots).
+pub const DNS1123_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// Longest artifact URL, in bytes.
+pub const MAX_ARTIFACT_URL_LEN: usize = 2048;
+/// Longest node-local artifact path, in bytes.
+pub const MAX_ARTIFACT_PATH_LEN: usize = 4096;
+
+/// A file the node fetches and verifies: exactly one of `url` (with its
+/// `sha256`, required) or a node-local `path` (for tests and pre-provisioned
+/// nodes; verified when `sha256` is given).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.url) != has(self.path)").message("exactly one of url or path must be set"),
+    validation = Rule::new("!has(self.url) || has(self.sha256)").message("an artifact with a url needs its sha256").field_path(".sha256"),
+)]
+pub struct Artifact {
+    /// An `http://` or `https://` URL, fetched once per node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_ARTIFACT_URL_LEN))]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("url must be an http:// or https:// URL with a host"))]
+    pub url: Option<String>,
+    /// An absolute path of a file on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_ARTIFACT_PATH_LEN))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("path must be absolute"))]
+    pub path: Option<String>,
+    /// SHA-256 of the file's content, 64 lowercase hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("sha256 must be 64 lowercase hex digits"))]
+    pub sha256: Option<String>,
+}
+
+/// Where an [`Artifact`] comes from, as one of its two forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArtifactSource<'a> {
+    Url {
+        url: &'a str,
+        sha256: &'a str,
+    },
+    Path {
+        path: &'a str,
+        sha256: Option<&'a str>,
+    },
+}
+
+impl Artifact {
+    /// An artifact fetched from `url` and verified against `sha256`.
+    pub fn url(url: impl Into<String>, sha256: impl Into<String>) -> Self {
+        Self {
+            url: Some(url.into()),
+            path: None,
+            sha256: Some(sha256.into()),
+        }
+    }
+
+    /// A node-local artifact, verified when `sha256` is given.
+    pub fn path(path: impl Into<String>, sha256: Option<String>) -> Self {
+        Self {
+            url: None,
+            path: Some(path.into()),
+            sha256,
+        }
+    }
+
+    /// The artifact's form, or `None` when it breaks the API's rules (both
+    /// or neither of url and path, a url without sha256); the API server
+    /// refuses such objects, so only hand-built values can be `None`.
+    pub fn source(&self) -> Option<ArtifactSource<'_>> {
+        match (&self.url, &self.path, &self.sha256) {
+            (Some(url), None, Some(sha256)) => Some(ArtifactSource::Url { url, sha256 }),
+            (None, Some(path), sha256) => Some(ArtifactSource::Path {
+                path,
+                sha256: sha256.as_deref(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Where an object may run. An empty placement lets the operator choose any
 /// schedulable node.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]

@@ -5,6 +5,7 @@
 //! binary `vmstream-node` wires it together; the VMM itself lives in the
 //! `vmstream-vmm` crate, which has no Kubernetes dependency.
 
+pub mod artifacts;
 pub mod cgroup;
 pub mod ctl;
 pub mod error_chain;

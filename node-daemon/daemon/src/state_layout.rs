@@ -1,6 +1,7 @@
 //! The one owner of the node's on-disk state layout under `--state-dir`:
-//! where live images, node caches of remote images, VM process directories
-//! and token files are, and what makes an image directory complete.
+//! where live images, node caches of remote images, VM process directories,
+//! fetched artifacts and token files are, and what makes an image directory
+//! complete.
 //!
 //! ```text
 //! <state>/images/<ns>/<name>/          a complete live image (+ vmstream-capture.json)
@@ -8,6 +9,9 @@
 //! <state>/images/<ns>/.<name>.promote/ a node cache being promoted to a local image
 //! <state>/cache/<ns>/<name>/           node cache of a remote image
 //! <state>/vms/<id>/                    one VM process (vm.json, control.sock, vm.log, serial.log)
+//! <state>/artifacts/sha256-<hex>          a fetched, verified artifact (kernel, initrd, disk image)
+//! <state>/artifacts/sha256-<hex>.verified its digest and size, written before the file is renamed in
+//! <state>/artifacts/.sha256-<hex>.<n>.partial a download in progress
 //! <state>/stream-token, migration-token, supervisor.sock
 //! ```
 //!
@@ -189,6 +193,32 @@ impl StateLayout {
         }
     }
 
+    /// `<state>/artifacts`: the node's cache of fetched artifacts.
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.root.join("artifacts")
+    }
+
+    /// `<state>/artifacts/sha256-<hex>`: the verified artifact with this
+    /// SHA-256 (lowercase hex), shared by every LiveImage naming it.
+    pub fn artifact_file(&self, sha256: &str) -> PathBuf {
+        self.artifacts_dir().join(format!("sha256-{sha256}"))
+    }
+
+    /// `<state>/artifacts/sha256-<hex>.verified`: the digest and size the
+    /// artifact had when it was verified.
+    pub fn artifact_record(&self, sha256: &str) -> PathBuf {
+        self.artifacts_dir()
+            .join(format!("sha256-{sha256}.verified"))
+    }
+
+    /// `<state>/artifacts/.sha256-<hex>.<unique>.partial`: one download in
+    /// progress (each fetch its own, so concurrent fetches of one digest do
+    /// not share a file; same directory, so the final rename is atomic).
+    pub fn partial_artifact(&self, sha256: &str, unique: &str) -> PathBuf {
+        self.artifacts_dir()
+            .join(format!(".sha256-{sha256}.{unique}.partial"))
+    }
+
     /// `<state>/stream-token`: the cluster token handed to VM processes
     /// streaming remote images through the relay.
     pub fn stream_token_file(&self) -> PathBuf {
@@ -256,6 +286,18 @@ mod tests {
         assert_eq!(vm.dir, Path::new("/s/vms/vmc.ns.a"));
         assert_eq!(vm.record, Path::new("/s/vms/vmc.ns.a/vm.json"));
         assert_eq!(vm.socket, Path::new("/s/vms/vmc.ns.a/control.sock"));
+        assert_eq!(
+            layout.artifact_file("ab12"),
+            Path::new("/s/artifacts/sha256-ab12")
+        );
+        assert_eq!(
+            layout.artifact_record("ab12"),
+            Path::new("/s/artifacts/sha256-ab12.verified")
+        );
+        assert_eq!(
+            layout.partial_artifact("ab12", "7-1"),
+            Path::new("/s/artifacts/.sha256-ab12.7-1.partial")
+        );
     }
 
     #[test]

@@ -55,10 +55,89 @@ pub enum StartSpec {
         relay: std::net::SocketAddr,
         token_file: PathBuf,
     },
+    /// Boot a Linux guest; the start completes when its readiness probe
+    /// passes.
+    Linux(LinuxStart),
 }
 
 fn default_ready_timeout_ms() -> u64 {
     60_000
+}
+
+/// A Linux guest to boot: files the daemon fetched and verified (kernel,
+/// initrd, disk images), the command line, the network and the readiness
+/// probe. The VMM's Linux boot is the other side of this seam; a build
+/// without it refuses the spec ([`StartRefusal::LinuxBootUnavailable`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxStart {
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<LinuxDisk>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<LinuxNetwork>,
+    pub readiness: LinuxReadiness,
+    /// How long to wait for the readiness probe.
+    pub ready_timeout_ms: u64,
+}
+
+/// A block device of a Linux guest, in the order the guest sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxDisk {
+    pub name: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub root: bool,
+}
+
+/// A network interface of a Linux guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxNetwork {
+    pub name: String,
+    /// Address with prefix length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// When a booted Linux guest counts as ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "probe", rename_all = "snake_case")]
+pub enum LinuxReadiness {
+    /// As soon as the kernel runs (no probe named).
+    Booted,
+    /// The serial console printed this text.
+    SerialPattern { pattern: String },
+    /// The guest accepts TCP connections on this port.
+    TcpProbe { port: u16 },
+    /// The guest answers ICMP echo.
+    Icmp,
+    /// The vmstream guest agent reported ready.
+    Agent,
+}
+
+/// A start a VM process refuses before touching its VM shell (the VM stays
+/// warm); carried in [`Response::refusal`] so the daemon gets it typed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum StartRefusal {
+    #[error("this build's VMM cannot boot Linux yet")]
+    LinuxBootUnavailable,
+}
+
+impl StartRefusal {
+    /// The `reason` of the status condition this refusal is reported with.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::LinuxBootUnavailable => "LinuxBootUnavailable",
+        }
+    }
 }
 
 /// One request to a VM process.
@@ -314,6 +393,10 @@ pub struct Response {
     pub result: Option<Reply>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set when the error is a typed start refusal (`error` says the same
+    /// in words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<StartRefusal>,
 }
 
 impl Response {
@@ -322,6 +405,7 @@ impl Response {
             ok: true,
             result: Some(reply),
             error: None,
+            refusal: None,
         }
     }
 
@@ -330,6 +414,15 @@ impl Response {
             ok: false,
             result: None,
             error: Some(message.into()),
+            refusal: None,
+        }
+    }
+
+    /// A typed start refusal.
+    pub fn refused(refusal: StartRefusal) -> Self {
+        Self {
+            refusal: Some(refusal),
+            ..Self::error(refusal.to_string())
         }
     }
 
@@ -529,5 +622,36 @@ mod tests {
         assert_eq!(back.into_result(), Ok(Reply::Resumed));
         let err = Response::error("no");
         assert_eq!(err.into_result(), Err("no".to_string()));
+        let refused = Response::refused(StartRefusal::LinuxBootUnavailable);
+        let line = serde_json::to_string(&refused).unwrap();
+        assert_eq!(
+            line,
+            r#"{"ok":false,"error":"this build's VMM cannot boot Linux yet","refusal":"linux_boot_unavailable"}"#
+        );
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.refusal, Some(StartRefusal::LinuxBootUnavailable));
+    }
+
+    #[test]
+    fn a_linux_start_round_trips() {
+        let start = Request::Start {
+            spec: StartSpec::Linux(LinuxStart {
+                kernel: "/a/sha256-k".into(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+                disks: vec![LinuxDisk {
+                    name: "root".into(),
+                    path: "/a/sha256-d".into(),
+                    read_only: false,
+                    root: true,
+                }],
+                network: vec![],
+                readiness: LinuxReadiness::TcpProbe { port: 22 },
+                ready_timeout_ms: 5000,
+            }),
+        };
+        let line = serde_json::to_string(&start).unwrap();
+        assert!(line.contains(r#""source":"linux""#), "{line}");
+        assert_eq!(parse_request(&line).unwrap(), start);
     }
 }

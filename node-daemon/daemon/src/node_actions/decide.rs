@@ -35,8 +35,11 @@ pub struct ImageFacts {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ImageAction {
     Nothing,
-    /// Boot, wait for readiness, capture, stop the source, report Ready.
+    /// Boot a built-in guest, wait for readiness, capture, stop the source,
+    /// report Ready.
     Build,
+    /// Fetch and verify a Linux guest's artifacts, then as `Build`.
+    BuildLinux,
     /// Capture the running source VMClone (it keeps running), report Ready.
     CaptureClone,
     /// The image is on disk but its status does not say Ready.
@@ -113,6 +116,15 @@ pub fn image_action(image: &LiveImage, facts: &ImageFacts) -> ImageAction {
                 clone: source.vm_clone.clone(),
             }),
         };
+    }
+    if image
+        .spec
+        .source
+        .boot
+        .as_ref()
+        .is_some_and(|b| b.linux.is_some())
+    {
+        return ImageAction::BuildLinux;
     }
     ImageAction::Build
 }
@@ -303,6 +315,58 @@ mod tests {
             ..LiveImageStatus::default()
         });
         image
+    }
+
+    fn linux_image(phase: Option<LiveImagePhase>) -> LiveImage {
+        let mut image = image(true, phase, false);
+        image.spec.source.boot = Some(
+            serde_json::from_value(json!({
+                "memoryMiB": 256,
+                "linux": {"kernel": {"url": "https://h/vmlinux", "sha256": "aa"}}
+            }))
+            .unwrap(),
+        );
+        image
+    }
+
+    #[test]
+    fn linux_images_are_fetched_and_built_once_and_failures_stay() {
+        let none = ImageFacts::default();
+        assert_eq!(
+            image_action(&linux_image(None), &none),
+            ImageAction::BuildLinux
+        );
+        assert_eq!(
+            image_action(&linux_image(Some(LiveImagePhase::Booting)), &none),
+            ImageAction::BuildLinux,
+            "a daemon restarted mid-boot builds again"
+        );
+        let busy = ImageFacts {
+            busy: true,
+            ..ImageFacts::default()
+        };
+        assert_eq!(
+            image_action(&linux_image(None), &busy),
+            ImageAction::Nothing
+        );
+        // A fetch failure or a refused boot wrote Failed: not retried.
+        assert_eq!(
+            image_action(&linux_image(Some(LiveImagePhase::Failed)), &none),
+            ImageAction::Nothing
+        );
+        let local = ImageFacts {
+            local: Some(summary()),
+            ..ImageFacts::default()
+        };
+        assert_eq!(
+            image_action(&linux_image(Some(LiveImagePhase::Capturing)), &local),
+            ImageAction::ReportReady(summary())
+        );
+        // The built-in guests keep their own action.
+        assert_eq!(
+            image_action(&image(true, None, false), &none),
+            ImageAction::Build
+        );
     }
 
     fn summary() -> CaptureSummary {

@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 
+use crate::artifacts::FetchError;
 use crate::object_key::ObjectKey;
 use crate::page_service::PageServiceError;
 use crate::supervisor::SupervisorError;
+use crate::vm_protocol::StartRefusal;
 
 /// Errors carrying out an action.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,19 @@ pub enum ActionError {
     NoBootSource { image: String },
     #[error("LiveImage {image} has no fromClone source")]
     NoCloneSource { image: String },
+    #[error("fetching the {what} of LiveImage {image}")]
+    Fetch {
+        image: String,
+        what: String,
+        #[source]
+        source: Box<FetchError>,
+    },
+    #[error("VM {id} refused the start")]
+    StartRefused {
+        id: String,
+        #[source]
+        refusal: StartRefusal,
+    },
     #[error("booting the source VM {id}")]
     Boot {
         id: String,
@@ -98,6 +113,8 @@ impl ActionError {
             Self::Status { .. } => "StatusWriteFailed",
             Self::NoBootSource { .. } => "NoBootSource",
             Self::NoCloneSource { .. } => "NoCloneSource",
+            Self::Fetch { source, .. } => source.reason(),
+            Self::StartRefused { refusal, .. } => refusal.reason(),
             Self::Boot { .. } => "BootFailed",
             Self::Capture { .. } => "CaptureFailed",
             Self::UnexpectedReply { .. } => "UnexpectedReply",
@@ -131,11 +148,28 @@ impl ActionError {
         }
     }
 
-    /// A supervisor failure booting the source VM `id`.
+    /// A supervisor failure booting the source VM `id`; a typed start
+    /// refusal keeps its own reason.
     pub fn boot(id: &str) -> impl FnOnce(SupervisorError) -> Self {
         let id = id.to_owned();
-        move |e| Self::Boot {
-            id,
+        move |e| match e {
+            SupervisorError::Refused {
+                refusal: Some(refusal),
+                ..
+            } => Self::StartRefused { id, refusal },
+            e => Self::Boot {
+                id,
+                source: Box::new(e),
+            },
+        }
+    }
+
+    /// A failure fetching `what` (kernel, initrd, disk NAME) of `image`.
+    pub fn fetch(image: &str, what: &str) -> impl FnOnce(FetchError) -> Self {
+        let (image, what) = (image.to_owned(), what.to_owned());
+        move |e| Self::Fetch {
+            image,
+            what,
             source: Box::new(e),
         }
     }
@@ -161,6 +195,21 @@ mod tests {
             ),
         };
         assert_eq!(header.reason(), "ImageNotFound");
+        let refused = ActionError::boot("li.ns.img")(SupervisorError::Refused {
+            id: "li.ns.img".into(),
+            command: "start",
+            error: "this build's VMM cannot boot Linux yet".into(),
+            refusal: Some(StartRefusal::LinuxBootUnavailable),
+        });
+        assert_eq!(refused.reason(), "LinuxBootUnavailable");
+        assert_eq!(
+            crate::error_chain::chain(&refused),
+            "VM li.ns.img refused the start: this build's VMM cannot boot Linux yet"
+        );
+        let fetch = ActionError::fetch("img", "kernel")(FetchError::NotAKernel {
+            artifact: "https://h/k".into(),
+        });
+        assert_eq!(fetch.reason(), "NotAKernel");
         assert!(header.to_string().contains("/img"));
     }
 }

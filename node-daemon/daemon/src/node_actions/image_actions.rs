@@ -1,14 +1,15 @@
-//! Carrying out a LiveImage decision: boot the source and capture it, capture
-//! a running source clone, report the image Ready with its figures, stop a
+//! Carrying out a LiveImage decision: boot the source (a built-in guest, or
+//! a Linux guest after fetching its artifacts) and capture it, capture a
+//! running source clone, report the image Ready with its figures, stop a
 //! left-over source VM, or remove a deleted image's files.
 
 use kube::{Resource, ResourceExt};
-use vmstream_api::v1alpha1::{LiveImage, LiveImagePhase, LiveImageStatus};
+use vmstream_api::v1alpha1::{LinuxBoot, LiveImage, LiveImagePhase, LiveImageStatus};
 
 use super::NodeActions;
 use super::decide::ImageAction;
 use super::error::ActionError;
-use super::spec::boot_spec;
+use super::spec::{FetchedLinux, boot_spec, linux_spec};
 use super::status::image_message;
 use crate::error_chain::chain;
 use crate::object_key::ObjectKey;
@@ -48,17 +49,19 @@ impl NodeActions {
                     Err(e)
                 }
             },
-            ImageAction::Build => match self.build_image(image, key).await {
-                Ok(summary) => self.report_image_ready(image, &summary).await,
-                Err(e) => {
-                    if self.supervisor.get(&id).is_some() {
-                        let _ = self.supervisor.stop(&id);
+            ImageAction::Build | ImageAction::BuildLinux => {
+                match self.build_image(image, key).await {
+                    Ok(summary) => self.report_image_ready(image, &summary).await,
+                    Err(e) => {
+                        if self.supervisor.get(&id).is_some() {
+                            let _ = self.supervisor.stop(&id);
+                        }
+                        let _ = std::fs::remove_dir_all(self.layout.partial_image_dir(key));
+                        self.fail_image(image, e.reason(), chain(&e)).await?;
+                        Err(e)
                     }
-                    let _ = std::fs::remove_dir_all(self.layout.partial_image_dir(key));
-                    self.fail_image(image, e.reason(), chain(&e)).await?;
-                    Err(e)
                 }
-            },
+            }
         }
     }
 
@@ -113,25 +116,64 @@ impl NodeActions {
                 image: image.name_any(),
             })?;
         let id = key.vm_id();
-        self.patch_image(
-            image,
-            LiveImagePhase::Booting,
-            image_message(format!("booting the {} guest", boot.guest)),
-        )
-        .await?;
         if self.supervisor.get(&id).is_none() {
-            // The launch returns once the guest reported READY.
-            self.supervisor
-                .launch(&VmLaunch {
-                    id: id.clone(),
-                    owner: Some(key.clone()),
-                    vcpus: u8::try_from(boot.vcpus).unwrap_or(u8::MAX),
-                    memory_bytes: u64::from(boot.memory_mib) << 20,
-                    start: Some(boot_spec(boot)),
-                    prepare_lazy: false,
-                    preload_image: None,
-                })
-                .map_err(ActionError::boot(&id))?;
+            let launch = |start| VmLaunch {
+                id: id.clone(),
+                owner: Some(key.clone()),
+                vcpus: u8::try_from(boot.vcpus).unwrap_or(u8::MAX),
+                memory_bytes: u64::from(boot.memory_mib) << 20,
+                start,
+                prepare_lazy: false,
+                preload_image: None,
+            };
+            if let Some(start) = boot_spec(boot) {
+                self.patch_image(
+                    image,
+                    LiveImagePhase::Booting,
+                    image_message(format!(
+                        "booting the {} guest",
+                        boot.guest.map_or("built-in", |g| g.as_str())
+                    )),
+                )
+                .await?;
+                // The launch returns once the guest reported READY.
+                self.supervisor
+                    .launch(&launch(Some(start)))
+                    .map_err(ActionError::boot(&id))?;
+            } else {
+                let linux = boot
+                    .linux
+                    .as_ref()
+                    .ok_or_else(|| ActionError::NoBootSource {
+                        image: image.name_any(),
+                    })?;
+                self.patch_image(
+                    image,
+                    LiveImagePhase::Booting,
+                    image_message("fetching the Linux guest's artifacts"),
+                )
+                .await?;
+                let files = self.fetch_linux(&image.name_any(), linux).await?;
+                self.patch_image(
+                    image,
+                    LiveImagePhase::Booting,
+                    image_message("booting the Linux guest"),
+                )
+                .await?;
+                // A warm shell first, then the start request: a refusal of
+                // the spec comes back typed (`StartRefusal`), not as a log.
+                self.supervisor
+                    .launch(&launch(None))
+                    .map_err(ActionError::boot(&id))?;
+                self.supervisor
+                    .call(
+                        &id,
+                        &Request::Start {
+                            spec: linux_spec(boot, linux, &files),
+                        },
+                    )
+                    .map_err(ActionError::boot(&id))?;
+            }
         } else {
             // A source VM left by an earlier daemon may still be booting.
             let timeout_ms = u64::from(boot.readiness.timeout_seconds) * 1000;
@@ -144,6 +186,43 @@ impl NodeActions {
         let summary = self.capture_into(&id, key)?;
         self.supervisor.stop(&id).map_err(ActionError::stop(&id))?;
         Ok(summary)
+    }
+
+    /// Fetches and verifies every artifact of a Linux guest (the kernel
+    /// also checked to be one).
+    async fn fetch_linux(
+        &self,
+        image: &str,
+        linux: &LinuxBoot,
+    ) -> Result<FetchedLinux, ActionError> {
+        let kernel = self
+            .artifacts
+            .fetch_kernel(&linux.kernel)
+            .await
+            .map_err(ActionError::fetch(image, "kernel"))?;
+        let initrd = match &linux.initrd {
+            Some(initrd) => Some(
+                self.artifacts
+                    .fetch(initrd)
+                    .await
+                    .map_err(ActionError::fetch(image, "initrd"))?,
+            ),
+            None => None,
+        };
+        let mut disks = Vec::with_capacity(linux.disks.len());
+        for disk in &linux.disks {
+            disks.push(
+                self.artifacts
+                    .fetch(&disk.image)
+                    .await
+                    .map_err(ActionError::fetch(image, &format!("disk {}", disk.name)))?,
+            );
+        }
+        Ok(FetchedLinux {
+            kernel,
+            initrd,
+            disks,
+        })
     }
 
     /// Captures VM `id` into the directory of `image`: into its partial

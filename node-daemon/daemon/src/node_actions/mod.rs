@@ -7,7 +7,9 @@
 //!
 //! * a LiveImage with a boot source: boot the guest in a VM process, wait for
 //!   READY, capture into `<state>/images/<ns>/<name>/`, stop the source VM,
-//!   and write status Ready with the image's figures;
+//!   and write status Ready with the image's figures; a `linux` source first
+//!   has its artifacts fetched and verified ([`crate::artifacts`]), a fetch
+//!   failure or a refused start is status Failed with its reason;
 //! * a VMClone: start a clone process from the local image and write status
 //!   Running with its start latency and memory figures; when the clone is
 //!   being deleted, stop its VM and write phase Stopped;
@@ -32,6 +34,7 @@ use kube::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use vmstream_api::v1alpha1::{LiveImage, VMClone, VMClonePhase};
 
+use crate::artifacts::ArtifactFetcher;
 use crate::error_chain::chain;
 use crate::heartbeat::FIELD_MANAGER;
 use crate::node_status::SharedReport;
@@ -56,13 +59,15 @@ pub use decide::{
     unplaced_vms,
 };
 pub use error::ActionError;
-pub use spec::{boot_spec, clone_backend, clone_spec, fill_spec};
+pub use spec::{FetchedLinux, boot_spec, clone_backend, clone_spec, fill_spec, linux_spec};
 
 /// Shared state of the sync loop.
 pub struct NodeActions {
     pub client: kube::Client,
     pub node: String,
     pub layout: StateLayout,
+    /// Fetches the artifacts of Linux guests into the layout's cache.
+    pub artifacts: ArtifactFetcher,
     pub supervisor: Arc<VmSupervisor>,
     pub placed: PlacedObjects,
     pub report: SharedReport,
@@ -104,6 +109,7 @@ impl NodeActions {
             ),
             client,
             node,
+            artifacts: ArtifactFetcher::new(StateLayout::new(&state_dir)),
             layout: StateLayout::new(state_dir),
             supervisor,
             placed,

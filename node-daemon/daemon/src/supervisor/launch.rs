@@ -72,6 +72,7 @@ impl VmSupervisor {
                 StartSpec::Boot {
                     ready_timeout_ms, ..
                 } => *ready_timeout_ms,
+                StartSpec::Linux(linux) => linux.ready_timeout_ms,
                 StartSpec::Clone { .. } | StartSpec::RemoteClone { .. } => 60_000,
             };
             if let Err(e) = self.call(&id, &Request::WaitRunning { timeout_ms }) {

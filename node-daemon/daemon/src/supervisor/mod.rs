@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::proc_stats::process_alive;
 use crate::state_layout::{StateLayout, VmPaths};
-use crate::vm_protocol::{Reply, Request, Response, VmPhase, decode, read_frame, write_frame};
+use crate::vm_protocol::{
+    Reply, Request, Response, StartRefusal, VmPhase, decode, read_frame, write_frame,
+};
 use crate::vm_record::{RecordError, VmIdError, VmRecord, connect_socket};
 
 mod adoption;
@@ -76,6 +78,8 @@ pub enum SupervisorError {
         id: String,
         command: &'static str,
         error: String,
+        /// The typed refusal of a start, when it was one.
+        refusal: Option<StartRefusal>,
     },
     #[error("cannot scan {0}")]
     Scan(PathBuf, #[source] std::io::Error),
@@ -142,12 +146,14 @@ pub fn call_socket(
         id: id.into(),
         why: e.to_string(),
     })?;
+    let refusal = response.refusal;
     response
         .into_result()
         .map_err(|error| SupervisorError::Refused {
             id: id.into(),
             command: request.name(),
             error,
+            refusal,
         })
 }
 

@@ -384,7 +384,12 @@ impl Vm {
                     phase,
                 })
             }
-            Request::Start { spec } => self.start(spec, true).map(Reply::Started),
+            Request::Start { spec } => {
+                if let Some(refusal) = start::refusal(&spec) {
+                    return Response::refused(refusal);
+                }
+                self.start(spec, true).map(Reply::Started)
+            }
             Request::Pause => self.pause(),
             Request::Resume => self.resume(),
             Request::Capture { dir } => self.capture(&dir).map(Reply::Captured),

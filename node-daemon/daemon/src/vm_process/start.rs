@@ -14,7 +14,7 @@ use vmstream_vmm::restore::{CloneMemory, CloneSource, restore};
 use super::gate::admit;
 use super::{Vm, ms, responses};
 use crate::error_chain::chain;
-use crate::vm_protocol::{CloneBackend, Request, StartReport, StartSpec, VmPhase};
+use crate::vm_protocol::{CloneBackend, Request, StartRefusal, StartReport, StartSpec, VmPhase};
 use crate::vm_record::VmKind;
 
 /// Opens a remote image for a clone: pages through the daemon's relay
@@ -79,6 +79,19 @@ impl StartFailure {
             machine,
             shell,
         })
+    }
+}
+
+/// Why this build refuses `spec` before touching the VM shell, if it does.
+///
+/// The seam of the Linux guest work: `vmstream_vmm` on this branch has no
+/// Linux boot, so a [`StartSpec::Linux`] is refused here, typed, and the
+/// daemon reports `LinuxBootUnavailable`. The merge with the VMM's Linux
+/// boot replaces this refusal with the boot in [`Vm::start`].
+pub(super) fn refusal(spec: &StartSpec) -> Option<StartRefusal> {
+    match spec {
+        StartSpec::Linux(_) => Some(StartRefusal::LinuxBootUnavailable),
+        StartSpec::Boot { .. } | StartSpec::Clone { .. } | StartSpec::RemoteClone { .. } => None,
     }
 }
 
@@ -256,6 +269,12 @@ impl Vm {
                     ksm_enabled,
                 })
             }
+            // Refused before the start (see `refusal`); the shell stays.
+            StartSpec::Linux(_) => Err(StartFailure::boxed(
+                StartRefusal::LinuxBootUnavailable.to_string(),
+                None,
+                Some(shell),
+            )),
             StartSpec::RemoteClone {
                 state_dir,
                 image_id,
