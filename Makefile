@@ -9,7 +9,7 @@ export VMSTREAM_HELM ?= $(VMSTREAM_CACHE)/helm-$(HELM_VERSION)/helm
 export HELM_VERSION
 STATE := .vmstream
 
-.PHONY: all deps controlplane build crds crds-check fmt-check lint structure test e2e e2e-kind bench up down load help
+.PHONY: all deps controlplane linux-guest build crds crds-check fmt-check lint structure test e2e e2e-kind bench up down load help
 
 all: build
 
@@ -26,6 +26,10 @@ deps:
 
 controlplane:
 	@hack/controlplane/build.sh
+
+## linux-guest: the small Linux kernel and root disk the tests boot, built once and cached; prints their directory (docs/LINUX-GUEST.md)
+linux-guest:
+	@hack/linux-guest/build.sh
 
 build:
 	$(CARGO) build --workspace --bins

@@ -26,6 +26,16 @@ packages=(
     "procps: kill and ps in test harnesses"
     "python3: docs/BENCHMARKS.md is written by hack/bench_report.py"
     "ca-certificates: Go modules and crates over https"
+    "linux-source-6.1: the Linux guest's kernel source (hack/linux-guest/build.sh)"
+    "gcc: compiles the Linux guest's kernel"
+    "make: the Makefile, and Kbuild for the Linux guest's kernel"
+    "flex: Kbuild's Kconfig parser (Linux guest)"
+    "bison: Kbuild's Kconfig parser (Linux guest)"
+    "bc: Kbuild's generated time constants (Linux guest)"
+    "libelf-dev: objtool, built with the Linux guest's kernel"
+    "xz-utils: unpacks the Linux guest's kernel source"
+    "patch: applies hack/linux-guest/patches"
+    "e2fsprogs: mke2fs and debugfs make the Linux guest's root disk"
 )
 
 installed() { # package
