@@ -59,7 +59,7 @@ structure:
 
 ## test: everything CI checks
 test: deps crds-check lint structure
-	@hack/run-tests.sh
+	@linux=$$(hack/linux-guest/build.sh) && VMSTREAM_LINUX_DIR="$$linux" hack/run-tests.sh
 
 ## e2e: only the end-to-end suite (operator + 3 node daemons in network namespaces + real VMs)
 e2e: deps

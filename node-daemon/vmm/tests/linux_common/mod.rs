@@ -40,11 +40,18 @@ pub fn shell(host: &Arc<KvmHost>, memory_mib: usize) -> VmShell {
     .expect("create VM shell")
 }
 
-/// The newest `linux-*` directory under the project's cache
-/// (`$VMSTREAM_CACHE`, default `~/.cache/vmstream`) that holds every file
-/// of `needs` (e.g. `vmlinux`, `rootfs.ext2`), as `make linux-guest`
-/// leaves them.
+/// The directory of the project-built kernel and root disk holding every
+/// file of `needs` (e.g. `vmlinux`, `rootfs.ext2`): `$VMSTREAM_LINUX_DIR`
+/// when set (`make test` sets it to what `hack/linux-guest/build.sh`
+/// printed), else the newest `linux-*` directory under the project's cache
+/// (`$VMSTREAM_CACHE`, default `~/.cache/vmstream`).
 pub fn project_linux_dir(needs: &[&str]) -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("VMSTREAM_LINUX_DIR").map(PathBuf::from) {
+        return needs
+            .iter()
+            .all(|file| dir.join(file).is_file())
+            .then_some(dir);
+    }
     let cache = std::env::var_os("VMSTREAM_CACHE")
         .map(PathBuf::from)
         .or_else(|| {
