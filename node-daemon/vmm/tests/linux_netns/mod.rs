@@ -1,7 +1,8 @@
 //! Network namespaces and ICMP echo for the Linux guest tests (the same
 //! helpers as `linux_guest_net.rs`, shared here for the clone tests): a
-//! namespace deleted on drop, code run on a thread inside it, and a raw
-//! socket ping.
+//! namespace deleted on drop, code run on a thread inside it, a tap made
+//! and configured in it ahead of the VMM (which then only attaches), and a
+//! raw socket ping.
 
 #![allow(dead_code)]
 
@@ -49,6 +50,81 @@ impl Netns {
     }
 }
 
+/// How a tap is prepared in a namespace before the VMM attaches to it.
+pub struct TapSetup<'a> {
+    pub name: &'a str,
+    /// The host side's MAC (a clone's tap takes its source's, so the
+    /// guest's ARP cache stays right).
+    pub mac: &'a str,
+    pub host_ip: [u8; 4],
+    /// The guest's address and MAC: a permanent neighbour entry, so the
+    /// host sends its first frame without an ARP round trip through the
+    /// (slow) guest.
+    pub guest: ([u8; 4], [u8; 6]),
+}
+
+impl Netns {
+    /// Makes a persistent tap (vnet header, as the VMM opens it) with the
+    /// host address, `mac` and a permanent neighbour entry for the guest,
+    /// and brings it up: all before the clone is requested. The VMM's
+    /// TUNSETIFF attaches to it; the carrier comes up then.
+    pub fn prepare_tap(&self, tap: &TapSetup<'_>) {
+        let host = format!("{}/24", dotted(tap.host_ip));
+        let guest_ip = dotted(tap.guest.0);
+        let guest_mac = tap.guest.1.map(|b| format!("{b:02x}")).join(":");
+        let name = tap.name;
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]);
+        self.ip(&["link", "set", name, "address", tap.mac]);
+        self.ip(&["addr", "add", &host, "dev", name]);
+        self.ip(&["link", "set", name, "up"]);
+        self.ip(&[
+            "neigh",
+            "replace",
+            &guest_ip,
+            "lladdr",
+            &guest_mac,
+            "dev",
+            name,
+            "nud",
+            "permanent",
+        ]);
+    }
+}
+
+/// Waits (up to `timeout`) until interface `name` of the calling thread's
+/// namespace is operationally up (IFF_RUNNING). A tap's carrier comes up
+/// when the VMM attaches to it, but the host sends nothing through it
+/// until the kernel's link-watch work has activated its queueing
+/// discipline (the same step that sets the operational state): a frame
+/// sent before is dropped. Returns whether it came up.
+pub fn wait_running(name: &str, timeout: Duration) -> bool {
+    // SAFETY: plain socket creation; the result is checked and owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh socket nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let started = Instant::now();
+    loop {
+        // SAFETY: an all-zero ifreq is a valid value of this plain C struct.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into
+        // `req`, a live local ifreq.
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+        // SAFETY: after a successful SIOCGIFFLAGS the union holds the flags.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        if rc == 0 && i32::from(flags) & libc::IFF_RUNNING != 0 {
+            return true;
+        }
+        if started.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
@@ -75,6 +151,22 @@ fn checksum(bytes: &[u8]) -> u16 {
 /// raw socket of the calling thread's namespace; returns the round trip
 /// of the first reply.
 pub fn ping(dst: [u8; 4], tries: u16) -> Option<Duration> {
+    first_echo(dst, tries).map(|echo| echo.rtt)
+}
+
+/// The first echo reply: which request (0 = the first one sent) it
+/// answered, that request's round trip, and the time from the first
+/// request to this reply.
+#[derive(Debug, Clone, Copy)]
+pub struct Echo {
+    pub seq: u16,
+    pub rtt: Duration,
+    pub since_first: Duration,
+}
+
+/// [`ping`], telling which request the first reply answered.
+pub fn first_echo(dst: [u8; 4], tries: u16) -> Option<Echo> {
+    let started = Instant::now();
     // SAFETY: plain socket creation; the result is checked and owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
     assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
@@ -143,7 +235,11 @@ pub fn ping(dst: [u8; 4], tries: u16) -> Option<Duration> {
                 && icmp[4..6] == id.to_be_bytes()
                 && icmp[6..8] == seq.to_be_bytes()
             {
-                return Some(sent_at.elapsed());
+                return Some(Echo {
+                    seq,
+                    rtt: sent_at.elapsed(),
+                    since_first: started.elapsed(),
+                });
             }
         }
     }
