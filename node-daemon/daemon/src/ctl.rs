@@ -79,6 +79,7 @@ impl SourceArgs {
         self.image.as_ref().map(|image| StartSpec::Clone {
             image: image.clone(),
             backend: self.backend.into(),
+            network: None,
         })
     }
 }

@@ -23,6 +23,7 @@ pub mod state_layout;
 pub mod status_patch;
 pub mod supervisor;
 pub mod supervisor_api;
+pub mod vm_net;
 pub mod vm_process;
 pub mod vm_protocol;
 pub mod vm_record;

@@ -44,6 +44,10 @@ pub enum StartSpec {
     Clone {
         image: PathBuf,
         backend: CloneBackend,
+        /// A Linux image's network devices: the namespace and taps the
+        /// daemon made for this clone (none for micro guests).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<CloneNetwork>,
     },
     /// Start a clone of an image held by other nodes: the state file is in
     /// `state_dir`, the pages are streamed lazily from the daemon's relay
@@ -60,14 +64,23 @@ pub enum StartSpec {
     Linux(LinuxStart),
 }
 
+/// The taps a clone of a Linux image attaches its network devices to (in
+/// the image's device order), opened inside network namespace `netns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneNetwork {
+    pub netns: String,
+    pub taps: Vec<String>,
+}
+
 fn default_ready_timeout_ms() -> u64 {
     60_000
 }
 
 /// A Linux guest to boot: files the daemon fetched and verified (kernel,
 /// initrd, disk images), the command line, the network and the readiness
-/// probe. The VMM's Linux boot is the other side of this seam; a build
-/// without it refuses the spec ([`StartRefusal::LinuxBootUnavailable`]).
+/// probe. Disks are opened read-only, written through a copy-on-write
+/// overlay in the VM's directory; network interfaces attach to the taps
+/// the daemon made in namespace `netns` ([`crate::vm_net`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinuxStart {
     pub kernel: PathBuf,
@@ -82,6 +95,9 @@ pub struct LinuxStart {
     pub readiness: LinuxReadiness,
     /// How long to wait for the readiness probe.
     pub ready_timeout_ms: u64,
+    /// The network namespace the taps are in (none: the VM process's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// A block device of a Linux guest, in the order the guest sees them.
@@ -104,13 +120,17 @@ pub struct LinuxNetwork {
     pub gateway: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The tap the daemon made for the interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 /// When a booted Linux guest counts as ready.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "probe", rename_all = "snake_case")]
 pub enum LinuxReadiness {
-    /// As soon as the kernel runs (no probe named).
+    /// No probe named: the serial console printed `IP-Config: Complete`
+    /// (with a network) or `VFS: Mounted root` (without).
     Booted,
     /// The serial console printed this text.
     SerialPattern { pattern: String },
@@ -127,8 +147,15 @@ pub enum LinuxReadiness {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case")]
 pub enum StartRefusal {
+    /// Sent by builds before the VMM's Linux boot was wired in.
     #[error("this build's VMM cannot boot Linux yet")]
     LinuxBootUnavailable,
+    #[error(
+        "Linux readiness probes tcpProbe, icmp and agent are not supported yet; use serialPattern (or none)"
+    )]
+    LinuxReadinessUnsupported,
+    #[error("a Linux network interface has no tap (the daemon makes them)")]
+    LinuxNetworkWithoutTap,
 }
 
 impl StartRefusal {
@@ -136,6 +163,8 @@ impl StartRefusal {
     pub fn reason(self) -> &'static str {
         match self {
             Self::LinuxBootUnavailable => "LinuxBootUnavailable",
+            Self::LinuxReadinessUnsupported => "LinuxReadinessUnsupported",
+            Self::LinuxNetworkWithoutTap => "LinuxNetworkWithoutTap",
         }
     }
 }
@@ -531,6 +560,7 @@ mod tests {
                 spec: StartSpec::Clone {
                     image: "/x".into(),
                     backend: CloneBackend::Lazy,
+                    network: None,
                 },
             },
             Request::Start {
@@ -648,6 +678,7 @@ mod tests {
                 network: vec![],
                 readiness: LinuxReadiness::TcpProbe { port: 22 },
                 ready_timeout_ms: 5000,
+                netns: None,
             }),
         };
         let line = serde_json::to_string(&start).unwrap();

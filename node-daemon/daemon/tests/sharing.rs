@@ -138,6 +138,7 @@ fn prefetched_lazy_clones(supervisor: &VmSupervisor, image: &Path, ids: &[&str])
                 start: Some(StartSpec::Clone {
                     image: image.to_path_buf(),
                     backend: CloneBackend::Lazy,
+                    network: None,
                 }),
                 prepare_lazy: true,
                 ..request_guest(id)

@@ -291,6 +291,7 @@ fn captured_vm_gives_clone_processes_that_answer() {
         start: Some(StartSpec::Clone {
             image: image.clone(),
             backend,
+            network: None,
         }),
         ..request_guest(id)
     };
@@ -317,6 +318,7 @@ fn captured_vm_gives_clone_processes_that_answer() {
                 spec: StartSpec::Clone {
                     image: image.clone(),
                     backend: CloneBackend::Lazy,
+                    network: None,
                 },
             },
         )
@@ -418,6 +420,7 @@ fn malformed_control_frames_are_refused_and_the_vm_keeps_running() {
             start: Some(StartSpec::Clone {
                 image: missing.clone(),
                 backend: CloneBackend::CopyOnWrite,
+                network: None,
             }),
             ..request_guest("broken")
         })

@@ -24,7 +24,7 @@ use crate::error_chain::chain;
 use crate::object_key::ObjectKey;
 use crate::page_service::{RelayedImage, holders_of};
 use crate::supervisor::VmLaunch;
-use crate::vm_protocol::{Reply, Request, StartSpec};
+use crate::vm_protocol::{CloneNetwork, Reply, Request, StartSpec};
 
 /// A clone start taking longer than this is reported Starting meanwhile.
 const STARTING_REPORT_AFTER: Duration = Duration::from_millis(500);
@@ -172,6 +172,7 @@ impl NodeActions {
         if self.supervisor.get(id).is_some() {
             let _ = self.supervisor.stop(id);
         }
+        crate::vm_net::remove(id);
         self.fail_clone(clone, error.reason(), chain(&error))
             .await?;
         Err(error)
@@ -192,6 +193,17 @@ impl NodeActions {
                 source: Box::new(source),
             }
         })?;
+        // A Linux image's interfaces: a namespace and taps of the clone's own.
+        let nics = crate::vm_process::linux::read_network(image_dir);
+        let network = if nics.is_empty() {
+            None
+        } else {
+            let net = crate::vm_net::create(&id, &nics).map_err(ActionError::network(&id))?;
+            Some(CloneNetwork {
+                netns: net.netns,
+                taps: net.taps,
+            })
+        };
         // A launch with a start spec returns once the VM runs.
         self.supervisor
             .launch(&VmLaunch {
@@ -199,7 +211,7 @@ impl NodeActions {
                 owner: Some(key.clone()),
                 vcpus: u8::try_from(header.vcpu_count).unwrap_or(u8::MAX),
                 memory_bytes: header.memory_size,
-                start: Some(clone_spec(image_dir, clone.spec.memory_backend)),
+                start: Some(clone_spec(image_dir, clone.spec.memory_backend, network)),
                 // The VM process prepares lazy memory for a lazy start spec.
                 prepare_lazy: false,
                 preload_image: None,

@@ -35,6 +35,12 @@ pub enum ActionError {
         #[source]
         refusal: StartRefusal,
     },
+    #[error("setting up the network of VM {id}")]
+    Network {
+        id: String,
+        #[source]
+        source: crate::vm_net::VmNetError,
+    },
     #[error("booting the source VM {id}")]
     Boot {
         id: String,
@@ -115,6 +121,7 @@ impl ActionError {
             Self::NoCloneSource { .. } => "NoCloneSource",
             Self::Fetch { source, .. } => source.reason(),
             Self::StartRefused { refusal, .. } => refusal.reason(),
+            Self::Network { source, .. } => source.reason(),
             Self::Boot { .. } => "BootFailed",
             Self::Capture { .. } => "CaptureFailed",
             Self::UnexpectedReply { .. } => "UnexpectedReply",
@@ -137,6 +144,12 @@ impl ActionError {
             id,
             source: Box::new(e),
         }
+    }
+
+    /// A failure setting up the network namespace and taps of VM `id`.
+    pub fn network(id: &str) -> impl FnOnce(crate::vm_net::VmNetError) -> Self {
+        let id = id.to_owned();
+        move |source| Self::Network { id, source }
     }
 
     /// A supervisor failure stopping VM `id`.

@@ -15,7 +15,7 @@ use crate::error_chain::chain;
 use crate::object_key::ObjectKey;
 use crate::state_layout::capture_file_in;
 use crate::supervisor::VmLaunch;
-use crate::vm_protocol::{CaptureSummary, Reply, Request};
+use crate::vm_protocol::{CaptureSummary, Reply, Request, StartSpec};
 
 impl NodeActions {
     pub(super) async fn act_on_image(
@@ -56,6 +56,7 @@ impl NodeActions {
                         if self.supervisor.get(&id).is_some() {
                             let _ = self.supervisor.stop(&id);
                         }
+                        crate::vm_net::remove(&id);
                         let _ = std::fs::remove_dir_all(self.layout.partial_image_dir(key));
                         self.fail_image(image, e.reason(), chain(&e)).await?;
                         Err(e)
@@ -160,18 +161,25 @@ impl NodeActions {
                     image_message("booting the Linux guest"),
                 )
                 .await?;
+                let mut spec = linux_spec(boot, linux, &files);
+                if let StartSpec::Linux(start) = &mut spec
+                    && !start.network.is_empty()
+                {
+                    // A namespace of its own with a tap per interface.
+                    let net = crate::vm_net::create(&id, &start.network)
+                        .map_err(ActionError::network(&id))?;
+                    for (nic, tap) in start.network.iter_mut().zip(net.taps) {
+                        nic.tap = Some(tap);
+                    }
+                    start.netns = Some(net.netns);
+                }
                 // A warm shell first, then the start request: a refusal of
                 // the spec comes back typed (`StartRefusal`), not as a log.
                 self.supervisor
                     .launch(&launch(None))
                     .map_err(ActionError::boot(&id))?;
                 self.supervisor
-                    .call(
-                        &id,
-                        &Request::Start {
-                            spec: linux_spec(boot, linux, &files),
-                        },
-                    )
+                    .call(&id, &Request::Start { spec })
                     .map_err(ActionError::boot(&id))?;
             }
         } else {

@@ -11,7 +11,7 @@ use vmstream_api::v1alpha1::{
 use vmstream_vmm::guests::{FillSpec, GuestProgram};
 
 use crate::vm_protocol::{
-    CloneBackend, LinuxDisk, LinuxNetwork, LinuxReadiness, LinuxStart, StartSpec,
+    CloneBackend, CloneNetwork, LinuxDisk, LinuxNetwork, LinuxReadiness, LinuxStart, StartSpec,
 };
 
 /// The vmm fill of an API fill: the API's random and duplicate shares are
@@ -88,6 +88,7 @@ pub fn linux_spec(boot: &BootSource, linux: &LinuxBoot, files: &FetchedLinux) ->
                 ip: n.ip.clone(),
                 gateway: n.gateway.clone(),
                 mac: n.mac.clone(),
+                tap: None,
             })
             .collect(),
         readiness: linux
@@ -95,6 +96,7 @@ pub fn linux_spec(boot: &BootSource, linux: &LinuxBoot, files: &FetchedLinux) ->
             .as_ref()
             .map_or(LinuxReadiness::Booted, linux_readiness),
         ready_timeout_ms: u64::from(boot.readiness.timeout_seconds) * 1000,
+        netns: None,
     })
 }
 
@@ -123,10 +125,15 @@ pub fn clone_backend(backend: MemoryBackend) -> CloneBackend {
 }
 
 /// The start spec of a clone of the local image in `image_dir`.
-pub fn clone_spec(image_dir: &Path, backend: MemoryBackend) -> StartSpec {
+pub fn clone_spec(
+    image_dir: &Path,
+    backend: MemoryBackend,
+    network: Option<CloneNetwork>,
+) -> StartSpec {
     StartSpec::Clone {
         image: image_dir.to_path_buf(),
         backend: clone_backend(backend),
+        network,
     }
 }
 
@@ -196,12 +203,14 @@ mod tests {
                     name: "eth0".into(),
                     ip: Some("10.0.2.15/24".into()),
                     gateway: Some("10.0.2.2".into()),
-                    mac: None
+                    mac: None,
+                    tap: None,
                 }],
                 readiness: LinuxReadiness::SerialPattern {
                     pattern: "login:".into()
                 },
                 ready_timeout_ms: 90_000,
+                netns: None,
             })
         );
         let mut bare = linux.clone();
@@ -217,10 +226,11 @@ mod tests {
     #[test]
     fn a_clone_spec_keeps_the_backend() {
         assert_eq!(
-            clone_spec(Path::new("/img"), MemoryBackend::Lazy),
+            clone_spec(Path::new("/img"), MemoryBackend::Lazy, None),
             StartSpec::Clone {
                 image: "/img".into(),
-                backend: CloneBackend::Lazy
+                backend: CloneBackend::Lazy,
+                network: None,
             }
         );
         assert_eq!(

@@ -416,6 +416,9 @@ fn listing(record: VmRecord) -> VmListing {
 }
 
 fn remove_leftovers(paths: &VmPaths, record: Option<&VmRecord>) {
+    if let Some(id) = paths.dir.file_name().and_then(|n| n.to_str()) {
+        crate::vm_net::remove(id);
+    }
     if let Err(e) = std::fs::remove_dir_all(&paths.dir)
         && e.kind() != std::io::ErrorKind::NotFound
     {

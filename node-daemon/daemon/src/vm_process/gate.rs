@@ -125,6 +125,7 @@ mod tests {
             spec: StartSpec::Clone {
                 image: "/i".into(),
                 backend: CloneBackend::Lazy,
+                network: None,
             },
         };
         assert!(admit(&VmPhase::Warm, false, &start).is_ok());

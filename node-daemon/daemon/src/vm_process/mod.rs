@@ -9,7 +9,7 @@
 //! `vm.json`.
 //!
 //! The files: this one sets the process up and serves requests, `gate`
-//! admits them, `start` starts the VM, `operations` carries out the other
+//! admits them, `start` starts the VM (`linux`: Linux guests), `operations` carries out the other
 //! requests, `serial` copies the console, `migration` moves the VM.
 //!
 //! Phases: `Warm --start--> Starting --> Running <--pause/resume--> Paused`;
@@ -50,6 +50,7 @@ use crate::vm_protocol::{
 use crate::vm_record::{VmKind, VmRecord, bind_socket, validate_id};
 
 mod gate;
+pub mod linux;
 mod migration;
 mod operations;
 mod serial;
@@ -119,6 +120,8 @@ struct Core {
     ksm_enabled: bool,
     /// Mailbox calls in flight and whether a migration refuses new ones.
     mailbox_gate: MailboxGate,
+    /// A Linux guest's interfaces (kept in its captures).
+    linux_network: Vec<crate::vm_protocol::LinuxNetwork>,
 }
 
 /// A counted mailbox call: leaves the [`MailboxGate`] when dropped
@@ -246,6 +249,7 @@ pub fn run(config: VmProcessConfig) -> Result<(), VmProcessError> {
             keep_pages: Vec::new(),
             ksm_enabled: false,
             mailbox_gate: MailboxGate::default(),
+            linux_network: Vec::new(),
         }),
         changed: Condvar::new(),
         capture_lock: Mutex::new(()),

@@ -47,6 +47,7 @@ impl Vm {
             tracing::warn!(error = %e, "re-pausing after capture failed");
         }
         let report = captured?;
+        self.write_network_file(dir)?;
         Ok(CaptureSummary {
             dir: dir.to_path_buf(),
             memory_bytes: self.config.memory_bytes as u64,

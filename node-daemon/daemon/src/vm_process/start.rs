@@ -1,6 +1,7 @@
-//! Starting the VM of a VM process: boot a guest, restore a clone from a
-//! local image (copy-on-write or lazy), or restore a clone of a remote image
-//! streamed through the daemon's relay.
+//! Starting the VM of a VM process: boot a micro guest or a Linux guest
+//! (`linux`), restore a clone from a local image (copy-on-write or lazy; a
+//! Linux image's clone gets its devices back with `restore_linux`), or
+//! restore a clone of a remote image streamed through the daemon's relay.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -82,15 +83,11 @@ impl StartFailure {
     }
 }
 
-/// Why this build refuses `spec` before touching the VM shell, if it does.
-///
-/// The seam of the Linux guest work: `vmstream_vmm` on this branch has no
-/// Linux boot, so a [`StartSpec::Linux`] is refused here, typed, and the
-/// daemon reports `LinuxBootUnavailable`. The merge with the VMM's Linux
-/// boot replaces this refusal with the boot in [`Vm::start`].
+/// Why this VM process refuses `spec` before touching the VM shell, if it
+/// does (a Linux readiness probe it cannot run, an interface without tap).
 pub(super) fn refusal(spec: &StartSpec) -> Option<StartRefusal> {
     match spec {
-        StartSpec::Linux(_) => Some(StartRefusal::LinuxBootUnavailable),
+        StartSpec::Linux(start) => super::linux::refusal(start),
         StartSpec::Boot { .. } | StartSpec::Clone { .. } | StartSpec::RemoteClone { .. } => None,
     }
 }
@@ -212,7 +209,11 @@ impl Vm {
                     ksm_enabled: false,
                 })
             }
-            StartSpec::Clone { image, backend } => {
+            StartSpec::Clone {
+                image,
+                backend,
+                network,
+            } => {
                 let source = match preloaded {
                     Some((dir, source)) if &dir == image => source,
                     _ => match CloneSource::open(image) {
@@ -242,9 +243,14 @@ impl Vm {
                     CloneBackend::CopyOnWrite => CloneMemory::CopyOnWrite,
                     CloneBackend::Lazy => CloneMemory::Lazy(self.lazy_options.clone()),
                 };
-                let restored = restore(shell, &source, &memory).map_err(|e| {
+                let restored = if source.state().devices.virtio.is_empty() {
+                    restore(shell, &source, &memory).map_err(|e| chain(&e))
+                } else {
+                    self.restore_linux_clone(shell, image, &source, &memory, network.as_ref())
+                }
+                .map_err(|e| {
                     StartFailure::boxed(
-                        format!("starting a clone of {}: {}", image.display(), chain(&e)),
+                        format!("starting a clone of {}: {e}", image.display()),
                         None,
                         None,
                     )
@@ -269,12 +275,33 @@ impl Vm {
                     ksm_enabled,
                 })
             }
-            // Refused before the start (see `refusal`); the shell stays.
-            StartSpec::Linux(_) => Err(StartFailure::boxed(
-                StartRefusal::LinuxBootUnavailable.to_string(),
-                None,
-                Some(shell),
-            )),
+            StartSpec::Linux(start) => {
+                if let Some(refused) = refusal(spec) {
+                    // A start at launch is not refused before (see `refusal`).
+                    return Err(StartFailure::boxed(refused.to_string(), None, Some(shell)));
+                }
+                let machine = self
+                    .boot_linux(shell, start)
+                    .map(Arc::new)
+                    .map_err(|e| StartFailure::boxed(format!("booting Linux: {e}"), None, None))?;
+                report.start_ms = ms(requested.elapsed());
+                // Stats, pause and the serial log work while the guest boots.
+                self.lock().machine = Some(Arc::clone(&machine));
+                let pattern = super::linux::ready_pattern(start);
+                let timeout = Duration::from_millis(start.ready_timeout_ms);
+                if let Err(e) = super::linux::wait_serial(&machine, pattern, timeout) {
+                    return Err(StartFailure::boxed(e, Some(machine), None));
+                }
+                report.first_exit_ms = Some(ms(requested.elapsed()));
+                Ok(Started {
+                    machine,
+                    report,
+                    kind: VmKind::Boot,
+                    image: None,
+                    keep_pages: Vec::new(),
+                    ksm_enabled: false,
+                })
+            }
             StartSpec::RemoteClone {
                 state_dir,
                 image_id,
