@@ -3,9 +3,10 @@
 //! with virtio-blk, virtio-net and virtio-rng in a network namespace; the
 //! figures are the boot request to its first ICMP echo reply, the source's
 //! pause while it is captured (once it idles), and clones' request to their
-//! first echo reply (copy-on-write with the tap opened before the request,
-//! the headline; copy-on-write with the tap opened by the VMM at restore;
-//! lazy memory; the headline's way with one probe instead of one a ms). Everything runs on the real `/dev/kvm` with real taps and
+//! first echo reply (the headline: copy-on-write, the tap opened before the
+//! request, one echo request sent at the request; beside it, probing every
+//! 1 ms, with the tap opened by the VMM at restore, and lazy memory).
+//! Everything runs on the real `/dev/kvm` with real taps and
 //! needs root and `ip`. Prints one flat JSON object of numbers on stdout;
 //! progress goes to stderr. What each figure measures is documented in the
 //! module that measures it (`linuxbench/*.rs`).
@@ -209,10 +210,10 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
     clones::put(
         &mut figures,
         &Keys {
-            first_echo: "linux_clone_first_echo_ms",
-            restore: "linux_clone_restore_ms",
-            lost_first: "linux_clone_first_echo_lost_first",
-            no_echo: "linux_clone_no_echo",
+            first_echo: "linux_clone_first_echo_ms_probe_1ms",
+            restore: "linux_clone_probe_1ms_restore_ms",
+            lost_first: "linux_clone_probe_1ms_lost_first",
+            no_echo: "linux_clone_probe_1ms_no_echo",
         },
         &headline,
     )?;
@@ -229,10 +230,10 @@ fn run(args: &Args) -> Result<Figures, BenchError> {
     clones::put(
         &mut figures,
         &Keys {
-            first_echo: "linux_clone_first_echo_ms_single_probe",
-            restore: "linux_clone_single_probe_restore_ms",
-            lost_first: "linux_clone_single_probe_lost_first",
-            no_echo: "linux_clone_single_probe_no_echo",
+            first_echo: "linux_clone_first_echo_ms",
+            restore: "linux_clone_restore_ms",
+            lost_first: "linux_clone_first_echo_lost_first",
+            no_echo: "linux_clone_no_echo",
         },
         &single,
     )?;

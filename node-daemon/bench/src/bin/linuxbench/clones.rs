@@ -3,21 +3,23 @@
 //! the host address, a permanent neighbour entry), from a VM shell made
 //! before the request (registered with userfaultfd for lazy memory), as a
 //! warm node would. Timed: the request (the `restore_linux*` call) to the
-//! first ICMP echo reply, probing every 1 ms from a raw socket made before
-//! the request. Variants, interleaved in every round:
+//! first ICMP echo reply, from a raw socket made before the request.
+//! Variants, interleaved in every round:
 //!
 //! * copy-on-write memory, the tap opened with the shell (and running)
-//!   before the request ([`restore_linux_with_taps`]): the headline;
+//!   before the request ([`restore_linux_with_taps`]), probing every 1 ms;
 //! * copy-on-write memory, the tap opened by the VMM during the restore
 //!   ([`restore_linux`] with its name): the carrier change and the host's
 //!   link-watch activation are then in the path, and probes sent before
 //!   it are dropped;
 //! * lazy (userfaultfd) memory, the tap opened with the shell;
-//! * as the headline, but one request at once and the next only 1 s later:
+//! * the headline (`linux_clone_first_echo_ms`): as the first, but one
+//!   request at once and the next only 1 s later, as a client would send:
 //!   the guest is emulated here, and the 1 ms probes it receives while it
 //!   answers the first slow its answer (measured: p50 ~54 ms with 1 ms
 //!   probes, ~12 ms with one request, the first request answered every
-//!   time with the tap opened before), so both are reported.
+//!   time with the tap opened before), so both are reported, and a lost
+//!   first request (+1 s) is counted.
 //!
 //! A clone whose first probe got no answer (the first reply answered a
 //! later request) is counted, not hidden; one that answered nothing in
