@@ -32,6 +32,16 @@ run streambench "$target/vmstream-streambench"
 run migratebench "$target/vmstream-migratebench"
 run sharebench "$target/vmstream-sharebench"
 
+# The Linux-guest figures boot the project kernel: exactly the one
+# hack/linux-guest/build.sh builds (cached), as `make test` does.
+if [[ -z "$only" || " $only " == *" linuxbench "* ]]; then
+    if linux="$(hack/linux-guest/build.sh)"; then
+        VMSTREAM_LINUX_DIR="$linux" run linuxbench "$target/vmstream-linuxbench"
+    else
+        echo "bench: linuxbench: the Linux guest could not be built, skipped" >&2
+    fi
+fi
+
 # scale_3_to_30_s is measured by the end-to-end suite (operator + three node
 # daemons in network namespaces + real VMs), built in release like the rest.
 if [[ -z "$only" || " $only " == *" e2e "* ]]; then

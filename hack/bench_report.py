@@ -39,6 +39,17 @@ KNOWN = {
     "migration_floor_s_1gib": ("1 GiB / raw TCP throughput, same run", "reference", None),
     "migration_bytes_ratio": ("bytes sent / bytes dirtied since the image", "<= 1.05", None),
     "scale_3_to_30_s": ("kubectl scale 3 -> 30 until all Running (e2e)", "<= 3 s", None),
+    "linux_clone_first_echo_ms_p50": ("Linux clone (project kernel, virtio-blk/net/rng, 128 MiB, copy-on-write, warm shell, tap opened before the request): restore_linux request -> reply to one ICMP echo request sent at the request (the next 1 s later; lost first requests are counted in linux_clone_first_echo_lost_first) (p50). Reference here: QEMU 7.2 restoring the same kind of kernel answers ~65 ms after `cont`, ~170 ms after process start", "<= 25 ms", None),
+    "linux_clone_first_echo_ms_p99": ("same, p99", "", None),
+    "linux_clone_first_echo_ms_tap_at_restore_p50": ("as linux_clone_first_echo_ms_probe_1ms, the tap opened by the VMM during the restore (carrier change and link-watch in the path), same run (p50)", "reference", "linux_clone_first_echo_ms_probe_1ms_p50"),
+    "linux_clone_first_echo_ms_probe_1ms_p50": ("same with an echo request every 1 ms until the first reply: each probe interrupts the emulated guest while it answers the first, which slows that answer 2-4x here; same run (p50)", "", "linux_clone_first_echo_ms_p50"),
+    "linux_clone_probe_1ms_lost_first": ("clones of the 1 ms-probe variant whose first request got no reply", "", None),
+    "linux_clone_lazy_first_echo_ms_p50": ("as linux_clone_first_echo_ms_probe_1ms with lazy (userfaultfd) memory (p50)", "", None),
+    "linux_clone_first_echo_lost_first": ("clones of the headline whose first (only) echo request got no reply: each adds ~1 s (honest count)", "", None),
+    "linux_clone_restore_ms_p50": ("the restore_linux call of those clones (p50)", "", None),
+    "linux_boot_to_echo_s": ("Linux boot request (warm shell) -> first ICMP echo reply, probed every 10 ms; every guest instruction emulated here", "", None),
+    "linux_capture_pause_ms": ("Linux source paused while captured (once idle, 128 MiB)", "", None),
+    "linux_capture_total_ms": ("Linux capture start -> image complete", "", None),
 }
 
 
@@ -162,6 +173,8 @@ def verdict(key, value, r):
             return yes(value <= 1.05)
         if key == "scale_3_to_30_s":
             return yes(value <= 3)
+        if key == "linux_clone_first_echo_ms_p50":
+            return yes(value <= 25)
     except TypeError:
         return ""
     return ""

@@ -9,13 +9,17 @@
 //!   (`disk-<name>.overlay`) in the directory the caller names: the
 //!   clone's writes reach neither the image's overlay nor the base image;
 //! * a network device attaches to the tap the caller names (in the calling
-//!   thread's network namespace), keeping the image's MAC.
+//!   thread's network namespace), keeping the image's MAC; or, with
+//!   [`restore_linux_with_taps`], takes a tap the caller opened ahead of
+//!   the request (with the VM shell, as a warm node does), so the tap's
+//!   carrier change and the host's link-watch activation after it are out
+//!   of the clone's path.
 //!
 //! Devices read guest memory through the vm-memory view of guest RAM; with
 //! lazy memory the userfaultfd handler fills what they touch (the SIGBUS
 //! mode cannot: a device thread would take the signal, so it is refused).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::devices::{LinuxDevices, PlaceError, interrupt_line};
@@ -106,13 +110,82 @@ pub enum LinuxCloneError {
     },
 }
 
+/// The taps a clone's network devices get: named (opened during the
+/// start) or already open.
+enum CloneTaps<'a> {
+    Names(std::slice::Iter<'a, String>),
+    Open(std::vec::IntoIter<Tap>),
+}
+
+impl CloneTaps<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Names(names) => names.len(),
+            Self::Open(taps) => taps.len(),
+        }
+    }
+
+    /// The next device's tap, opened now if it was named.
+    fn next(&mut self, device: &str) -> Result<Tap, LinuxCloneError> {
+        match self {
+            Self::Names(names) => {
+                let tap = names.next().expect("tap count checked");
+                Tap::open(tap).map_err(|source| LinuxCloneError::Tap {
+                    device: device.to_string(),
+                    tap: tap.clone(),
+                    source,
+                })
+            }
+            Self::Open(taps) => Ok(taps.next().expect("tap count checked")),
+        }
+    }
+}
+
 /// Starts a clone of the Linux guest in `source` in `shell` with memory
-/// `memory` and the disks and taps of `devices`.
+/// `memory` and the disks and taps of `devices` (each tap is opened, in the
+/// calling thread's network namespace, during the start).
 pub fn restore_linux(
     shell: VmShell,
     source: &CloneSource,
     memory: &CloneMemory,
     devices: &CloneDevices,
+) -> Result<Restored, LinuxCloneError> {
+    start(
+        shell,
+        source,
+        memory,
+        &devices.dir,
+        CloneTaps::Names(devices.taps.iter()),
+    )
+}
+
+/// [`restore_linux`] with taps the caller has opened already ([`Tap::open`],
+/// one per network device of the image, in window order), e.g. in the
+/// clone's namespace when it made the VM shell: the tap's carrier came up
+/// then, and once the host has activated it (IFF_RUNNING) the clone's first
+/// frames are not dropped. Disk overlays go to `dir`.
+pub fn restore_linux_with_taps(
+    shell: VmShell,
+    source: &CloneSource,
+    memory: &CloneMemory,
+    dir: &Path,
+    taps: Vec<Tap>,
+) -> Result<Restored, LinuxCloneError> {
+    start(
+        shell,
+        source,
+        memory,
+        dir,
+        CloneTaps::Open(taps.into_iter()),
+    )
+}
+
+fn start(
+    shell: VmShell,
+    source: &CloneSource,
+    memory: &CloneMemory,
+    dir: &Path,
+    mut taps: CloneTaps<'_>,
 ) -> Result<Restored, LinuxCloneError> {
     let saved = &source.state().devices.virtio;
     let image_dir = source.dir().ok_or(LinuxCloneError::NoImageDir)?;
@@ -120,10 +193,10 @@ pub fn restore_linux(
         .iter()
         .filter(|d| matches!(d.model, VirtioModelState::Net { .. }))
         .count();
-    if nets != devices.taps.len() {
+    if nets != taps.len() {
         return Err(LinuxCloneError::TapCount {
             image: nets,
-            given: devices.taps.len(),
+            given: taps.len(),
         });
     }
     for device in saved {
@@ -136,8 +209,8 @@ pub fn restore_linux(
                 })?;
         }
     }
-    std::fs::create_dir_all(&devices.dir).map_err(|source| LinuxCloneError::Dir {
-        dir: devices.dir.clone(),
+    std::fs::create_dir_all(dir).map_err(|source| LinuxCloneError::Dir {
+        dir: dir.to_path_buf(),
         source,
     })?;
     let prepared = prepare(shell, source, memory)?;
@@ -151,7 +224,6 @@ pub fn restore_linux(
     let ram = ram_access(prepared.shell().ram());
     let mem = guest_memory_view(&ram).map_err(|e| LinuxCloneError::Memory(e.to_string()))?;
     let mut built = LinuxDevices::default();
-    let mut taps = devices.taps.iter();
     for state in saved {
         let line = interrupt_line(prepared.shell().vm(), state.gsi).map_err(|source| {
             LinuxCloneError::Interrupt {
@@ -175,7 +247,7 @@ pub fn restore_linux(
             VirtioModelState::Block { state: saved, disk } => {
                 let overlay = match &disk.overlay_file {
                     Some(file) => {
-                        let to = devices.dir.join(file);
+                        let to = dir.join(file);
                         let ov = &saved.device.overlay;
                         copy_overlay(&image_dir.join(file), &to, ov.len, &ov.written).map_err(
                             |source| LinuxCloneError::Overlay {
@@ -200,12 +272,8 @@ pub fn restore_linux(
                 }
             }
             VirtioModelState::Net { state: saved, .. } => {
-                let tap = taps.next().expect("tap count checked above").clone();
-                let tap_device = Tap::open(&tap).map_err(|source| LinuxCloneError::Tap {
-                    device: name.clone(),
-                    tap: tap.clone(),
-                    source,
-                })?;
+                let tap_device = taps.next(name)?;
+                let tap = tap_device.name().to_string();
                 let net = Net::restore(name, tap_device, &saved.device);
                 let mmio = VirtioMmio::restore(net, mem.clone(), line, &saved.transport)
                     .map_err(restore_err)?;
