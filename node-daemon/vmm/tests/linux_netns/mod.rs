@@ -1,8 +1,7 @@
-//! Network namespaces and ICMP echo for the Linux guest tests (the same
-//! helpers as `linux_guest_net.rs`, shared here for the clone tests): a
-//! namespace deleted on drop, code run on a thread inside it, a tap made
-//! and configured in it ahead of the VMM (which then only attaches), and a
-//! raw socket ping.
+//! Network namespaces and ICMP echo, shared by the Linux guest tests
+//! (`linux_guest_net.rs`, `linux_clone.rs`): a namespace deleted on drop,
+//! code run on a thread inside it, a tap made and configured in it ahead of
+//! the VMM (which then only attaches), and a raw socket ping.
 
 #![allow(dead_code)]
 
